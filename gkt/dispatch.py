@@ -1,0 +1,25 @@
+"""Sending student tasks by name: the teacher enqueues them without importing the student service."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from gkt.jobs import Guidance, Job
+from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
+
+
+def student_client(*, broker_url: str) -> Celery:
+    """A Celery app used only to send tasks (no worker, no result backend)."""
+    app = Celery("gkt-dispatch", broker=broker_url)
+    app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
+    return app
+
+
+def dispatch_student(app: Celery, *, job: Job, guidance: Guidance) -> None:
+    """One Celery task per job; the task's id is the job id, so a redelivery is recognisable."""
+    app.send_task(
+        STUDENT_TASK,
+        args=[job.model_dump_json(), guidance.model_dump_json()],
+        queue=STUDENT_QUEUE,
+        task_id=job.id,
+    )

@@ -1,0 +1,155 @@
+"""Jobs and events: the plain data that travels between gateway, teacher and students."""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Task(enum.StrEnum):
+    """Which prompt family a query belongs to."""
+
+    FREEFORM = "freeform"
+    GSM8K = "gsm8k"
+    CSQA = "csqa"
+    AQUA = "aqua"
+
+
+class GuidanceMode(enum.StrEnum):
+    """The guidance projection F: how the teacher's output becomes the student's prefix."""
+
+    CUTOFF = "cutoff"
+    CONCISE = "concise"
+    HINT = "hint"
+    NONE = "none"
+    FULL = "full"
+
+
+class JobKind(enum.StrEnum):
+    """`generate` runs teacher then student; `guide` stops after the guidance."""
+
+    GENERATE = "generate"
+    GUIDE = "guide"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplingParams(_Frozen):
+    """One job's own student sampling settings (temperature 0 means greedy)."""
+
+    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=128, ge=1)
+    seed: int = Field(default=0, ge=0)
+    stop: tuple[str, ...] = ()
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class GuidanceSpec(_Frozen):
+    """What guidance the teacher should produce for a job."""
+
+    mode: GuidanceMode = GuidanceMode.CUTOFF
+    max_tokens: int = Field(default=10, ge=1)
+
+
+class Job(_Frozen):
+    """One query, as accepted by the gateway."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    kind: JobKind = JobKind.GENERATE
+    request_id: str = ""
+    query: str
+    task: Task = Task.FREEFORM
+    guidance: GuidanceSpec = GuidanceSpec()
+    sampling: SamplingParams = SamplingParams()
+    enqueued_at: float = Field(default_factory=time.time)
+    deadline: float | None = None
+    """Absolute epoch seconds after which nobody is waiting for the answer."""
+    trace: dict[str, str] = Field(default_factory=dict)
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.time()) > self.deadline
+
+
+class Guidance(_Frozen):
+    """The teacher's output for one job, as published to the job's event stream."""
+
+    text: str
+    token_count: int = Field(ge=0)
+    finish_reason: str = "length"
+    batch_size: int = Field(default=0, ge=0)
+    dequeued_at: float = 0.0
+    teacher_seconds: float = 0.0
+    published_at: float = 0.0
+
+
+class GuidanceEvent(_Frozen):
+    type: Literal["guidance"] = "guidance"
+    guidance: Guidance
+
+
+class DeltaEvent(_Frozen):
+    """A piece of student text; `offset` is its start in the student's continuation."""
+
+    type: Literal["delta"] = "delta"
+    text: str
+    offset: int = Field(ge=0)
+    attempt: int = 1
+
+
+class Completion(_Frozen):
+    """The final answer of a job."""
+
+    text: str
+    """The whole answer: guidance followed by the student's continuation."""
+    guidance: Guidance
+    answer: str = ""
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    seed: int = 0
+    student_started_at: float = 0.0
+    student_seconds: float = 0.0
+    finished_at: float = Field(default_factory=time.time)
+
+
+class FinalEvent(_Frozen):
+    type: Literal["final"] = "final"
+    completion: Completion
+
+
+class ErrorEvent(_Frozen):
+    """A job failed; `code` is a gRPC status name such as `DEADLINE_EXCEEDED`."""
+
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+
+
+Event = Annotated[GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent, Field(discriminator="type")]
+
+
+class _EventEnvelope(BaseModel):
+    event: Event
+
+
+def encode_event(event: GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent) -> str:
+    return event.model_dump_json()
+
+
+def decode_event(raw: str | bytes) -> GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent:
+    return _EventEnvelope.model_validate_json(b'{"event":' + _as_bytes(raw) + b"}").event
+
+
+def _as_bytes(raw: str | bytes) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode()

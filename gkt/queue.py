@@ -1,0 +1,148 @@
+"""The Redis layout: the query stream, each job's event stream, and the keys around them.
+
+Every key a job creates expires after the job TTL; the query stream holds only jobs not yet
+acknowledged by a teacher (acknowledged entries are deleted), so nothing grows without bound.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from gkt.jobs import ErrorEvent, FinalEvent, GuidanceEvent, DeltaEvent, Job, decode_event, encode_event
+
+TEACHER_GROUP = "teachers"
+STUDENT_QUEUE = "student"
+STUDENT_TASK = "gkt.student.complete"
+EVENTS_MAXLEN = 4096
+
+AnyEvent = GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent
+
+# Publish the final event at most once per job, even when a redelivered task finishes twice.
+_PUBLISH_FINAL = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names of every Redis key, under one prefix."""
+
+    prefix: str = "gkt"
+
+    @property
+    def queries(self) -> str:
+        return f"{self.prefix}:queries"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:deadletter"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def final(self, job_id: str) -> str:
+        return f"{self.prefix}:final:{job_id}"
+
+    def attempts(self, job_id: str) -> str:
+        return f"{self.prefix}:attempts:{job_id}"
+
+    def cancelled(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}:request:{request_id}"
+
+    def heartbeat(self, role: str, name: str) -> str:
+        return f"{self.prefix}:heartbeat:{role}:{name}"
+
+
+async def ensure_group(redis: AsyncRedis, *, keys: Keys) -> None:
+    """Create the teachers' consumer group (and the stream) if they do not exist yet."""
+    try:
+        await redis.xgroup_create(keys.queries, TEACHER_GROUP, id="0", mkstream=True)
+    except Exception as exc:  # BUSYGROUP: it exists already
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def enqueue_job(redis: AsyncRedis, *, keys: Keys, job: Job) -> str:
+    """Add a job to the query stream; returns its stream entry id."""
+    entry_id: bytes = await redis.xadd(keys.queries, {"job": job.model_dump_json()})
+    return entry_id.decode()
+
+
+async def publish_event(redis: AsyncRedis, *, keys: Keys, job_id: str, event: AnyEvent, ttl_s: int) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.expire(keys.events(job_id), ttl_s)
+        await pipe.execute()
+
+
+async def publish_final(redis: AsyncRedis, *, keys: Keys, job_id: str, event: FinalEvent | ErrorEvent, ttl_s: int) -> bool:
+    """Publish a job's last event unless one was published already; True if this call did."""
+    script_keys = [keys.events(job_id), keys.final(job_id)]
+    done = await redis.eval(_PUBLISH_FINAL, 2, *script_keys, encode_event(event), ttl_s, EVENTS_MAXLEN)
+    return bool(done)
+
+
+async def read_events(
+    redis: AsyncRedis, *, keys: Keys, job_id: str, after: str, block_ms: int
+) -> list[tuple[str, AnyEvent]]:
+    """Events of one job after entry id `after`, waiting up to `block_ms` for the first."""
+    reply = await redis.xread({keys.events(job_id): after}, block=block_ms, count=256)
+    events: list[tuple[str, AnyEvent]] = []
+    for _stream, entries in reply or []:
+        for entry_id, fields in entries:
+            events.append((entry_id.decode(), decode_event(fields[b"e"])))
+    return events
+
+
+class SyncEventPublisher:
+    """The student side: publishes a job's events from a synchronous Celery task."""
+
+    def __init__(self, redis: Redis, *, keys: Keys, ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self._final = redis.register_script(_PUBLISH_FINAL)
+
+    def publish(self, job_id: str, event: AnyEvent, *, check_cancel: bool = False) -> bool:
+        """Publish an event; returns True when the job was cancelled (checked in the same round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(self.keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.expire(self.keys.events(job_id), self.ttl_s)
+        if check_cancel:
+            pipe.exists(self.keys.cancelled(job_id))
+        replies: list[Any] = pipe.execute()
+        return bool(check_cancel and replies[-1])
+
+    def cancelled(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.cancelled(job_id)))
+
+    def finished(self, job_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.final(job_id)))
+
+    def begin_attempt(self, job_id: str) -> int:
+        """Count this delivery of a job (redeliveries after a worker died included)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incr(self.keys.attempts(job_id))
+        pipe.expire(self.keys.attempts(job_id), self.ttl_s)
+        attempt, _ = pipe.execute()
+        return int(attempt)
+
+    def publish_final(self, job_id: str, event: FinalEvent | ErrorEvent) -> bool:
+        return bool(self._final(keys=[self.keys.events(job_id), self.keys.final(job_id)],
+                                args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN]))
+
+    def heartbeat(self, *, role: str, name: str) -> None:
+        self.redis.set(self.keys.heartbeat(role, name), f"{time.time():.3f}", ex=60)

@@ -1,0 +1,1 @@
+"""GKT Serve services: gateway, teacher worker and student workers."""

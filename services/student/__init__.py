@@ -1,0 +1,1 @@
+"""Student workers: Celery tasks that complete one job each from the teacher's guidance."""

@@ -1,0 +1,60 @@
+"""The student Celery app (module-level: Celery workers import it by name)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+
+from gkt.logs import configure_logging
+from gkt.metrics import serve_metrics
+from gkt.queue import STUDENT_QUEUE
+from services.student.settings import StudentSettings
+
+settings = StudentSettings()
+
+app = Celery("gkt-student", broker=settings.redis_url, include=["services.student.tasks"])
+app.conf.update(
+    task_default_queue=STUDENT_QUEUE,
+    # A job is acknowledged only when it finished; a worker that dies puts it back.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_time_limit=settings.student_task_time_limit_s,
+    task_soft_time_limit=settings.soft_time_limit_s,
+    task_ignore_result=True,
+    # Unacknowledged tasks of a vanished worker come back after this long (it must outlast a job).
+    broker_transport_options={"visibility_timeout": settings.student_task_time_limit_s + 60},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    worker_redirect_stdouts=False,
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+)
+
+log = logging.getLogger("gkt.student")
+
+
+@worker_init.connect
+def _on_worker_init(**_: Any) -> None:
+    configure_logging(level=settings.log_level, service="student")
+    log.info("settings %s", settings.describe())
+    serve_metrics(port=settings.student_metrics_port)
+
+
+@worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    from services.student import tasks
+
+    configure_logging(level=settings.log_level, service="student")
+    tasks.prepare(settings)
+
+
+@worker_process_shutdown.connect
+def _on_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())

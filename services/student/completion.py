@@ -1,0 +1,115 @@
+"""One student job: continue the teacher's guidance with the job's own sampling, streaming deltas."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gkt import metrics
+from gkt.answers import extract_answer
+from gkt.decoding import Sampler, TextTracker, context_tokens, decode_steps
+from gkt.errors import Cancelled, DeadlineExceeded, GktError
+from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
+from gkt.models import LoadedModel
+from gkt.prompts import STOP_SEQUENCE, student_prompt
+from gkt.queue import SyncEventPublisher
+
+log = logging.getLogger(__name__)
+
+
+def run_job(
+    *, lm: LoadedModel, job: Job, guidance: Guidance, publisher: SyncEventPublisher, max_attempts: int
+) -> None:
+    """Complete a job and publish its final event (or its error); safe to run again on redelivery."""
+    if publisher.finished(job.id):
+        log.info("job already answered; redelivery ignored", extra={"job_id": job.id})
+        return
+    attempt = publisher.begin_attempt(job.id)
+    if attempt > max_attempts:
+        _finish_with_error(publisher, job, "INTERNAL", f"the student failed {attempt - 1} times on this job")
+        return
+    metrics.STUDENT_BUSY.inc()
+    try:
+        completion = complete(lm=lm, job=job, guidance=guidance, publisher=publisher, attempt=attempt)
+    except GktError as exc:
+        _finish_with_error(publisher, job, exc.code, exc.message)
+        return
+    finally:
+        metrics.STUDENT_BUSY.dec()
+    publisher.publish_final(job.id, FinalEvent(completion=completion))
+    metrics.STUDENT_JOBS.labels("answered").inc()
+
+
+def complete(
+    *, lm: LoadedModel, job: Job, guidance: Guidance, publisher: SyncEventPublisher, attempt: int = 1
+) -> Completion:
+    """Generate at batch size 1, checking cancellation and the deadline between tokens."""
+    started_at = time.time()
+    started = time.perf_counter()
+    if guidance.published_at:
+        metrics.STUDENT_QUEUE_WAIT.observe(max(0.0, started_at - guidance.published_at))
+    if job.expired(started_at):
+        raise DeadlineExceeded("the deadline passed before a student started the job")
+    prompt = student_prompt(task=job.task, query=job.query, guidance=guidance.text)
+    params = job.sampling
+    tracker = TextTracker(
+        lm=lm,
+        stop=(STOP_SEQUENCE, *params.stop),
+        context=context_tokens(lm, prompt),
+        strip_leading=not guidance.text,
+    )
+    sampler = Sampler(
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        repetition_penalty=params.repetition_penalty,
+        seed=params.seed,
+    )
+    finish = "length"
+    eos = lm.eos_token_ids
+    for (token,) in decode_steps(lm=lm, prompts=[prompt], samplers=[sampler]):
+        if not tracker.tokens:
+            metrics.STUDENT_TTFT.observe(time.perf_counter() - started)
+        if token in eos:
+            finish = "eos"
+            break
+        delta = tracker.push(token)
+        if _publish_delta(publisher, job, delta, offset=tracker.emitted - len(delta), attempt=attempt):
+            raise Cancelled("the client cancelled the job")
+        if job.expired():
+            raise DeadlineExceeded("the deadline passed during the student's generation")
+        if tracker.stopped:
+            finish = "stop"
+            break
+        if len(tracker.tokens) >= params.max_new_tokens:
+            break
+    rest = tracker.flush()
+    _publish_delta(publisher, job, rest, offset=tracker.emitted - len(rest), attempt=attempt)
+    seconds = time.perf_counter() - started
+    metrics.STUDENT_JOB_DURATION.observe(seconds)
+    metrics.STUDENT_TOKENS.inc(len(tracker.tokens))
+    metrics.STUDENT_TOKENS_PER_JOB.observe(len(tracker.tokens))
+    text = guidance.text + tracker.text
+    return Completion(
+        text=text,
+        guidance=guidance,
+        answer=extract_answer(task=job.task, text=text) or "",
+        completion_tokens=len(tracker.tokens),
+        finish_reason=finish,
+        seed=params.seed,
+        student_started_at=started_at,
+        student_seconds=seconds,
+    )
+
+
+def _publish_delta(publisher: SyncEventPublisher, job: Job, delta: str, *, offset: int, attempt: int) -> bool:
+    """Publish a delta (if any) and return whether the client cancelled, in one round trip."""
+    if not delta:
+        return publisher.cancelled(job.id)
+    return publisher.publish(job.id, DeltaEvent(text=delta, offset=offset, attempt=attempt), check_cancel=True)
+
+
+def _finish_with_error(publisher: SyncEventPublisher, job: Job, code: str, message: str) -> None:
+    log.warning("student job failed", extra={"job_id": job.id, "code": code})
+    metrics.STUDENT_JOBS.labels("failed").inc()
+    publisher.publish_final(job.id, ErrorEvent(code=code, message=message))

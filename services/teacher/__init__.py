@@ -1,0 +1,1 @@
+"""The teacher worker: drains the query stream in dynamic batches and publishes guidance."""

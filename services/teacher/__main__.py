@@ -1,0 +1,55 @@
+"""`python -m services.teacher`: run one teacher worker until SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import torch
+from redis.asyncio import Redis
+
+from gkt.dispatch import dispatch_student, student_client
+from gkt.logs import configure_logging
+from gkt.metrics import serve_metrics
+from services.teacher.backends import build_backend
+from services.teacher.settings import TeacherSettings
+from services.teacher.worker import TeacherWorker
+
+log = logging.getLogger("gkt.teacher")
+
+
+async def serve(settings: TeacherSettings) -> None:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    backend = build_backend(settings)
+    await backend.start()
+    redis = Redis.from_url(settings.redis_url)
+    celery = student_client(broker_url=settings.redis_url)
+    worker = TeacherWorker(
+        settings=settings,
+        redis=redis,
+        backend=backend,
+        dispatch=lambda job, guidance: dispatch_student(celery, job=job, guidance=guidance),
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    serve_metrics(port=settings.teacher_metrics_port)
+    try:
+        await worker.run()
+    finally:
+        log.info("teacher stopping")
+        await backend.close()
+        await redis.aclose()
+
+
+def main() -> None:
+    settings = TeacherSettings()
+    configure_logging(level=settings.log_level, service="teacher")
+    log.info("settings %s", settings.describe())
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

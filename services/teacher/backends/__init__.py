@@ -1,0 +1,29 @@
+"""Teacher backends: `local` (in-process transformers), `tgi` and `openai` (remote inference servers)."""
+
+from __future__ import annotations
+
+from services.teacher.backends.base import TeacherBackend
+from services.teacher.settings import TeacherSettings
+
+
+def build_backend(settings: TeacherSettings) -> TeacherBackend:
+    """The backend `GKT_TEACHER_BACKEND` names."""
+    if settings.teacher_backend == "local":
+        from services.teacher.backends.local import LocalBackend
+
+        return LocalBackend(
+            model=settings.teacher_model,
+            cache_dir=settings.model_cache_dir,
+            device=settings.teacher_device,
+            dtype=settings.teacher_dtype,
+        )
+    from services.teacher.backends.resilience import RemoteBackendSettings
+
+    remote = RemoteBackendSettings()
+    if settings.teacher_backend == "tgi":
+        from services.teacher.backends.tgi import TgiBackend
+
+        return TgiBackend(settings=remote)
+    from services.teacher.backends.openai import OpenAIBackend
+
+    return OpenAIBackend(settings=remote)

@@ -1,0 +1,62 @@
+"""The teacher backend protocol: one call generates guidance for a whole batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gkt.errors import GktError
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    """One prompt of a batch, with the teacher's sampling settings for it."""
+
+    prompt: str
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationResult:
+    """What the model produced for one request.
+
+    `text` holds at most `max_new_tokens` teacher tokens, cut before the first stop sequence;
+    `token_count` is the number of tokens that text came from.
+    """
+
+    text: str
+    token_count: int
+    finish_reason: str  # "length" | "stop" | "eos"
+
+
+class BackendError(GktError):
+    """Generation failed for one request; `code` says how the client should see it."""
+
+    code = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, code: str = "UNAVAILABLE", kind: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+        self.kind = kind
+        """A bounded label for metrics: timeout, connection, overloaded, server, invalid, circuit_open…"""
+
+
+class TeacherBackend(Protocol):
+    """A model that can continue many prompts; implementations: local, tgi, openai."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Connect / load, and refuse settings the model cannot honour (raise ValueError)."""
+
+    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BackendError]:
+        """Generate for every request; one failed request never fails its batch-mates."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and memory."""

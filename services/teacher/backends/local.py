@@ -1,0 +1,78 @@
+"""The in-process backend: one batched, left-padded transformers generation per batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from gkt.decoding import Sampler, TextTracker, context_tokens, decode_steps
+from gkt.models import LoadedModel, load_model
+from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+class LocalBackend:
+    """Runs the teacher model inside the worker (the embedded default; CPU or one GPU)."""
+
+    name = "local"
+
+    def __init__(self, *, model: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
+        self._spec = {"name": model, "cache_dir": cache_dir, "device": device, "dtype": dtype}
+        self._lm: LoadedModel | None = None
+
+    @classmethod
+    def from_loaded(cls, lm: LoadedModel) -> LocalBackend:
+        backend = cls(model=lm.name, cache_dir=Path("."))
+        backend._lm = lm
+        return backend
+
+    async def start(self) -> None:
+        if self._lm is None:
+            self._lm = await asyncio.to_thread(load_model, **self._spec)
+
+    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BackendError]:
+        if not requests:
+            return []
+        try:
+            results = await asyncio.to_thread(self.generate_sync, requests)
+        except Exception as exc:  # a failed forward pass fails the whole batch it ran
+            log.exception("local teacher generation failed")
+            return [BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")] * len(requests)
+        return list(results)
+
+    def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        lm = self._loaded()
+        trackers = [TextTracker(lm=lm, stop=r.stop, context=context_tokens(lm, r.prompt)) for r in requests]
+        samplers = [Sampler(temperature=r.temperature, top_p=r.top_p, seed=r.seed) for r in requests]
+        finish: list[str | None] = [None] * len(requests)
+        eos = lm.eos_token_ids
+        steps = decode_steps(lm=lm, prompts=[r.prompt for r in requests], samplers=samplers)
+        for tokens in steps:
+            for i, token in enumerate(tokens):
+                if finish[i] is not None:
+                    continue
+                if token in eos:
+                    finish[i] = "eos"
+                    continue
+                trackers[i].push(token)
+                if trackers[i].stopped:
+                    finish[i] = "stop"
+                elif len(trackers[i].tokens) >= requests[i].max_new_tokens:
+                    finish[i] = "length"
+            if all(f is not None for f in finish):
+                break
+        return [
+            GenerationResult(text=t.text, token_count=t.token_count, finish_reason=f or "length")
+            for t, f in zip(trackers, finish, strict=True)
+        ]
+
+    async def close(self) -> None:
+        self._lm = None
+
+    def _loaded(self) -> LoadedModel:
+        if self._lm is None:
+            raise RuntimeError("LocalBackend.start() was not awaited")
+        return self._lm

@@ -1,0 +1,97 @@
+"""Dynamic batching: block for the first job, then fill the batch until full or `max_wait_ms` after it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+
+from gkt.jobs import Job
+from gkt.queue import TEACHER_GROUP, Keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A job as read from the query stream; `entry_id` is what gets acknowledged."""
+
+    entry_id: str
+    job: Job
+    dequeued_at: float
+
+
+async def collect_batch(
+    redis: Redis, *, keys: Keys, consumer: str, max_batch_size: int, max_wait_ms: int, block_ms: int
+) -> tuple[list[Delivery], list[str]]:
+    """Return a batch, and the entry ids of unreadable entries (to be acknowledged and dropped).
+
+    Waits up to `block_ms` for a first job; the batch then closes when it holds `max_batch_size`
+    jobs or `max_wait_ms` after that first job arrived, whichever comes first.
+    """
+    batch: list[Delivery] = []
+    broken: list[str] = []
+    await _read(redis, keys, consumer, max_batch_size, block_ms, batch, broken)
+    if not batch:
+        return batch, broken
+    closes_at = time.monotonic() + max_wait_ms / 1000
+    while len(batch) < max_batch_size:
+        remaining_ms = int((closes_at - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            break
+        await _read(redis, keys, consumer, max_batch_size - len(batch), remaining_ms, batch, broken)
+    return batch, broken
+
+
+async def claim_stale(
+    redis: Redis, *, keys: Keys, consumer: str, min_idle_ms: int, count: int
+) -> tuple[list[Delivery], list[str], dict[str, int]]:
+    """Take over jobs another teacher read but never acknowledged (it died or hung).
+
+    Returns the deliveries, unreadable ids, and how many times each entry has been delivered.
+    """
+    _cursor, claimed, *_deleted = await redis.xautoclaim(
+        keys.queries, TEACHER_GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+    )
+    batch: list[Delivery] = []
+    broken: list[str] = []
+    _parse(claimed, batch, broken)
+    counts: dict[str, int] = {}
+    if batch:
+        pending = await redis.xpending_range(
+            keys.queries, TEACHER_GROUP, min=batch[0].entry_id, max=batch[-1].entry_id, count=len(claimed) + 16
+        )
+        counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+    return batch, broken, counts
+
+
+async def _read(
+    redis: Redis,
+    keys: Keys,
+    consumer: str,
+    count: int,
+    block_ms: int,
+    batch: list[Delivery],
+    broken: list[str],
+) -> None:
+    reply = await redis.xreadgroup(TEACHER_GROUP, consumer, {keys.queries: ">"}, count=count, block=max(block_ms, 1))
+    for _stream, entries in reply or []:
+        _parse(entries, batch, broken)
+
+
+def _parse(entries: list, batch: list[Delivery], broken: list[str]) -> None:
+    now = time.time()
+    for entry_id, fields in entries:
+        entry = _text(entry_id)
+        try:
+            batch.append(Delivery(entry_id=entry, job=Job.model_validate_json(fields[b"job"]), dequeued_at=now))
+        except (KeyError, ValidationError, TypeError):
+            log.error("unreadable query entry dropped", extra={"entry_id": entry})
+            broken.append(entry)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,45 @@
+"""The teacher worker's settings (`GKT_TEACHER_*` and the common `GKT_*`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Literal
+
+from pydantic import Field
+
+from gkt.config import CommonSettings
+
+
+class TeacherSettings(CommonSettings):
+    """How the teacher batches, which backend it calls, and its default sampling."""
+
+    teacher_backend: Literal["local", "tgi", "openai"] = Field(
+        default="local", description="local: in-process transformers; tgi / openai: a remote inference server."
+    )
+    teacher_model: str = Field(
+        default="gemma-3-270m", min_length=1, description="Bundled alias, Hugging Face id or local directory."
+    )
+    teacher_device: str = Field(default="cpu", description="torch device for the local backend.")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights dtype for the local backend."
+    )
+    teacher_max_batch_size: int = Field(default=8, ge=1, le=512, description="Most jobs in one batch.")
+    teacher_max_wait_ms: int = Field(
+        default=20, ge=0, le=10_000, description="A batch closes this long after its first job arrived."
+    )
+    teacher_temperature: float = Field(default=0.8, ge=0.0, le=5.0, description="Teacher sampling (0 = greedy).")
+    teacher_top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
+    teacher_claim_idle_ms: int = Field(
+        default=60_000, ge=1_000, description="Jobs a teacher held this long without acking are reclaimed."
+    )
+    teacher_max_deliveries: int = Field(
+        default=3, ge=1, le=100, description="A job delivered this many times without success is dead-lettered."
+    )
+    teacher_name: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        description="Consumer name in the teachers' group (unique per worker).",
+    )
+    teacher_metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus port (0 = off).")
+    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0 = torch's default).")

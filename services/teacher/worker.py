@@ -1,0 +1,206 @@
+"""The teacher loop: collect a batch, generate guidance, publish it and dispatch students, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gkt import metrics
+from gkt.answers import extract_answer
+from gkt.jobs import (
+    Completion,
+    ErrorEvent,
+    FinalEvent,
+    Guidance,
+    GuidanceEvent,
+    GuidanceMode,
+    Job,
+    JobKind,
+)
+from gkt.prompts import STOP_SEQUENCE, teacher_prompt
+from gkt.queue import TEACHER_GROUP, Keys, ensure_group, publish_event, publish_final
+from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
+from services.teacher.batching import Delivery, claim_stale, collect_batch
+from services.teacher.settings import TeacherSettings
+
+log = logging.getLogger(__name__)
+
+Dispatch = Callable[[Job, Guidance], None]
+_BLOCK_MS = 1000
+_REDIS_RETRY_S = 1.0
+
+
+class TeacherWorker:
+    """Drains the query stream; one backend call per batch; never acks before publishing."""
+
+    def __init__(
+        self, *, settings: TeacherSettings, redis: Redis, backend: TeacherBackend, dispatch: Dispatch
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.backend = backend
+        self.dispatch = dispatch
+        self.keys = Keys(settings.key_prefix)
+        self._stopping = asyncio.Event()
+        self._last_claim = 0.0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await ensure_group(self.redis, keys=self.keys)
+        log.info("teacher serving", extra={"consumer": self.settings.teacher_name, "backend": self.backend.name})
+        while not self._stopping.is_set():
+            try:
+                await self._heartbeat()
+                batch = await self._next_batch()
+                if batch:
+                    await self.process(batch)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                # Unacknowledged jobs stay pending in the group: this teacher (or another) claims them later.
+                log.warning("redis unavailable; retrying", extra={"error": str(exc)})
+                await asyncio.sleep(_REDIS_RETRY_S)
+
+    async def process(self, batch: Sequence[Delivery]) -> None:
+        """Steps 2–4 for one batch: generate, publish + dispatch, acknowledge."""
+        metrics.TEACHER_BATCH_SIZE.observe(len(batch))
+        live = [d for d in batch if not d.job.expired()]
+        for expired in (d for d in batch if d.job.expired()):
+            await self._fail(expired.job, "DEADLINE_EXCEEDED", "the deadline passed while the job was queued")
+
+        # 2) generate: one backend call for every job that needs the teacher
+        needs_teacher = [d for d in live if d.job.guidance.mode != GuidanceMode.NONE]
+        started = time.perf_counter()
+        results = await self.backend.generate_batch([self._request(d.job) for d in needs_teacher])
+        teacher_seconds = time.perf_counter() - started
+        if needs_teacher:
+            metrics.TEACHER_GENERATION.observe(teacher_seconds)
+        by_job: dict[str, GenerationResult | BackendError] = {
+            d.job.id: r for d, r in zip(needs_teacher, results, strict=True)
+        }
+
+        # 3) publish guidance, dispatch one student task per job
+        for delivery in live:
+            result = by_job.get(delivery.job.id, GenerationResult(text="", token_count=0, finish_reason="none"))
+            if isinstance(result, BackendError):
+                metrics.TEACHER_BACKEND_ERRORS.labels(result.kind).inc()
+                await self._fail(delivery.job, result.code, result.message)
+                continue
+            guidance = Guidance(
+                text=result.text.strip(),
+                token_count=result.token_count,
+                finish_reason=result.finish_reason,
+                batch_size=len(batch),
+                dequeued_at=delivery.dequeued_at,
+                teacher_seconds=teacher_seconds if delivery.job.id in by_job else 0.0,
+                published_at=time.time(),
+            )
+            await self._publish(delivery.job, guidance)
+
+        # 4) acknowledge only now that every job of the batch has its answer or its next step
+        await self._ack([d.entry_id for d in batch])
+
+    async def _publish(self, job: Job, guidance: Guidance) -> None:
+        ttl = self.settings.job_ttl_s
+        await publish_event(self.redis, keys=self.keys, job_id=job.id, event=GuidanceEvent(guidance=guidance), ttl_s=ttl)
+        metrics.TEACHER_GUIDANCE_TOKENS.inc(guidance.token_count)
+        if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
+            completion = Completion(
+                text=guidance.text,
+                guidance=guidance,
+                answer=(extract_answer(task=job.task, text=guidance.text) or "")
+                if job.guidance.mode == GuidanceMode.FULL
+                else "",
+                finish_reason=guidance.finish_reason,
+                seed=job.sampling.seed,
+            )
+            await publish_final(self.redis, keys=self.keys, job_id=job.id, event=FinalEvent(completion=completion), ttl_s=ttl)
+            metrics.TEACHER_JOBS.labels("answered").inc()
+            return
+        self.dispatch(job, guidance)
+        metrics.TEACHER_JOBS.labels("dispatched").inc()
+
+    def _request(self, job: Job) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=teacher_prompt(task=job.task, mode=job.guidance.mode, query=job.query),
+            max_new_tokens=job.guidance.max_tokens,
+            temperature=self.settings.teacher_temperature,
+            top_p=self.settings.teacher_top_p,
+            seed=job.sampling.seed,
+            stop=(STOP_SEQUENCE,),
+        )
+
+    async def _next_batch(self) -> list[Delivery]:
+        """Stale jobs of dead teachers first (checked every few seconds), then new ones."""
+        s = self.settings
+        if time.monotonic() - self._last_claim > min(5.0, s.teacher_claim_idle_ms / 2000):
+            self._last_claim = time.monotonic()
+            claimed, broken, deliveries = await claim_stale(
+                self.redis,
+                keys=self.keys,
+                consumer=s.teacher_name,
+                min_idle_ms=s.teacher_claim_idle_ms,
+                count=s.teacher_max_batch_size,
+            )
+            await self._ack(broken)
+            if claimed:
+                metrics.TEACHER_CLAIMED.inc(len(claimed))
+                return await self._drop_poisoned(claimed, deliveries)
+        batch, broken = await collect_batch(
+            self.redis,
+            keys=self.keys,
+            consumer=s.teacher_name,
+            max_batch_size=s.teacher_max_batch_size,
+            max_wait_ms=s.teacher_max_wait_ms,
+            block_ms=_BLOCK_MS,
+        )
+        await self._ack(broken)
+        if batch:
+            metrics.TEACHER_BATCH_FILL.observe(time.time() - batch[0].dequeued_at)
+        return batch
+
+    async def _drop_poisoned(self, claimed: list[Delivery], deliveries: dict[str, int]) -> list[Delivery]:
+        """Jobs that were delivered too often (they keep killing teachers) are dead-lettered."""
+        keep: list[Delivery] = []
+        for delivery in claimed:
+            count = deliveries.get(delivery.entry_id, 1)
+            if count <= self.settings.teacher_max_deliveries:
+                keep.append(delivery)
+                continue
+            log.error("job dead-lettered", extra={"job_id": delivery.job.id, "deliveries": count})
+            metrics.TEACHER_DEAD_LETTERED.inc()
+            await self.redis.xadd(
+                self.keys.dead_letters, {"job": delivery.job.model_dump_json()}, maxlen=10_000, approximate=True
+            )
+            await self._fail(delivery.job, "INTERNAL", f"the job failed {count} times and was dead-lettered")
+            await self._ack([delivery.entry_id])
+        return keep
+
+    async def _fail(self, job: Job, code: str, message: str) -> None:
+        log.warning("job failed", extra={"job_id": job.id, "code": code})
+        metrics.TEACHER_JOBS.labels("failed").inc()
+        await publish_final(
+            self.redis,
+            keys=self.keys,
+            job_id=job.id,
+            event=ErrorEvent(code=code, message=message),
+            ttl_s=self.settings.job_ttl_s,
+        )
+
+    async def _ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.keys.queries, TEACHER_GROUP, *entry_ids)
+            pipe.xdel(self.keys.queries, *entry_ids)
+            await pipe.execute()
+
+    async def _heartbeat(self) -> None:
+        key = self.keys.heartbeat("teacher", self.settings.teacher_name)
+        await self.redis.set(key, f"{time.time():.3f}", ex=60)

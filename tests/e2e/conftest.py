@@ -1,0 +1,46 @@
+"""An end-to-end stack on tiny random models: real Redis, teacher, Celery student, gRPC gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gkt.v1 import guidance_pb2_grpc
+from services.stack import Stack, free_port
+
+# A long batching window makes concurrent requests land in one batch however slow the machine is.
+TINY_STACK_ENV = {
+    "GKT_TEACHER_TEMPERATURE": "0",
+    "GKT_TEACHER_MAX_BATCH_SIZE": "8",
+    "GKT_TEACHER_MAX_WAIT_MS": "400",
+    "GKT_GATEWAY_METRICS_PORT": "0",
+    "GKT_TEACHER_METRICS_PORT": "0",
+    "GKT_STUDENT_METRICS_PORT": "0",
+    "GKT_STUDENT_WARMUP": "false",
+}
+
+
+@pytest.fixture(scope="package")
+def tiny_stack(tiny_models: tuple[Path, Path], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    teacher, student = tiny_models
+    env = {**TINY_STACK_ENV, "GKT_TEACHER_MODEL": str(teacher), "GKT_STUDENT_MODEL": str(student),
+           "GKT_KEY_PREFIX": "e2e"}  # fmt: skip
+    stack = Stack(
+        state_dir=tmp_path_factory.mktemp("stack"),
+        env=env,
+        redis_url=redis_url.rsplit("/", 1)[0] + "/1",  # apart from the integration tests' db 0
+        students=2,
+        gateway_addr=f"127.0.0.1:{free_port()}",
+    )
+    stack.start(timeout_s=180)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def stub(tiny_stack: Stack) -> Iterator[guidance_pb2_grpc.GuidanceServiceStub]:
+    with grpc.insecure_channel(tiny_stack.gateway_addr or "") as channel:
+        yield guidance_pb2_grpc.GuidanceServiceStub(channel)
