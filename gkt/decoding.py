@@ -44,7 +44,7 @@ class _RowSampler:
         self.generator = torch.Generator().manual_seed(sampler.seed)
 
     def choose(self, history: torch.Tensor, logits: torch.Tensor) -> int:
-        scores = self.processors(history, logits) if self.processors else logits
+        scores = self.processors(history, logits) if self.processors else logits  # type: ignore[arg-type]
         if self.greedy:
             return int(scores.argmax(-1))
         probs = torch.softmax(scores, dim=-1)
@@ -52,7 +52,9 @@ class _RowSampler:
 
 
 @torch.inference_mode()
-def decode_steps(*, lm: LoadedModel, prompts: Sequence[str], samplers: Sequence[Sampler]) -> Iterator[list[int]]:
+def decode_steps(
+    *, lm: LoadedModel, prompts: Sequence[str], samplers: Sequence[Sampler]
+) -> Iterator[list[int]]:
     """Yield the next token of every row, one forward pass per step, until the caller stops.
 
     Prompts are left-padded into one batch; position ids follow the attention mask so a padded
@@ -108,12 +110,12 @@ class TextTracker:
     stopped: bool = False
 
     def __post_init__(self) -> None:
-        self._prefix = self.lm.tokenizer.decode(self.context, skip_special_tokens=True)
+        self._prefix = str(self.lm.tokenizer.decode(self.context, skip_special_tokens=True))
 
     def push(self, token: int) -> str:
         """Add one token; return the text that became safe to show."""
         self.tokens.append(token)
-        full = self.lm.tokenizer.decode(self.context + self.tokens, skip_special_tokens=True)
+        full = str(self.lm.tokenizer.decode(self.context + self.tokens, skip_special_tokens=True))
         text = full[len(self._prefix) :] if full.startswith(self._prefix) else full
         if self.strip_leading:
             text = text.lstrip()

@@ -100,7 +100,7 @@ def load_model(*, name: str, cache_dir: Path, device: str = "cpu", dtype: str = 
         source, kwargs = name, {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as exc:
         raise ModelNotFound(
             f"cannot load model {name!r}: not a bundled alias ({', '.join(BUNDLED)}), "
@@ -123,7 +123,9 @@ def _cached_conversion(bundled: BundledModel, *, cache_dir: Path) -> str:
         gguf = bundled.gguf_path(scratch_dir=Path(scratch))
         log.info("converting bundled model (first use)", extra={"model": bundled.alias, "cache": str(target)})
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     # The weights are already de-quantized to float32; only the GGUF marker blocks saving them.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

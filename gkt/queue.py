@@ -13,12 +13,15 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.jobs import ErrorEvent, FinalEvent, GuidanceEvent, DeltaEvent, Job, decode_event, encode_event
+from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, GuidanceEvent, Job, decode_event, encode_event
 
 TEACHER_GROUP = "teachers"
 STUDENT_QUEUE = "student"
 STUDENT_TASK = "gkt.student.complete"
 EVENTS_MAXLEN = 4096
+MAX_BLOCK_MS = 1000
+"""The longest blocking read; well inside the socket timeout, so an idle wait is never a timeout."""
+_SOCKET_TIMEOUT_S = 10
 
 AnyEvent = GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent
 
@@ -31,6 +34,18 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
 end
 return 0
 """
+
+
+def connect(url: str) -> Redis:
+    return Redis.from_url(
+        url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=5, health_check_interval=30
+    )
+
+
+def connect_async(url: str) -> AsyncRedis:
+    return AsyncRedis.from_url(
+        url, socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=5, health_check_interval=30
+    )
 
 
 @dataclass(frozen=True)
@@ -77,8 +92,8 @@ async def ensure_group(redis: AsyncRedis, *, keys: Keys) -> None:
 
 async def enqueue_job(redis: AsyncRedis, *, keys: Keys, job: Job) -> str:
     """Add a job to the query stream; returns its stream entry id."""
-    entry_id: bytes = await redis.xadd(keys.queries, {"job": job.model_dump_json()})
-    return entry_id.decode()
+    entry_id: Any = await redis.xadd(keys.queries, {"job": job.model_dump_json()})
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 async def publish_event(redis: AsyncRedis, *, keys: Keys, job_id: str, event: AnyEvent, ttl_s: int) -> None:
@@ -88,7 +103,9 @@ async def publish_event(redis: AsyncRedis, *, keys: Keys, job_id: str, event: An
         await pipe.execute()
 
 
-async def publish_final(redis: AsyncRedis, *, keys: Keys, job_id: str, event: FinalEvent | ErrorEvent, ttl_s: int) -> bool:
+async def publish_final(
+    redis: AsyncRedis, *, keys: Keys, job_id: str, event: FinalEvent | ErrorEvent, ttl_s: int
+) -> bool:
     """Publish a job's last event unless one was published already; True if this call did."""
     script_keys = [keys.events(job_id), keys.final(job_id)]
     done = await redis.eval(_PUBLISH_FINAL, 2, *script_keys, encode_event(event), ttl_s, EVENTS_MAXLEN)
@@ -98,8 +115,8 @@ async def publish_final(redis: AsyncRedis, *, keys: Keys, job_id: str, event: Fi
 async def read_events(
     redis: AsyncRedis, *, keys: Keys, job_id: str, after: str, block_ms: int
 ) -> list[tuple[str, AnyEvent]]:
-    """Events of one job after entry id `after`, waiting up to `block_ms` for the first."""
-    reply = await redis.xread({keys.events(job_id): after}, block=block_ms, count=256)
+    """Events of one job after entry id `after`, waiting up to `block_ms` (≤ MAX_BLOCK_MS) for the first."""
+    reply: Any = await redis.xread({keys.events(job_id): after}, block=min(block_ms, MAX_BLOCK_MS), count=256)
     events: list[tuple[str, AnyEvent]] = []
     for _stream, entries in reply or []:
         for entry_id, fields in entries:
@@ -119,7 +136,9 @@ class SyncEventPublisher:
     def publish(self, job_id: str, event: AnyEvent, *, check_cancel: bool = False) -> bool:
         """Publish an event; returns True when the job was cancelled (checked in the same round trip)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(self.keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+        pipe.xadd(
+            self.keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True
+        )
         pipe.expire(self.keys.events(job_id), self.ttl_s)
         if check_cancel:
             pipe.exists(self.keys.cancelled(job_id))
@@ -141,8 +160,12 @@ class SyncEventPublisher:
         return int(attempt)
 
     def publish_final(self, job_id: str, event: FinalEvent | ErrorEvent) -> bool:
-        return bool(self._final(keys=[self.keys.events(job_id), self.keys.final(job_id)],
-                                args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN]))
+        return bool(
+            self._final(
+                keys=[self.keys.events(job_id), self.keys.final(job_id)],
+                args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN],
+            )
+        )
 
     def heartbeat(self, *, role: str, name: str) -> None:
         self.redis.set(self.keys.heartbeat(role, name), f"{time.time():.3f}", ex=60)

@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("gateway", help="serve the gRPC API")
     commands.add_parser("teacher", help="run a teacher worker")
     student = commands.add_parser("student", help="run a Celery student worker")
-    student.add_argument("--concurrency", type=int, default=None, help="worker processes (GKT_STUDENT_CONCURRENCY)")
+    student.add_argument(
+        "--concurrency", type=int, default=None, help="worker processes (GKT_STUDENT_CONCURRENCY)"
+    )
     ask = commands.add_parser("ask", help="ask a running gateway a question")
     _add_ask_arguments(ask)
     commands.add_parser("demo", help="start the stack on the bundled models, ask three questions, stop")
@@ -75,7 +77,7 @@ def _add_ask_arguments(ask: argparse.ArgumentParser) -> None:
     ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
 
 
-def _request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _request(args: argparse.Namespace):
     from gkt.v1 import guidance_pb2 as pb
 
     sampling = pb.SamplingParams()
@@ -91,7 +93,10 @@ def _request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     if args.guidance_tokens is not None:
         guidance.max_guidance_tokens = args.guidance_tokens
     return pb.GenerateRequest(
-        query=args.query, task=pb.Task.Value(f"TASK_{args.task.upper()}"), guidance=guidance, sampling=sampling
+        query=args.query,
+        task=pb.Task.Value(f"TASK_{args.task.upper()}"),
+        guidance=guidance,
+        sampling=sampling,
     )
 
 
@@ -119,13 +124,13 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_reply(reply) -> None:  # type: ignore[no-untyped-def]
+def _print_reply(reply) -> None:
     print(f"guidance : {reply.guidance!r}")
     print(f"answer   : {reply.text!r}")
     _print_final(reply)
 
 
-def _print_final(reply) -> None:  # type: ignore[no-untyped-def]
+def _print_final(reply) -> None:
     t = reply.timings
     if reply.answer:
         print(f"extracted: {reply.answer}")
@@ -147,12 +152,17 @@ def _run_student(concurrency: int | None) -> None:
     app.worker_main(
         argv=[
             "worker",
-            "--queues", "student",
-            "--concurrency", str(concurrency or settings.student_concurrency),
-            "--prefetch-multiplier", "1",
-            "--hostname", f"student@{socket.gethostname()}",
-            "--loglevel", settings.log_level,
-        ]  # fmt: skip
+            "--queues",
+            "student",
+            "--concurrency",
+            str(concurrency or settings.student_concurrency),
+            "--prefetch-multiplier",
+            "1",
+            "--hostname",
+            f"student@{socket.gethostname()}",
+            "--loglevel",
+            settings.log_level,
+        ]
     )
 
 

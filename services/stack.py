@@ -5,6 +5,7 @@ Used by `gkt demo`, `gkt up` / `gkt down` and the end-to-end tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,7 +64,9 @@ class Stack:
             raise
         if self.detach:
             (self.state_dir / "stack.json").write_text(
-                json.dumps({"pids": {n: p.pid for n, p in self.processes.items()}, "gateway": self.gateway_addr})
+                json.dumps(
+                    {"pids": {n: p.pid for n, p in self.processes.items()}, "gateway": self.gateway_addr}
+                )
             )
 
     def stop(self, *, timeout_s: float = 30) -> None:
@@ -107,13 +110,20 @@ class Stack:
         multiproc.mkdir(parents=True)
         student_env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
         if index > 0 and student_env.get("GKT_STUDENT_METRICS_PORT", "9103") != "0":
-            student_env["GKT_STUDENT_METRICS_PORT"] = str(int(student_env.get("GKT_STUDENT_METRICS_PORT", "9103")) + index)
+            student_env["GKT_STUDENT_METRICS_PORT"] = str(
+                int(student_env.get("GKT_STUDENT_METRICS_PORT", "9103")) + index
+            )
         return student_env
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         log = (self.state_dir / "logs" / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
 
     def _wait_ready(self, *, timeout_s: float) -> None:
@@ -125,8 +135,16 @@ class Stack:
             students = list(redis.scan_iter(match=keys.heartbeat("student", "*")))
             return bool(teachers) and len(students) >= self.students
 
-        _wait(workers_up, timeout_s=timeout_s, what="teacher and student workers (loading models)", stack=self)
-        _wait(lambda: gateway_serving(self.gateway_addr or ""), timeout_s=60, what="gateway", stack=self, name="gateway")
+        _wait(
+            workers_up, timeout_s=timeout_s, what="teacher and student workers (loading models)", stack=self
+        )
+        _wait(
+            lambda: gateway_serving(self.gateway_addr or ""),
+            timeout_s=60,
+            what="gateway",
+            stack=self,
+            name="gateway",
+        )
 
 
 def gateway_serving(addr: str) -> bool:
@@ -165,7 +183,9 @@ def _wait(check: object, *, timeout_s: float, what: str, stack: Stack, name: str
     while time.monotonic() < deadline:
         for proc_name, process in stack.processes.items():
             if process.poll() is not None:
-                raise StackError(f"{proc_name} exited with {process.returncode}:\n{stack.log(proc_name)[-3000:]}")
+                raise StackError(
+                    f"{proc_name} exited with {process.returncode}:\n{stack.log(proc_name)[-3000:]}"
+                )
         try:
             if check():  # type: ignore[operator]
                 return
@@ -177,17 +197,13 @@ def _wait(check: object, *, timeout_s: float, what: str, stack: Stack, name: str
 
 
 def _terminate(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _kill_group(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _alive(pid: int) -> bool:

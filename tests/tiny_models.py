@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -14,8 +15,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from gkt.prompts import exemplar_block
 from gkt.jobs import Task
+from gkt.prompts import exemplar_block
 
 _SPECIALS = ["<pad>", "<s>", "</s>"]
 
@@ -27,7 +28,9 @@ def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS)
-    corpus = [exemplar_block(task=task) for task in Task] + ["Q: A: The answer is 0123456789 (A) (B) (C) (D) (E)"]
+    corpus = [exemplar_block(task=task) for task in Task] + [
+        "Q: A: The answer is 0123456789 (A) (B) (C) (D) (E)"
+    ]
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
@@ -74,7 +77,7 @@ def build_student(directory: Path, *, seed: int = 1) -> Path:
     return _save(LlamaForCausalLM(config), tokenizer, directory)
 
 
-def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
+def _save(model: Any, tokenizer: PreTrainedTokenizerFast, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -38,14 +38,20 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def to_job(
-    request: pb.GenerateRequest | pb.GuideRequest, *, kind: JobKind, settings: GatewaySettings, timeout_s: float | None
+    request: pb.GenerateRequest | pb.GuideRequest,
+    *,
+    kind: JobKind,
+    settings: GatewaySettings,
+    timeout_s: float | None,
 ) -> Job:
     """Validate every field (raising InvalidArgument naming it) and build the job."""
     query = request.query.strip()
     if not query:
         raise InvalidArgument("query", "must not be empty")
     if len(query) > settings.gateway_max_query_chars:
-        raise InvalidArgument("query", f"is {len(query)} characters; at most {settings.gateway_max_query_chars}")
+        raise InvalidArgument(
+            "query", f"is {len(query)} characters; at most {settings.gateway_max_query_chars}"
+        )
     if "\x00" in query:
         raise InvalidArgument("query", "must not contain NUL characters")
     if request.task not in _TASKS:
@@ -57,7 +63,9 @@ def to_job(
     sampling = SamplingParams(max_new_tokens=student_tokens, seed=secrets.randbits(63))
     if isinstance(request, pb.GenerateRequest):
         sampling = _sampling(request.sampling, default=sampling, settings=settings)
-    spec = _guidance(request.guidance, default_tokens=guidance_tokens, student_tokens=student_tokens, settings=settings)
+    spec = _guidance(
+        request.guidance, default_tokens=guidance_tokens, student_tokens=student_tokens, settings=settings
+    )
     if kind == JobKind.GUIDE and spec.mode in (GuidanceMode.NONE, GuidanceMode.FULL):
         raise InvalidArgument("guidance.mode", "Guide needs a guidance mode: CUTOFF, CONCISE or HINT")
     now = time.time()
@@ -84,12 +92,15 @@ def _guidance(
         tokens = params.max_guidance_tokens
         if not 1 <= tokens <= settings.gateway_max_guidance_tokens:
             raise InvalidArgument(
-                "guidance.max_guidance_tokens", f"is {tokens}; must be 1..{settings.gateway_max_guidance_tokens}"
+                "guidance.max_guidance_tokens",
+                f"is {tokens}; must be 1..{settings.gateway_max_guidance_tokens}",
             )
     return GuidanceSpec(mode=mode, max_tokens=tokens)
 
 
-def _sampling(params: pb.SamplingParams, *, default: SamplingParams, settings: GatewaySettings) -> SamplingParams:
+def _sampling(
+    params: pb.SamplingParams, *, default: SamplingParams, settings: GatewaySettings
+) -> SamplingParams:
     values = default.model_dump()
     if params.HasField("temperature"):
         values["temperature"] = _bounded("sampling.temperature", params.temperature, 0.0, 5.0)
@@ -98,16 +109,24 @@ def _sampling(params: pb.SamplingParams, *, default: SamplingParams, settings: G
     if params.HasField("top_k"):
         values["top_k"] = int(_bounded("sampling.top_k", params.top_k, 0, 100_000))
     if params.HasField("max_new_tokens"):
-        values["max_new_tokens"] = int(_bounded("sampling.max_new_tokens", params.max_new_tokens, 1, settings.gateway_max_new_tokens))
+        values["max_new_tokens"] = int(
+            _bounded("sampling.max_new_tokens", params.max_new_tokens, 1, settings.gateway_max_new_tokens)
+        )
     if params.HasField("seed"):
         values["seed"] = int(_bounded("sampling.seed", params.seed, 0, 2**63 - 1))
     if params.HasField("repetition_penalty"):
-        values["repetition_penalty"] = _bounded("sampling.repetition_penalty", params.repetition_penalty, 0.0, 10.0, low_open=True)
+        values["repetition_penalty"] = _bounded(
+            "sampling.repetition_penalty", params.repetition_penalty, 0.0, 10.0, low_open=True
+        )
     if len(params.stop) > settings.gateway_max_stop_sequences:
-        raise InvalidArgument("sampling.stop", f"at most {settings.gateway_max_stop_sequences} stop sequences")
+        raise InvalidArgument(
+            "sampling.stop", f"at most {settings.gateway_max_stop_sequences} stop sequences"
+        )
     for stop in params.stop:
         if not stop or len(stop) > settings.gateway_max_stop_chars:
-            raise InvalidArgument("sampling.stop", f"each stop sequence must be 1..{settings.gateway_max_stop_chars} characters")
+            raise InvalidArgument(
+                "sampling.stop", f"each stop sequence must be 1..{settings.gateway_max_stop_chars} characters"
+            )
     values["stop"] = tuple(params.stop)
     return SamplingParams(**values)
 
@@ -125,7 +144,9 @@ def timings(job: Job, guidance: Guidance, completion: Completion | None, *, now:
         student_wait_ms = max(0.0, completion.student_started_at - guidance.published_at) * 1000
         student_ms = completion.student_seconds * 1000
     return pb.StageTimings(
-        queue_wait_ms=max(0.0, guidance.dequeued_at - job.enqueued_at) * 1000 if guidance.dequeued_at else 0.0,
+        queue_wait_ms=max(0.0, guidance.dequeued_at - job.enqueued_at) * 1000
+        if guidance.dequeued_at
+        else 0.0,
         teacher_batch_size=guidance.batch_size,
         teacher_ms=guidance.teacher_seconds * 1000,
         student_wait_ms=student_wait_ms,

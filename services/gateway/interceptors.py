@@ -87,7 +87,9 @@ def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
     metrics.GATEWAY_LATENCY.labels(rpc).observe(time.perf_counter() - started)
 
 
-async def _abort(exc: Exception, code: grpc.StatusCode, message: str, context: grpc.aio.ServicerContext) -> None:
+async def _abort(
+    exc: Exception, code: grpc.StatusCode, message: str, context: grpc.aio.ServicerContext
+) -> None:
     """End the RPC with `code` (always raises)."""
     if isinstance(exc, grpc.aio.AbortError):
         raise exc
@@ -112,7 +114,9 @@ def _bad_request(exc: InvalidArgument) -> status_pb2.Status:
     detail = any_pb2.Any()
     detail.Pack(
         error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)]
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.description)
+            ]
         )
     )
     return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=exc.message, details=[detail])

@@ -8,8 +8,8 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
+from gkt.queue import connect_async
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
 from services.gateway.interceptors import ErrorMappingInterceptor
 from services.gateway.service import GatewayService
@@ -26,7 +26,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.redis = Redis.from_url(settings.redis_url, health_check_interval=10)
+        self.redis = connect_async(settings.redis_url)
         self.service = GatewayService(settings=settings, redis=self.redis)
         self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
         guidance_pb2_grpc.add_GuidanceServiceServicer_to_server(
@@ -35,7 +35,11 @@ class Gateway:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.port = self.server.add_insecure_port(settings.gateway_addr)
@@ -56,6 +60,8 @@ class Gateway:
         await self.redis.aclose()
 
     async def _set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -16,8 +17,6 @@ from gkt.queue import STUDENT_QUEUE, AnyEvent, Keys, enqueue_job, read_events
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
-
-_POLL_MS = 5000
 
 
 class GatewayService:
@@ -53,14 +52,20 @@ class GatewayService:
                 f"the queue holds {depth} jobs (limit {self.settings.gateway_max_queue_depth}); retry later"
             )
         if job.request_id:
-            earlier = await self.redis.set(
-                self.keys.request(job.request_id), job.model_dump_json(), nx=True, ex=self.settings.job_ttl_s, get=True
+            earlier: Any = await self.redis.set(
+                self.keys.request(job.request_id),
+                job.model_dump_json(),
+                nx=True,
+                ex=self.settings.job_ttl_s,
+                get=True,
             )
             if earlier is not None:
                 log.info("request_id seen before: attaching to its job", extra={"request_id": job.request_id})
                 return Job.model_validate_json(earlier)
         await enqueue_job(self.redis, keys=self.keys, job=job)
-        log.info("job enqueued", extra={"job_id": job.id, "task": job.task.value, "mode": job.guidance.mode.value})
+        log.info(
+            "job enqueued", extra={"job_id": job.id, "task": job.task.value, "mode": job.guidance.mode.value}
+        )
         return job
 
     async def _follow(self, job: Job) -> AsyncIterator[AnyEvent]:
@@ -71,15 +76,15 @@ class GatewayService:
             if remaining_ms <= 0:
                 raise DeadlineExceeded("the deadline passed before the answer was complete")
             events = await read_events(
-                self.redis, keys=self.keys, job_id=job.id, after=after, block_ms=min(remaining_ms, _POLL_MS)
+                self.redis, keys=self.keys, job_id=job.id, after=after, block_ms=remaining_ms
             )
             for entry_id, event in events:
                 after = entry_id
                 if isinstance(event, DeltaEvent):
-                    event = _unseen(event, shown)
-                    if event is None:
+                    unseen = _unseen(event, shown)
+                    if unseen is None:
                         continue
-                    shown = event.offset + len(event.text)
+                    event, shown = unseen, unseen.offset + len(unseen.text)
                 if isinstance(event, ErrorEvent):
                     raise JobFailed(event.code, event.message)
                 yield event

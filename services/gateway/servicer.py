@@ -21,28 +21,38 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
         self.service = service
         self.settings = settings
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        job = convert.to_job(request, kind=JobKind.GENERATE, settings=self.settings, timeout_s=context.time_remaining())
-        async for job, event in self.service.run(job):
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        job = convert.to_job(
+            request, kind=JobKind.GENERATE, settings=self.settings, timeout_s=context.time_remaining()
+        )
+        async for accepted, event in self.service.run(job):
             if isinstance(event, FinalEvent):
-                return convert.generate_response(job, event.completion, now=time.time())
+                return convert.generate_response(accepted, event.completion, now=time.time())
         raise JobFailed("INTERNAL", "the job ended without an answer")
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        job = convert.to_job(request, kind=JobKind.GENERATE, settings=self.settings, timeout_s=context.time_remaining())
-        async for job, event in self.service.run(job):
+        job = convert.to_job(
+            request, kind=JobKind.GENERATE, settings=self.settings, timeout_s=context.time_remaining()
+        )
+        async for accepted, event in self.service.run(job):
             if isinstance(event, GuidanceEvent):
                 yield pb.GenerateStreamResponse(guidance=convert.guidance_update(event.guidance))
             elif isinstance(event, DeltaEvent):
                 yield pb.GenerateStreamResponse(delta=pb.TextDelta(text=event.text))
             elif isinstance(event, FinalEvent):
-                yield pb.GenerateStreamResponse(final=convert.generate_response(job, event.completion, now=time.time()))
+                yield pb.GenerateStreamResponse(
+                    final=convert.generate_response(accepted, event.completion, now=time.time())
+                )
 
     async def Guide(self, request: pb.GuideRequest, context: grpc.aio.ServicerContext) -> pb.GuideResponse:
-        job = convert.to_job(request, kind=JobKind.GUIDE, settings=self.settings, timeout_s=context.time_remaining())
-        async for job, event in self.service.run(job):
+        job = convert.to_job(
+            request, kind=JobKind.GUIDE, settings=self.settings, timeout_s=context.time_remaining()
+        )
+        async for accepted, event in self.service.run(job):
             if isinstance(event, FinalEvent):
-                return convert.guide_response(job, event.completion.guidance, now=time.time())
+                return convert.guide_response(accepted, event.completion.guidance, now=time.time())
         raise JobFailed("INTERNAL", "the job ended without guidance")

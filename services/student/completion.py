@@ -106,7 +106,9 @@ def _publish_delta(publisher: SyncEventPublisher, job: Job, delta: str, *, offse
     """Publish a delta (if any) and return whether the client cancelled, in one round trip."""
     if not delta:
         return publisher.cancelled(job.id)
-    return publisher.publish(job.id, DeltaEvent(text=delta, offset=offset, attempt=attempt), check_cancel=True)
+    return publisher.publish(
+        job.id, DeltaEvent(text=delta, offset=offset, attempt=attempt), check_cancel=True
+    )
 
 
 def _finish_with_error(publisher: SyncEventPublisher, job: Job, code: str, message: str) -> None:

@@ -13,20 +13,32 @@ class StudentSettings(CommonSettings):
     """Which student model, and the limits a job runs under."""
 
     student_model: str = Field(
-        default="smollm2-135m-instruct", min_length=1, description="Bundled alias, Hugging Face id or directory."
+        default="smollm2-135m-instruct",
+        min_length=1,
+        description="Bundled alias, Hugging Face id or directory.",
     )
     student_device: str = Field(default="cpu", description="torch device.")
-    student_dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights dtype.")
+    student_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights dtype."
+    )
     student_task_time_limit_s: int = Field(
-        default=300, ge=60, description="Hard limit of one job; the soft limit (job fails cleanly) is 30 s less."
+        default=300,
+        ge=60,
+        description="Hard limit of one job; the soft limit (job fails cleanly) is 30 s less.",
     )
     student_max_attempts: int = Field(
         default=3, ge=1, le=20, description="Deliveries of one job (worker deaths included) before it fails."
     )
-    student_concurrency: int = Field(default=1, ge=1, le=64, description="Worker processes per `gkt student`.")
+    student_concurrency: int = Field(
+        default=1, ge=1, le=64, description="Worker processes per `gkt student`."
+    )
     student_metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus port (0 = off).")
-    student_warmup: bool = Field(default=True, description="Run one tiny generation at start so job 1 is not slow.")
-    torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads per process (0 = default).")
+    student_warmup: bool = Field(
+        default=True, description="Run one tiny generation at start so job 1 is not slow."
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="torch intra-op threads per process (0 = default)."
+    )
 
     @property
     def soft_time_limit_s(self) -> int:

@@ -8,12 +8,11 @@ import socket
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
-from redis import Redis
 
 from gkt.decoding import Sampler, decode_steps
 from gkt.jobs import ErrorEvent, Guidance, Job
 from gkt.models import LoadedModel, load_model
-from gkt.queue import STUDENT_TASK, Keys, SyncEventPublisher
+from gkt.queue import STUDENT_TASK, Keys, SyncEventPublisher, connect
 from services.student.celery_app import app, settings
 from services.student.completion import run_job
 from services.student.settings import StudentSettings
@@ -41,7 +40,7 @@ def prepare(student_settings: StudentSettings) -> tuple[LoadedModel, SyncEventPu
             next(steps)
         _state["lm"] = lm
         _state["publisher"] = SyncEventPublisher(
-            Redis.from_url(student_settings.redis_url),
+            connect(student_settings.redis_url),
             keys=Keys(student_settings.key_prefix),
             ttl_s=student_settings.job_ttl_s,
         )
@@ -56,7 +55,11 @@ def complete(job_json: str, guidance_json: str) -> None:
     guidance = Guidance.model_validate_json(guidance_json)
     lm, publisher = prepare(settings)
     try:
-        run_job(lm=lm, job=job, guidance=guidance, publisher=publisher, max_attempts=settings.student_max_attempts)
+        run_job(
+            lm=lm, job=job, guidance=guidance, publisher=publisher, max_attempts=settings.student_max_attempts
+        )
     except SoftTimeLimitExceeded:
         log.warning("student job hit its time limit", extra={"job_id": job.id})
-        publisher.publish_final(job.id, ErrorEvent(code="DEADLINE_EXCEEDED", message="the student's time limit passed"))
+        publisher.publish_final(
+            job.id, ErrorEvent(code="DEADLINE_EXCEEDED", message="the student's time limit passed")
+        )

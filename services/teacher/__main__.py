@@ -7,11 +7,11 @@ import logging
 import signal
 
 import torch
-from redis.asyncio import Redis
 
 from gkt.dispatch import dispatch_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
+from gkt.queue import connect_async
 from services.teacher.backends import build_backend
 from services.teacher.settings import TeacherSettings
 from services.teacher.worker import TeacherWorker
@@ -24,7 +24,7 @@ async def serve(settings: TeacherSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
     backend = build_backend(settings)
     await backend.start()
-    redis = Redis.from_url(settings.redis_url)
+    redis = connect_async(settings.redis_url)
     celery = student_client(broker_url=settings.redis_url)
     worker = TeacherWorker(
         settings=settings,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gkt.jobs import Job
-from gkt.queue import TEACHER_GROUP, Keys
+from gkt.queue import MAX_BLOCK_MS, TEACHER_GROUP, Keys
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,21 @@ async def claim_stale(
 
     Returns the deliveries, unreadable ids, and how many times each entry has been delivered.
     """
-    _cursor, claimed, *_deleted = await redis.xautoclaim(
+    reply: Any = await redis.xautoclaim(
         keys.queries, TEACHER_GROUP, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
     )
+    claimed = reply[1]
     batch: list[Delivery] = []
     broken: list[str] = []
     _parse(claimed, batch, broken)
     counts: dict[str, int] = {}
     if batch:
-        pending = await redis.xpending_range(
-            keys.queries, TEACHER_GROUP, min=batch[0].entry_id, max=batch[-1].entry_id, count=len(claimed) + 16
+        pending: Any = await redis.xpending_range(
+            keys.queries,
+            TEACHER_GROUP,
+            min=batch[0].entry_id,
+            max=batch[-1].entry_id,
+            count=len(claimed) + 16,
         )
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
     return batch, broken, counts
@@ -77,21 +83,25 @@ async def _read(
     batch: list[Delivery],
     broken: list[str],
 ) -> None:
-    reply = await redis.xreadgroup(TEACHER_GROUP, consumer, {keys.queries: ">"}, count=count, block=max(block_ms, 1))
+    reply: Any = await redis.xreadgroup(
+        TEACHER_GROUP, consumer, {keys.queries: ">"}, count=count, block=min(max(block_ms, 1), MAX_BLOCK_MS)
+    )
     for _stream, entries in reply or []:
         _parse(entries, batch, broken)
 
 
-def _parse(entries: list, batch: list[Delivery], broken: list[str]) -> None:
+def _parse(entries: list[Any], batch: list[Delivery], broken: list[str]) -> None:
     now = time.time()
     for entry_id, fields in entries:
         entry = _text(entry_id)
         try:
-            batch.append(Delivery(entry_id=entry, job=Job.model_validate_json(fields[b"job"]), dequeued_at=now))
+            batch.append(
+                Delivery(entry_id=entry, job=Job.model_validate_json(fields[b"job"]), dequeued_at=now)
+            )
         except (KeyError, ValidationError, TypeError):
             log.error("unreadable query entry dropped", extra={"entry_id": entry})
             broken.append(entry)
 
 
-def _text(value: bytes | str) -> str:
+def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value

@@ -24,7 +24,7 @@ from gkt.jobs import (
     JobKind,
 )
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
-from gkt.queue import TEACHER_GROUP, Keys, ensure_group, publish_event, publish_final
+from gkt.queue import MAX_BLOCK_MS, TEACHER_GROUP, Keys, ensure_group, publish_event, publish_final
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
 from services.teacher.batching import Delivery, claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
@@ -32,7 +32,6 @@ from services.teacher.settings import TeacherSettings
 log = logging.getLogger(__name__)
 
 Dispatch = Callable[[Job, Guidance], None]
-_BLOCK_MS = 1000
 _REDIS_RETRY_S = 1.0
 
 
@@ -55,7 +54,9 @@ class TeacherWorker:
 
     async def run(self) -> None:
         await ensure_group(self.redis, keys=self.keys)
-        log.info("teacher serving", extra={"consumer": self.settings.teacher_name, "backend": self.backend.name})
+        log.info(
+            "teacher serving", extra={"consumer": self.settings.teacher_name, "backend": self.backend.name}
+        )
         while not self._stopping.is_set():
             try:
                 await self._heartbeat()
@@ -87,7 +88,9 @@ class TeacherWorker:
 
         # 3) publish guidance, dispatch one student task per job
         for delivery in live:
-            result = by_job.get(delivery.job.id, GenerationResult(text="", token_count=0, finish_reason="none"))
+            result = by_job.get(
+                delivery.job.id, GenerationResult(text="", token_count=0, finish_reason="none")
+            )
             if isinstance(result, BackendError):
                 metrics.TEACHER_BACKEND_ERRORS.labels(result.kind).inc()
                 await self._fail(delivery.job, result.code, result.message)
@@ -108,7 +111,9 @@ class TeacherWorker:
 
     async def _publish(self, job: Job, guidance: Guidance) -> None:
         ttl = self.settings.job_ttl_s
-        await publish_event(self.redis, keys=self.keys, job_id=job.id, event=GuidanceEvent(guidance=guidance), ttl_s=ttl)
+        await publish_event(
+            self.redis, keys=self.keys, job_id=job.id, event=GuidanceEvent(guidance=guidance), ttl_s=ttl
+        )
         metrics.TEACHER_GUIDANCE_TOKENS.inc(guidance.token_count)
         if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
             completion = Completion(
@@ -120,7 +125,9 @@ class TeacherWorker:
                 finish_reason=guidance.finish_reason,
                 seed=job.sampling.seed,
             )
-            await publish_final(self.redis, keys=self.keys, job_id=job.id, event=FinalEvent(completion=completion), ttl_s=ttl)
+            await publish_final(
+                self.redis, keys=self.keys, job_id=job.id, event=FinalEvent(completion=completion), ttl_s=ttl
+            )
             metrics.TEACHER_JOBS.labels("answered").inc()
             return
         self.dispatch(job, guidance)
@@ -158,7 +165,7 @@ class TeacherWorker:
             consumer=s.teacher_name,
             max_batch_size=s.teacher_max_batch_size,
             max_wait_ms=s.teacher_max_wait_ms,
-            block_ms=_BLOCK_MS,
+            block_ms=MAX_BLOCK_MS,
         )
         await self._ack(broken)
         if batch:
@@ -176,7 +183,10 @@ class TeacherWorker:
             log.error("job dead-lettered", extra={"job_id": delivery.job.id, "deliveries": count})
             metrics.TEACHER_DEAD_LETTERED.inc()
             await self.redis.xadd(
-                self.keys.dead_letters, {"job": delivery.job.model_dump_json()}, maxlen=10_000, approximate=True
+                self.keys.dead_letters,
+                {"job": delivery.job.model_dump_json()},
+                maxlen=10_000,
+                approximate=True,
             )
             await self._fail(delivery.job, "INTERNAL", f"the job failed {count} times and was dead-lettered")
             await self._ack([delivery.entry_id])

@@ -24,7 +24,9 @@ TINY_STACK_ENV = {
 
 
 @pytest.fixture(scope="package")
-def tiny_stack(tiny_models: tuple[Path, Path], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def tiny_stack(
+    tiny_models: tuple[Path, Path], redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     teacher, student = tiny_models
     env = {**TINY_STACK_ENV, "GKT_TEACHER_MODEL": str(teacher), "GKT_STUDENT_MODEL": str(student),
            "GKT_KEY_PREFIX": "e2e"}  # fmt: skip

@@ -17,8 +17,17 @@ from services.stack import Stack
 TIMEOUT = 60
 
 
-def _request(query: str, *, seed: int, temperature: float, top_p: float = 0.95, top_k: int = 0,
-             max_new_tokens: int = 12, guidance_tokens: int = 6, task: int = pb.TASK_GSM8K) -> pb.GenerateRequest:
+def _request(
+    query: str,
+    *,
+    seed: int,
+    temperature: float,
+    top_p: float = 0.95,
+    top_k: int = 0,
+    max_new_tokens: int = 12,
+    guidance_tokens: int = 6,
+    task: pb.Task = pb.TASK_GSM8K,
+) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         query=query,
         task=task,
@@ -29,12 +38,12 @@ def _request(query: str, *, seed: int, temperature: float, top_p: float = 0.95, 
     )  # fmt: skip
 
 
-def _all_at_once(call, requests: list) -> list:  # type: ignore[no-untyped-def]
+def _all_at_once(call, requests: list) -> list:
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(lambda r: call(r, timeout=TIMEOUT), requests))
 
 
-def test_concurrent_jobs_share_a_teacher_batch_and_keep_their_own_sampling(stub) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_jobs_share_a_teacher_batch_and_keep_their_own_sampling(stub) -> None:
     requests = [
         _request("How many apples are left?", seed=7, temperature=0.9, top_k=20),
         _request("How many pears are left?", seed=7, temperature=0.9, top_k=20),
@@ -58,7 +67,7 @@ def test_concurrent_jobs_share_a_teacher_batch_and_keep_their_own_sampling(stub)
         assert 1 <= reply.usage.completion_tokens <= 12 or reply.finish_reason == "eos"
 
 
-def test_greedy_guidance_is_the_same_alone_and_in_a_padded_batch(stub) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_guidance_is_the_same_alone_and_in_a_padded_batch(stub) -> None:
     def guide(query: str) -> pb.GuideRequest:
         return pb.GuideRequest(query=query, task=pb.TASK_FREEFORM,
                                guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=10))  # fmt: skip
@@ -66,14 +75,18 @@ def test_greedy_guidance_is_the_same_alone_and_in_a_padded_batch(stub) -> None: 
     target = "Why do leaves change colour in autumn?"
     alone = stub.Guide(guide(target), timeout=TIMEOUT)
     assert alone.timings.teacher_batch_size == 1
-    mates = ["Hi?", "A much longer question about trees in a grove and how many the workers plant today?", "x"]
+    mates = [
+        "Hi?",
+        "A much longer question about trees in a grove and how many the workers plant today?",
+        "x",
+    ]
     batched = _all_at_once(stub.Guide, [guide(q) for q in [mates[0], target, mates[1], mates[2]]])
     assert batched[1].timings.teacher_batch_size >= 2
     assert batched[1].guidance == alone.guidance
     assert batched[1].guidance_tokens == alone.guidance_tokens == 10
 
 
-def test_guide_returns_guidance_without_running_a_student(stub) -> None:  # type: ignore[no-untyped-def]
+def test_guide_returns_guidance_without_running_a_student(stub) -> None:
     reply = stub.Guide(
         pb.GuideRequest(query="Give me a hint", guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_HINT,
                                                                            max_guidance_tokens=4)),
@@ -85,7 +98,7 @@ def test_guide_returns_guidance_without_running_a_student(stub) -> None:  # type
     assert reply.timings.teacher_ms > 0
 
 
-def test_stream_delivers_guidance_first_then_deltas_then_the_final_answer(stub) -> None:  # type: ignore[no-untyped-def]
+def test_stream_delivers_guidance_first_then_deltas_then_the_final_answer(stub) -> None:
     events = list(stub.GenerateStream(_request("Count the trees", seed=3, temperature=0.7, max_new_tokens=16),
                                       timeout=TIMEOUT))  # fmt: skip
     kinds = [e.WhichOneof("event") for e in events]
@@ -98,7 +111,7 @@ def test_stream_delivers_guidance_first_then_deltas_then_the_final_answer(stub) 
     assert final.text.startswith(final.guidance)
 
 
-def test_mode_none_is_the_student_alone_and_full_is_the_teacher_alone(stub) -> None:  # type: ignore[no-untyped-def]
+def test_mode_none_is_the_student_alone_and_full_is_the_teacher_alone(stub) -> None:
     none = stub.Generate(
         pb.GenerateRequest(query="What is 2 + 2?", guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_NONE),
                            sampling=pb.SamplingParams(temperature=0, max_new_tokens=5)), timeout=TIMEOUT)  # fmt: skip
@@ -115,7 +128,7 @@ def test_mode_none_is_the_student_alone_and_full_is_the_teacher_alone(stub) -> N
     assert full.usage.guidance_tokens <= 7
 
 
-def test_retrying_with_the_same_request_id_returns_the_same_job(stub) -> None:  # type: ignore[no-untyped-def]
+def test_retrying_with_the_same_request_id_returns_the_same_job(stub) -> None:
     request = _request("Idempotent?", seed=5, temperature=0.8)
     request.request_id = "retry-test-1"
     first = stub.Generate(request, timeout=TIMEOUT)
@@ -132,13 +145,13 @@ def test_retrying_with_the_same_request_id_returns_the_same_job(stub) -> None:  
         (pb.GenerateRequest(query="q", sampling=pb.SamplingParams(top_p=0)), "sampling.top_p"),
         (pb.GenerateRequest(query="q", sampling=pb.SamplingParams(max_new_tokens=0)), "sampling.max_new_tokens"),
         (pb.GenerateRequest(query="q", sampling=pb.SamplingParams(stop=[""])), "sampling.stop"),
-        (pb.GenerateRequest(query="q", task=42), "task"),
+        (pb.GenerateRequest(query="q", task=42), "task"),  # type: ignore[arg-type]
         (pb.GenerateRequest(query="q", guidance=pb.GuidanceParams(max_guidance_tokens=0)),
          "guidance.max_guidance_tokens"),
         (pb.GenerateRequest(query="q", request_id="bad id!"), "request_id"),
     ],
 )  # fmt: skip
-def test_invalid_requests_name_the_field(stub, request_, field: str) -> None:  # type: ignore[no-untyped-def]
+def test_invalid_requests_name_the_field(stub, request_, field: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request_, timeout=TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -150,7 +163,7 @@ def test_invalid_requests_name_the_field(stub, request_, field: str) -> None:  #
     assert bad_request.field_violations[0].field == field
 
 
-def test_deadline_exceeded_when_the_client_deadline_is_too_short(stub) -> None:  # type: ignore[no-untyped-def]
+def test_deadline_exceeded_when_the_client_deadline_is_too_short(stub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(_request("slow", seed=1, temperature=0.5, max_new_tokens=64), timeout=0.05)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -20,7 +20,7 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, *, model: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
-        self._spec = {"name": model, "cache_dir": cache_dir, "device": device, "dtype": dtype}
+        self._model, self._cache_dir, self._device, self._dtype = model, cache_dir, device, dtype
         self._lm: LoadedModel | None = None
 
     @classmethod
@@ -31,16 +31,26 @@ class LocalBackend:
 
     async def start(self) -> None:
         if self._lm is None:
-            self._lm = await asyncio.to_thread(load_model, **self._spec)
+            self._lm = await asyncio.to_thread(
+                load_model,
+                name=self._model,
+                cache_dir=self._cache_dir,
+                device=self._device,
+                dtype=self._dtype,
+            )
 
-    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BackendError]:
+    async def generate_batch(
+        self, requests: Sequence[GenerationRequest]
+    ) -> list[GenerationResult | BackendError]:
         if not requests:
             return []
         try:
             results = await asyncio.to_thread(self.generate_sync, requests)
         except Exception as exc:  # a failed forward pass fails the whole batch it ran
             log.exception("local teacher generation failed")
-            return [BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")] * len(requests)
+            return [BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")] * len(
+                requests
+            )
         return list(results)
 
     def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

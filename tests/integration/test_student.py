@@ -1,0 +1,83 @@
+"""A student job against a real Redis: deltas, final answer, stop strings, cancellation, redelivery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
+from gkt.models import LoadedModel, load_model
+from gkt.queue import Keys, SyncEventPublisher
+from services.student.completion import run_job
+
+KEYS = Keys("stest")
+GUIDANCE = Guidance(text="There are 15 trees", token_count=4, published_at=1.0)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model(name=str(tiny_models[1]), cache_dir=tmp_path_factory.mktemp("c"))
+
+
+@pytest.fixture
+def publisher(redis: Redis) -> SyncEventPublisher:
+    return SyncEventPublisher(redis, keys=KEYS, ttl_s=600)
+
+
+def _events(redis: Redis, job: Job) -> list[object]:
+    from gkt.jobs import decode_event
+
+    return [decode_event(fields[b"e"]) for _, fields in redis.xrange(KEYS.events(job.id))]
+
+
+def _job(**sampling: object) -> Job:
+    params = SamplingParams(**{"temperature": 0.9, "max_new_tokens": 12, "seed": 3, **sampling})  # type: ignore[arg-type]
+    return Job(query="How many trees?", guidance=GuidanceSpec(max_tokens=4), sampling=params)
+
+
+def test_deltas_add_up_to_the_final_text_which_continues_the_guidance(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    job = _job()
+    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    events = _events(redis, job)
+    final = events[-1]
+    assert isinstance(final, FinalEvent)
+    deltas = "".join(e.text for e in events if isinstance(e, DeltaEvent))
+    assert final.completion.text == GUIDANCE.text + deltas
+    assert final.completion.completion_tokens <= 12
+    assert final.completion.seed == 3
+
+
+def test_a_redelivered_job_that_was_answered_is_not_answered_twice(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    job = _job()
+    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    first = len(_events(redis, job))
+    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    assert len(_events(redis, job)) == first
+    assert sum(isinstance(e, FinalEvent) for e in _events(redis, job)) == 1
+
+
+def test_a_cancelled_job_stops_after_one_token(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    job = _job(max_new_tokens=200, temperature=1.0)
+    redis.set(KEYS.cancelled(job.id), "1")
+    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    events = _events(redis, job)
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
+    assert sum(isinstance(e, DeltaEvent) for e in events) <= 1
+
+
+def test_a_job_past_its_attempts_fails_with_an_error(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    job = _job()
+    redis.set(KEYS.attempts(job.id), 3)
+    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    events = _events(redis, job)
+    assert len(events) == 1 and isinstance(events[0], ErrorEvent) and events[0].code == "INTERNAL"

@@ -1,0 +1,138 @@
+"""The teacher against a real Redis: dynamic batching, publishing, acking, reclaiming."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis as AsyncRedis
+
+from gkt.jobs import ErrorEvent, FinalEvent, Guidance, GuidanceEvent, GuidanceMode, GuidanceSpec, Job, JobKind
+from gkt.models import load_model
+from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events
+from services.teacher.backends.local import LocalBackend
+from services.teacher.batching import claim_stale, collect_batch
+from services.teacher.settings import TeacherSettings
+from services.teacher.worker import TeacherWorker
+
+KEYS = Keys("itest")
+
+
+@pytest.fixture
+async def aredis(redis_url: str, redis) -> AsyncIterator[AsyncRedis]:  # type: ignore[no-untyped-def]
+    client = AsyncRedis.from_url(redis_url)
+    await ensure_group(client, keys=KEYS)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> LocalBackend:
+    return LocalBackend.from_loaded(
+        load_model(name=str(tiny_models[0]), cache_dir=tmp_path_factory.mktemp("c"))
+    )
+
+
+def _job(query: str, **kwargs: object) -> Job:
+    return Job(query=query, guidance=GuidanceSpec(max_tokens=4), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_batch_closes_when_full_without_waiting(aredis: AsyncRedis) -> None:
+    for i in range(5):
+        await enqueue_job(aredis, keys=KEYS, job=_job(f"q{i}"))
+    started = time.monotonic()
+    batch, broken = await collect_batch(
+        aredis, keys=KEYS, consumer="t1", max_batch_size=3, max_wait_ms=5000, block_ms=100
+    )
+    assert [d.job.query for d in batch] == ["q0", "q1", "q2"]
+    assert not broken
+    assert time.monotonic() - started < 4  # did not sit out the 5 s window
+
+
+async def test_a_batch_closes_max_wait_after_its_first_job(aredis: AsyncRedis) -> None:
+    async def late_arrivals() -> None:
+        await enqueue_job(aredis, keys=KEYS, job=_job("first"))
+        await asyncio.sleep(0.05)
+        await enqueue_job(aredis, keys=KEYS, job=_job("within the window"))
+        await asyncio.sleep(0.6)
+        await enqueue_job(aredis, keys=KEYS, job=_job("after the window"))
+
+    producer = asyncio.create_task(late_arrivals())
+    batch, _ = await collect_batch(
+        aredis, keys=KEYS, consumer="t1", max_batch_size=8, max_wait_ms=300, block_ms=2000
+    )
+    await producer
+    assert [d.job.query for d in batch] == ["first", "within the window"]
+
+
+async def test_unreadable_entries_are_reported_not_fatal(aredis: AsyncRedis) -> None:
+    await aredis.xadd(KEYS.queries, {"job": b"{not json"})
+    await enqueue_job(aredis, keys=KEYS, job=_job("fine"))
+    batch, broken = await collect_batch(
+        aredis, keys=KEYS, consumer="t1", max_batch_size=2, max_wait_ms=50, block_ms=100
+    )
+    assert [d.job.query for d in batch] == ["fine"]
+    assert len(broken) == 1
+
+
+async def test_worker_publishes_guidance_dispatches_students_and_acks(
+    aredis: AsyncRedis, backend: LocalBackend
+) -> None:
+    dispatched: list[tuple[Job, Guidance]] = []
+    worker = TeacherWorker(
+        settings=TeacherSettings(key_prefix=KEYS.prefix, teacher_temperature=0.0),
+        redis=aredis,
+        backend=backend,
+        dispatch=lambda job, guidance: dispatched.append((job, guidance)),
+    )
+    jobs = [
+        _job("cutoff job"),
+        _job("guide job", kind=JobKind.GUIDE),
+        Job(query="student alone", guidance=GuidanceSpec(mode=GuidanceMode.NONE)),
+        _job("too late", deadline=time.time() - 1),
+    ]
+    for job in jobs:
+        await enqueue_job(aredis, keys=KEYS, job=job)
+    batch, _ = await collect_batch(
+        aredis, keys=KEYS, consumer="t1", max_batch_size=8, max_wait_ms=50, block_ms=100
+    )
+    await worker.process(batch)
+
+    assert [job.query for job, _ in dispatched] == ["cutoff job", "student alone"]
+    cutoff_guidance = dispatched[0][1]
+    assert cutoff_guidance.token_count == 4 and cutoff_guidance.batch_size == 4
+    assert dispatched[1][1].text == "" and dispatched[1][1].token_count == 0
+
+    guide_events = [
+        e for _, e in await read_events(aredis, keys=KEYS, job_id=jobs[1].id, after="0", block_ms=10)
+    ]
+    assert isinstance(guide_events[0], GuidanceEvent) and isinstance(guide_events[-1], FinalEvent)
+    late_events = [
+        e for _, e in await read_events(aredis, keys=KEYS, job_id=jobs[3].id, after="0", block_ms=10)
+    ]
+    assert late_events == [
+        ErrorEvent(code="DEADLINE_EXCEEDED", message="the deadline passed while the job was queued")
+    ]
+    # acknowledged and deleted: the stream holds nothing, nothing is pending
+    assert await aredis.xlen(KEYS.queries) == 0
+    assert (await aredis.xpending(KEYS.queries, TEACHER_GROUP))["pending"] == 0
+    # every key the job created expires
+    assert 0 < await aredis.ttl(KEYS.events(jobs[1].id)) <= 3600
+
+
+async def test_jobs_of_a_dead_teacher_are_reclaimed(aredis: AsyncRedis) -> None:
+    await enqueue_job(aredis, keys=KEYS, job=_job("orphan"))
+    taken, _ = await collect_batch(
+        aredis, keys=KEYS, consumer="dead", max_batch_size=1, max_wait_ms=0, block_ms=100
+    )
+    assert taken
+    await asyncio.sleep(0.15)
+    claimed, broken, deliveries = await claim_stale(
+        aredis, keys=KEYS, consumer="alive", min_idle_ms=100, count=10
+    )
+    assert [d.job.query for d in claimed] == ["orphan"]
+    assert deliveries[claimed[0].entry_id] == 2
+    assert not broken

@@ -1,0 +1,27 @@
+"""The README documents every setting the services read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from services.gateway.settings import GatewaySettings
+from services.student.settings import StudentSettings
+from services.teacher.settings import TeacherSettings
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("settings_class", [GatewaySettings, TeacherSettings, StudentSettings])
+def test_every_setting_is_in_the_readme(settings_class: type[BaseSettings]) -> None:
+    missing = [
+        f"GKT_{name.upper()}" for name in settings_class.model_fields if f"`GKT_{name.upper()}`" not in README
+    ]
+    assert not missing
+
+
+@pytest.mark.parametrize("settings_class", [GatewaySettings, TeacherSettings, StudentSettings])
+def test_every_setting_has_a_description(settings_class: type[BaseSettings]) -> None:
+    assert all(field.description for field in settings_class.model_fields.values())
