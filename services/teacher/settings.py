@@ -15,7 +15,8 @@ class TeacherSettings(CommonSettings):
     """How the teacher batches, which backend it calls, and its default sampling."""
 
     teacher_backend: Literal["local", "tgi", "openai"] = Field(
-        default="local", description="local: in-process transformers; tgi / openai: a remote inference server."
+        default="local",
+        description="local: in-process transformers; tgi / openai: a remote inference server.",
     )
     teacher_model: str = Field(
         default="gemma-3-270m", min_length=1, description="Bundled alias, Hugging Face id or local directory."
@@ -28,13 +29,18 @@ class TeacherSettings(CommonSettings):
     teacher_max_wait_ms: int = Field(
         default=20, ge=0, le=10_000, description="A batch closes this long after its first job arrived."
     )
-    teacher_temperature: float = Field(default=0.8, ge=0.0, le=5.0, description="Teacher sampling (0 = greedy).")
+    teacher_temperature: float = Field(
+        default=0.8, ge=0.0, le=5.0, description="Teacher sampling (0 = greedy)."
+    )
     teacher_top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
     teacher_claim_idle_ms: int = Field(
         default=60_000, ge=1_000, description="Jobs a teacher held this long without acking are reclaimed."
     )
     teacher_max_deliveries: int = Field(
-        default=3, ge=1, le=100, description="A job delivered this many times without success is dead-lettered."
+        default=3,
+        ge=1,
+        le=100,
+        description="A job delivered this many times without success is dead-lettered.",
     )
     teacher_name: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",

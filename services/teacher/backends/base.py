@@ -54,7 +54,9 @@ class TeacherBackend(Protocol):
     async def start(self) -> None:
         """Connect / load, and refuse settings the model cannot honour (raise ValueError)."""
 
-    async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult | BackendError]:
+    async def generate_batch(
+        self, requests: Sequence[GenerationRequest]
+    ) -> list[GenerationResult | BackendError]:
         """Generate for every request; one failed request never fails its batch-mates."""
         ...
 
