@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -29,7 +30,8 @@ def publisher(redis: Redis) -> SyncEventPublisher:
 def _events(redis: Redis, job: Job) -> list[object]:
     from gkt.jobs import decode_event
 
-    return [decode_event(fields[b"e"]) for _, fields in redis.xrange(KEYS.events(job.id))]
+    entries: Any = redis.xrange(KEYS.events(job.id))
+    return [decode_event(fields[b"e"]) for _, fields in entries]
 
 
 def _job(**sampling: object) -> Job:

@@ -22,7 +22,7 @@ KEYS = Keys("itest")
 
 
 @pytest.fixture
-async def aredis(redis_url: str, redis) -> AsyncIterator[AsyncRedis]:  # type: ignore[no-untyped-def]
+async def aredis(redis_url: str, redis: object) -> AsyncIterator[AsyncRedis]:
     client = AsyncRedis.from_url(redis_url)
     await ensure_group(client, keys=KEYS)
     yield client

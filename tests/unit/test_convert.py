@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gkt.errors import InvalidArgument
-from gkt.jobs import GuidanceMode, JobKind, Task
+from gkt.jobs import GuidanceMode, Job, JobKind, Task
 from gkt.v1 import guidance_pb2 as pb
 from services.gateway.convert import TASK_DEFAULTS, to_job
 from services.gateway.settings import GatewaySettings
@@ -13,7 +13,7 @@ from services.gateway.settings import GatewaySettings
 SETTINGS = GatewaySettings()
 
 
-def _job(request: pb.GenerateRequest | pb.GuideRequest, kind: JobKind = JobKind.GENERATE):  # type: ignore[no-untyped-def]
+def _job(request: pb.GenerateRequest | pb.GuideRequest, kind: JobKind = JobKind.GENERATE) -> Job:
     return to_job(request, kind=kind, settings=SETTINGS, timeout_s=10.0)
 
 

@@ -19,7 +19,7 @@ GUIDANCE = Guidance(
 
 
 def test_every_event_kind_round_trips() -> None:
-    events = [
+    events: list[GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent] = [
         GuidanceEvent(guidance=GUIDANCE),
         DeltaEvent(text=" originally", offset=0, attempt=2),
         FinalEvent(
