@@ -29,6 +29,11 @@ class TeacherSettings(CommonSettings):
     teacher_max_wait_ms: int = Field(
         default=20, ge=0, le=10_000, description="A batch closes this long after its first job arrived."
     )
+    teacher_max_guidance_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Longest guidance the teacher must produce; checked against the model's limits at start-up.",
+    )
     teacher_temperature: float = Field(
         default=0.8, ge=0.0, le=5.0, description="Teacher sampling (0 = greedy)."
     )

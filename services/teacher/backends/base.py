@@ -54,6 +54,9 @@ class TeacherBackend(Protocol):
     async def start(self) -> None:
         """Connect / load, and refuse settings the model cannot honour (raise ValueError)."""
 
+    def check_limits(self, *, max_new_tokens: int) -> None:
+        """After start(): raise ValueError (naming the values) if guidance this long cannot be generated."""
+
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]
     ) -> list[GenerationResult | BackendError]:

@@ -39,6 +39,13 @@ class LocalBackend:
                 dtype=self._dtype,
             )
 
+    def check_limits(self, *, max_new_tokens: int) -> None:
+        context = getattr(self._loaded().model.config, "max_position_embeddings", None)
+        if context is not None and max_new_tokens >= context:
+            raise ValueError(
+                f"guidance of {max_new_tokens} tokens leaves no room for a prompt: the model's context is {context}"
+            )
+
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]
     ) -> list[GenerationResult | BackendError]:
