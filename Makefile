@@ -36,7 +36,7 @@ proto: $(PROTO_OUT)  ## generate the gRPC stubs into gkt/v1 (git-ignored)
 lint: setup  ## ruff (check + format --check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy gkt services tests
+	$(VENV)/bin/mypy gkt services tests scripts
 
 test: lint k8s-validate  ## lint, manifests, and the whole test suite
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
@@ -62,7 +63,10 @@ def serve_metrics(*, port: int) -> None:
     """Expose /metrics on `port` (0 = off); in multiprocess mode, aggregate every process's files."""
     if port == 0:
         return
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Files of an earlier run (a restarted container keeps its emptyDir) would be summed in.
+        for stale in Path(multiproc_dir).glob("*.db"):
+            stale.unlink()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         start_http_server(port, registry=registry)

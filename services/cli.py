@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("demo", help="start the stack on the bundled models, ask three questions, stop")
     commands.add_parser("up", help="start the stack in the background (state in .gkt/)")
     commands.add_parser("down", help="stop the stack `gkt up` started")
+    hash_key = commands.add_parser(
+        "hash-key", help="print the line for an API key in GKT_GATEWAY_API_KEYS_FILE"
+    )
+    hash_key.add_argument("key")
     probe = commands.add_parser("probe", help="liveness check for Kubernetes probes")
     probe.add_argument("role", choices=["teacher"])
     args = parser.parse_args(argv)
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         _up()
     elif args.command == "down":
         _down()
+    elif args.command == "hash-key":
+        from services.gateway.auth import hash_key as hash_api_key
+
+        print(hash_api_key(args.key))
     elif args.command == "probe":
         sys.exit(_probe_teacher())
 
@@ -75,6 +83,9 @@ def _add_ask_arguments(ask: argparse.ArgumentParser) -> None:
     ask.add_argument("--seed", type=int)
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    ask.add_argument(
+        "--api-key", default=os.environ.get("GKT_API_KEY"), help="sent as a Bearer token (GKT_API_KEY)"
+    )
 
 
 def _request(args: argparse.Namespace):
@@ -105,9 +116,10 @@ def _ask(args: argparse.Namespace) -> int:
 
     with grpc.insecure_channel(args.addr) as channel:
         stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
+        metadata = (("authorization", f"Bearer {args.api_key}"),) if getattr(args, "api_key", None) else None
         try:
             if args.stream:
-                for event in stub.GenerateStream(_request(args), timeout=args.timeout):
+                for event in stub.GenerateStream(_request(args), timeout=args.timeout, metadata=metadata):
                     if event.HasField("guidance"):
                         print(f"[guidance] {event.guidance.guidance}\n[answer] ", end="", flush=True)
                         print(event.guidance.guidance, end="", flush=True)
@@ -117,7 +129,7 @@ def _ask(args: argparse.Namespace) -> int:
                         print()
                         _print_final(event.final)
             else:
-                _print_reply(stub.Generate(_request(args), timeout=args.timeout))
+                _print_reply(stub.Generate(_request(args), timeout=args.timeout, metadata=metadata))
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

@@ -15,14 +15,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import metrics
-from gkt.errors import GktError, InvalidArgument
+from gkt.errors import GktError, InvalidArgument, Unauthenticated
+from services.gateway.auth import ApiKeys
 
 log = logging.getLogger(__name__)
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Maps GktError to its status (with BadRequest details), Redis outages to UNAVAILABLE,
-    anything else to INTERNAL without a trace; records request metrics."""
+    """Checks API keys (when configured), maps GktError to its status (with BadRequest details),
+    Redis outages to UNAVAILABLE, anything else to INTERNAL without a trace; records request metrics."""
+
+    def __init__(self, *, api_keys: ApiKeys | None = None) -> None:
+        self.api_keys = api_keys
 
     async def intercept_service(
         self,
@@ -33,6 +37,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
             return handler
         rpc = handler_call_details.method.rsplit("/", 1)[-1]
+        if self.api_keys is not None:
+            try:
+                self.api_keys.check(handler_call_details.invocation_metadata)
+            except Unauthenticated as exc:
+                metrics.GATEWAY_REJECTED.labels("unauthenticated").inc()
+                return _refuse(exc, unary=bool(handler.unary_unary))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(rpc, handler.unary_unary),
@@ -46,6 +56,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _refuse(exc: Unauthenticated, *, unary: bool) -> grpc.RpcMethodHandler:
+    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+
+    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        yield  # pragma: no cover  (makes this an async generator)
+
+    if unary:
+        return grpc.unary_unary_rpc_method_handler(abort)
+    return grpc.unary_stream_rpc_method_handler(abort_stream)
 
 
 def _wrap_unary(rpc: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

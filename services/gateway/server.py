@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from gkt.queue import connect_async
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
+from services.gateway.auth import ApiKeys
 from services.gateway.interceptors import ErrorMappingInterceptor
 from services.gateway.service import GatewayService
 from services.gateway.servicer import GuidanceServicer
@@ -28,7 +29,10 @@ class Gateway:
         self.settings = settings
         self.redis = connect_async(settings.redis_url)
         self.service = GatewayService(settings=settings, redis=self.redis)
-        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
+        api_keys = (
+            ApiKeys.from_file(settings.gateway_api_keys_file) if settings.gateway_api_keys_file else None
+        )
+        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(api_keys=api_keys)])
         guidance_pb2_grpc.add_GuidanceServiceServicer_to_server(
             GuidanceServicer(service=self.service, settings=settings), self.server
         )

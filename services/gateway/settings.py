@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from gkt.config import CommonSettings
@@ -11,6 +13,10 @@ class GatewaySettings(CommonSettings):
     """Where the gateway listens, what it accepts, and when it pushes back."""
 
     gateway_addr: str = Field(default="127.0.0.1:50051", min_length=3, description="gRPC listen address.")
+    gateway_api_keys_file: Path | None = Field(
+        default=None,
+        description="File of accepted API key hashes (`gkt hash-key`); unset: no authentication.",
+    )
     gateway_metrics_port: int = Field(default=9101, ge=0, le=65535, description="Prometheus port (0 = off).")
     gateway_max_queue_depth: int = Field(
         default=1000,
