@@ -6,7 +6,7 @@ Steps, in order; every problem is reported, and any problem makes the exit statu
 3. Each rendered object against the Kubernetes OpenAPI schema of one pinned version, strictly
    (unknown fields fail), with the schemas the `kubernetes-validate` package bundles: no network.
 4. Custom resources against the project's own schemas in k8s/schemas/ (the fields we use) and, when
-   ../shared/ref/crds/ exists next to the repo, against those upstream CRDs' openAPIV3Schema too.
+   the upstream CRDs exist ($GKT_SHARED_REF_DIR/crds, default ../shared/ref/crds), against those upstream CRDs' openAPIV3Schema too.
 5. Project rules no schema can state: hardened, probed, sized workloads; students that outlive
    their task time limit on shutdown; autoscaler targets, Services and PDBs that select something.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from yamllint.config import YamlLintConfig
 REPO = Path(__file__).resolve().parents[1]
 # The oldest Kubernetes minor the manifests support; kubernetes-validate bundles 1.25 to 1.37.
 KUBERNETES_VERSION = "1.32"
-DEFAULT_CRD_DIR = REPO.parent / "shared" / "ref" / "crds"
+DEFAULT_CRD_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or REPO.parent / "shared" / "ref") / "crds"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 AUTOSCALER_KINDS = ("ScaledObject", "HorizontalPodAutoscaler")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import socket
 import threading
@@ -27,7 +28,7 @@ from typing import Any, Literal, cast
 import pytest
 from openapi_schema_validator import OAS30Validator
 
-REF_DIR = Path(__file__).parents[2].parent / "shared" / "ref"
+REF_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or Path(__file__).parents[2].parent / "shared" / "ref")
 OPENAPI_FILE = REF_DIR / "tgi-openapi.json"
 
 DEFAULT_INFO: dict[str, Any] = {
@@ -427,7 +428,7 @@ class PublishedApi:
 
     @classmethod
     def load(cls) -> PublishedApi:
-        """Read the document from ../shared/ref, or skip the calling test with the reason."""
+        """Read the document from $GKT_SHARED_REF_DIR (default ../shared/ref), or skip the calling test with the reason."""
         if not OPENAPI_FILE.is_file():
             pytest.skip(
                 f"TGI's OpenAPI document is not at {OPENAPI_FILE}: without it the fake server cannot be "
