@@ -76,7 +76,8 @@ class Job(_Frozen):
     enqueued_at: float = Field(default_factory=time.time)
     deadline: float | None = None
     """Absolute epoch seconds after which nobody is waiting for the answer."""
-    trace: dict[str, str] = Field(default_factory=dict)
+    traceparent: str = Field(default="", pattern=r"^(|[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})$")
+    """W3C trace context of the gateway's span, so teacher and student spans join the job's trace."""
 
     def expired(self, now: float | None = None) -> bool:
         return self.deadline is not None and (now if now is not None else time.time()) > self.deadline

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from gkt import tracing
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
 from services.gateway.server import Gateway
@@ -30,6 +31,7 @@ async def serve(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(level=settings.log_level, service="gateway")
+    tracing.configure(tracing.TracingSettings(), service="gateway")
     log.info("settings %s", settings.describe())
     asyncio.run(serve(settings))
 

@@ -1,10 +1,15 @@
-"""One place where errors become gRPC statuses, and where RPCs are counted and timed."""
+"""The gateway's interceptors: one counts, times and traces every API call; one maps errors to statuses.
+
+py-grpc-prometheus does not support grpc.aio, hence a small interceptor of our own. Server order:
+[MetricsInterceptor(), ErrorMappingInterceptor(...)], so the metrics see the final status code.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -14,19 +19,112 @@ from grpc_status import rpc_status
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gkt import metrics
-from gkt.errors import GktError, InvalidArgument, Unauthenticated
-from services.gateway.auth import ApiKeys
+from gkt import logs, metrics, tracing
+from gkt.errors import GktError, InvalidArgument
 
 log = logging.getLogger(__name__)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Checks API keys (when configured), maps GktError to its status (with BadRequest details),
-    Redis outages to UNAVAILABLE, anything else to INTERNAL without a trace; records request metrics."""
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts (by RPC and status code), times and traces each `gkt.v1` call; tracks calls in flight.
 
-    def __init__(self, *, api_keys: ApiKeys | None = None) -> None:
-        self.api_keys = api_keys
+    Health checks and reflection are left out. Each call's request_id goes on its log lines.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith("/gkt.v1."):
+            return handler
+        call = _Call(rpc=method.rsplit("/", 1)[-1], span=method.lstrip("/"), details=handler_call_details)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                call.unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                call.stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+class _Call:
+    """Wraps one RPC method's behaviour with its metrics, its span and its log context."""
+
+    def __init__(self, *, rpc: str, span: str, details: grpc.HandlerCallDetails) -> None:
+        self.rpc = rpc
+        self.span = span
+        self.details = details
+
+    def unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            metrics.GATEWAY_IN_FLIGHT.labels(self.rpc).inc()
+            code = grpc.StatusCode.OK
+            try:
+                with self._scope(request):
+                    return await behaviour(request, context)
+            except BaseException:
+                code = _final_code(context)
+                raise
+            finally:
+                _record(self.rpc, code, started)
+
+        return wrapper
+
+    def stream(self, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            metrics.GATEWAY_IN_FLIGHT.labels(self.rpc).inc()
+            code = grpc.StatusCode.OK
+            try:
+                with self._scope(request):
+                    async for reply in behaviour(request, context):
+                        yield reply
+            except BaseException:
+                code = _final_code(context)
+                raise
+            finally:
+                _record(self.rpc, code, started)
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def _scope(self, request: Any) -> Iterator[None]:
+        with (
+            logs.job_context(request_id=str(getattr(request, "request_id", ""))[:128]),
+            tracing.rpc_span(self.span, metadata=self.details.invocation_metadata),
+        ):
+            yield
+
+
+def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an RPC that raised ends with: the one it aborted with, else CANCELLED or UNKNOWN."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+
+
+def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
+    metrics.GATEWAY_IN_FLIGHT.labels(rpc).dec()
+    metrics.GATEWAY_REQUESTS.labels(rpc, code.name).inc()
+    metrics.GATEWAY_LATENCY.labels(rpc).observe(time.perf_counter() - started)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps GktError to its status (with BadRequest details), Redis outages to UNAVAILABLE, anything
+    else to INTERNAL without a trace."""
 
     async def intercept_service(
         self,
@@ -36,78 +134,42 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
             return handler
-        rpc = handler_call_details.method.rsplit("/", 1)[-1]
-        if self.api_keys is not None:
-            try:
-                self.api_keys.check(handler_call_details.invocation_metadata)
-            except Unauthenticated as exc:
-                metrics.GATEWAY_REJECTED.labels("unauthenticated").inc()
-                return _refuse(exc, unary=bool(handler.unary_unary))
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(rpc, handler.unary_unary),
+                _wrap_unary(handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(rpc, handler.unary_stream),
+                _wrap_stream(handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
 
 
-def _refuse(exc: Unauthenticated, *, unary: bool) -> grpc.RpcMethodHandler:
-    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
-
-    async def abort_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
-        yield  # pragma: no cover  (makes this an async generator)
-
-    if unary:
-        return grpc.unary_unary_rpc_method_handler(abort)
-    return grpc.unary_stream_rpc_method_handler(abort_stream)
-
-
-def _wrap_unary(rpc: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
-        metrics.GATEWAY_IN_FLIGHT.labels(rpc).inc()
-        code = grpc.StatusCode.OK
         try:
             return await behaviour(request, context)
         except Exception as exc:
             code, message = _status_of(exc)
             await _abort(exc, code, message, context)
-        finally:
-            _record(rpc, code, started)
 
     return wrapper
 
 
-def _wrap_stream(rpc: str, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        started = time.perf_counter()
-        metrics.GATEWAY_IN_FLIGHT.labels(rpc).inc()
-        code = grpc.StatusCode.OK
         try:
             async for reply in behaviour(request, context):
                 yield reply
         except Exception as exc:
             code, message = _status_of(exc)
             await _abort(exc, code, message, context)
-        finally:
-            _record(rpc, code, started)
 
     return wrapper
-
-
-def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
-    metrics.GATEWAY_IN_FLIGHT.labels(rpc).dec()
-    metrics.GATEWAY_REQUESTS.labels(rpc, code.name).inc()
-    metrics.GATEWAY_LATENCY.labels(rpc).observe(time.perf_counter() - started)
 
 
 async def _abort(

@@ -8,6 +8,7 @@ import signal
 
 import torch
 
+from gkt import tracing
 from gkt.dispatch import dispatch_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
@@ -48,6 +49,7 @@ async def serve(settings: TeacherSettings) -> None:
 def main() -> None:
     settings = TeacherSettings()
     configure_logging(level=settings.log_level, service="teacher")
+    tracing.configure(tracing.TracingSettings(), service="teacher")
     log.info("settings %s", settings.describe())
     asyncio.run(serve(settings))
 

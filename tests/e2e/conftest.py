@@ -36,6 +36,7 @@ def tiny_stack(
         redis_url=redis_url.rsplit("/", 1)[0] + "/1",  # apart from the integration tests' db 0
         students=2,
         gateway_addr=f"127.0.0.1:{free_port()}",
+        free_metrics_ports=True,  # tests/e2e/test_metrics.py scrapes them: stack.metrics_ports
     )
     stack.start(timeout_s=180)
     yield stack

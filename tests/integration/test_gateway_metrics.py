@@ -1,0 +1,48 @@
+"""The gateway's queue gauges against a real Redis: depth, and the age of the oldest job."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prometheus_client import REGISTRY
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from gkt.jobs import Job
+from gkt.queue import Keys, enqueue_job
+from services.gateway.service import GatewayService
+from services.gateway.settings import GatewaySettings
+
+KEYS = Keys("gmetrics")
+
+
+async def _sample(redis_url: str) -> None:
+    """Let the gateway's queue sampler run a few rounds."""
+    aredis = AsyncRedis.from_url(redis_url)
+    settings = GatewaySettings(redis_url=redis_url, key_prefix=KEYS.prefix, gateway_metrics_port=0)
+    sampler = asyncio.create_task(
+        GatewayService(settings=settings, redis=aredis).sample_queues(interval_s=0.05)
+    )
+    await asyncio.sleep(0.3)
+    sampler.cancel()
+    await aredis.aclose()
+
+
+async def test_the_sampler_reports_depth_and_the_oldest_jobs_age(redis_url: str, redis: Redis) -> None:
+    aredis = AsyncRedis.from_url(redis_url)
+    await enqueue_job(aredis, keys=KEYS, job=Job(query="first"))
+    await asyncio.sleep(1.2)  # no teacher: the first job ages
+    await enqueue_job(aredis, keys=KEYS, job=Job(query="second"))
+    await aredis.aclose()
+
+    started = time.monotonic()
+    await _sample(redis_url)
+    age = REGISTRY.get_sample_value("gkt_gateway_oldest_job_age_seconds")
+    assert REGISTRY.get_sample_value("gkt_gateway_queue_depth") == 2
+    assert age is not None and 1.2 <= age <= 1.2 + (time.monotonic() - started) + 1.0
+
+    redis.delete(KEYS.queries)  # every job acknowledged: the stream is empty
+    await _sample(redis_url)
+    assert REGISTRY.get_sample_value("gkt_gateway_oldest_job_age_seconds") == 0
+    assert REGISTRY.get_sample_value("gkt_gateway_queue_depth") == 0
