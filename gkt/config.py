@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _URL_PASSWORD = re.compile(r"(?<=://)([^:@/]*):([^@/]+)@")
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class CommonSettings(BaseSettings):
@@ -18,9 +22,16 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GKT_", extra="ignore", frozen=True)
 
+    # Declared before redis_url: the URL's validator reads it.
+    redis_password_file: Path | None = Field(
+        default=None,
+        description="File holding the Redis password (e.g. a mounted Kubernetes Secret); it replaces "
+        "any password in the Redis URL.",
+    )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
-        description="Redis for the query stream, job events and the Celery broker (rediss:// for TLS).",
+        description="Redis for the query stream, job events and the Celery broker: redis:// or rediss:// "
+        "(TLS; `?ssl_ca_certs=/ca.pem`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` as query parameters).",
         min_length=8,
     )
     key_prefix: str = Field(default="gkt", description="Prefix of every Redis key.", pattern=r"^[\w.-]+$")
@@ -30,6 +41,17 @@ class CommonSettings(BaseSettings):
         default=Path.home() / ".cache" / "gkt" / "models",
         description="Where converted bundled models are cached (first load converts GGUF, later loads read this).",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme_and_password_file(cls, url: str, info: ValidationInfo) -> str:
+        scheme = urlsplit(url).scheme
+        if scheme not in _REDIS_SCHEMES:
+            raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(_REDIS_SCHEMES)}")
+        password_file = info.data.get("redis_password_file")
+        if password_file is None:
+            return url
+        return with_password(url, Path(password_file).read_text().strip())
 
     def describe(self) -> str:
         """One JSON line of every setting, with secrets and URL passwords masked."""
@@ -43,3 +65,40 @@ class CommonSettings(BaseSettings):
                 value = str(value)
             shown[name] = value
         return json.dumps(shown, sort_keys=True, default=str)
+
+
+def with_password(url: str, password: str) -> str:
+    """`url` with its password replaced by `password` (quoted, so any character is safe)."""
+    parts = urlsplit(url)
+    user = quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def celery_broker(url: str) -> dict[str, Any]:
+    """Celery's broker settings for a Redis URL: TLS options go to `broker_use_ssl` alone, because kombu
+    would let the URL's `ssl_*` query parameters replace them (dropping the certificate requirement)."""
+    parts = urlsplit(url)
+    query = [(name, value) for name, value in parse_qsl(parts.query) if not name.startswith("ssl_")]
+    plain = urlunsplit(parts._replace(query="&".join(f"{n}={quote(v, safe='')}" for n, v in query)))
+    return {"broker_url": plain, "broker_use_ssl": broker_tls_options(url)}
+
+
+def broker_tls_options(url: str) -> dict[str, Any] | None:
+    """Celery's `broker_use_ssl` for a rediss:// URL, from the same query parameters redis-py reads.
+
+    Celery refuses a rediss:// broker without them; certificates are verified unless the URL says
+    `ssl_cert_reqs=none`.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return None
+    query = dict(parse_qsl(parts.query))
+    requirement = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if requirement not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs={requirement!r}: expected required, optional or none")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[requirement]}
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in query:
+            options[name] = query[name]
+    return options

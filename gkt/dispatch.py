@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from celery import Celery
 
+from gkt.config import celery_broker
 from gkt.jobs import Guidance, Job
 from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
 
 
 def student_client(*, broker_url: str) -> Celery:
     """A Celery app used only to send tasks (no worker, no result backend)."""
-    app = Celery("gkt-dispatch", broker=broker_url)
-    app.conf.update(task_ignore_result=True, broker_connection_retry_on_startup=True)
+    app = Celery("gkt-dispatch")
+    app.conf.update(
+        task_ignore_result=True, broker_connection_retry_on_startup=True, **celery_broker(broker_url)
+    )
     return app
 
 

@@ -9,6 +9,7 @@ import time
 
 from gkt.errors import InvalidArgument
 from gkt.jobs import Completion, Guidance, GuidanceMode, GuidanceSpec, Job, JobKind, SamplingParams, Task
+from gkt.prompts import student_prompt, teacher_prompt
 from gkt.v1 import guidance_pb2 as pb
 from services.gateway.settings import GatewaySettings
 
@@ -68,6 +69,7 @@ def to_job(
     )
     if kind == JobKind.GUIDE and spec.mode in (GuidanceMode.NONE, GuidanceMode.FULL):
         raise InvalidArgument("guidance.mode", "Guide needs a guidance mode: CUTOFF, CONCISE or HINT")
+    _check_prompt_size(query=query, task=task, mode=spec.mode, settings=settings)
     now = time.time()
     return Job(
         kind=kind,
@@ -127,8 +129,26 @@ def _sampling(
             raise InvalidArgument(
                 "sampling.stop", f"each stop sequence must be 1..{settings.gateway_max_stop_chars} characters"
             )
+        if "\x00" in stop:
+            raise InvalidArgument("sampling.stop", "must not contain NUL characters")
     values["stop"] = tuple(params.stop)
     return SamplingParams(**values)
+
+
+def _check_prompt_size(*, query: str, task: Task, mode: GuidanceMode, settings: GatewaySettings) -> None:
+    """Bound the longest prompt a model will see, in characters: the gateway has no tokenizer, so the
+    setting stands for the models' context length (a token is at least one character)."""
+    prompt = (
+        student_prompt(task=task, query=query, guidance="")
+        if mode == GuidanceMode.NONE
+        else teacher_prompt(task=task, mode=mode, query=query)
+    )
+    if len(prompt) > settings.gateway_max_prompt_chars:
+        raise InvalidArgument(
+            "query",
+            f"with the {task.value} task's exemplars the prompt is {len(prompt)} characters; "
+            f"at most {settings.gateway_max_prompt_chars}",
+        )
 
 
 def _bounded(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> float:
@@ -155,7 +175,9 @@ def timings(job: Job, guidance: Guidance, completion: Completion | None, *, now:
     )
 
 
-def generate_response(job: Job, completion: Completion, *, now: float) -> pb.GenerateResponse:
+def generate_response(
+    job: Job, completion: Completion, *, now: float, degraded: bool = False
+) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         job_id=job.id,
         text=completion.text,
@@ -167,6 +189,7 @@ def generate_response(job: Job, completion: Completion, *, now: float) -> pb.Gen
         timings=timings(job, completion.guidance, completion, now=now),
         finish_reason=completion.finish_reason,
         seed=completion.seed,
+        degraded=degraded,
     )
 
 

@@ -9,10 +9,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gkt.queue import connect_async
+from gkt.queue import Keys, connect_async
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
+from services.gateway.access import AccessInterceptor, Limiter
 from services.gateway.auth import ApiKeys
-from services.gateway.interceptors import ErrorMappingInterceptor
+from services.gateway.interceptors import ErrorMappingInterceptor, MetricsInterceptor
 from services.gateway.service import GatewayService
 from services.gateway.servicer import GuidanceServicer
 from services.gateway.settings import GatewaySettings
@@ -32,7 +33,14 @@ class Gateway:
         api_keys = (
             ApiKeys.from_file(settings.gateway_api_keys_file) if settings.gateway_api_keys_file else None
         )
-        self.server = grpc.aio.server(interceptors=[ErrorMappingInterceptor(api_keys=api_keys)])
+        access = AccessInterceptor(
+            settings=settings,
+            api_keys=api_keys,
+            limiter=Limiter(redis=self.redis, keys=Keys(settings.key_prefix)),
+        )
+        # Outermost first. Metrics record the status the error mapping chose, and the error mapping
+        # maps what access control raises, so refusals are counted by their status code too.
+        self.server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor(), access])
         guidance_pb2_grpc.add_GuidanceServiceServicer_to_server(
             GuidanceServicer(service=self.service, settings=settings), self.server
         )
@@ -46,14 +54,21 @@ class Gateway:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(settings.gateway_addr)
+        self.port = _listen(self.server, settings)
         self._sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
         self._sampler = asyncio.create_task(self.service.sample_queues())
         await self._set_serving(True)
-        log.info("gateway serving", extra={"addr": self.settings.gateway_addr, "port": self.port})
+        log.info(
+            "gateway serving",
+            extra={
+                "addr": self.settings.gateway_addr,
+                "port": self.port,
+                "tls": bool(self.settings.gateway_tls_cert_file),
+            },
+        )
 
     async def stop(self) -> None:
         """Report NOT_SERVING (load balancers drain), then let in-flight RPCs finish within the grace."""
@@ -69,3 +84,16 @@ class Gateway:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+
+def _listen(server: grpc.aio.Server, settings: GatewaySettings) -> int:
+    """Open the gRPC port: TLS when a certificate is configured (mutual TLS with a client CA)."""
+    if settings.gateway_tls_cert_file is None or settings.gateway_tls_key_file is None:
+        return server.add_insecure_port(settings.gateway_addr)
+    client_ca = settings.gateway_tls_client_ca_file
+    credentials = grpc.ssl_server_credentials(
+        [(settings.gateway_tls_key_file.read_bytes(), settings.gateway_tls_cert_file.read_bytes())],
+        root_certificates=client_ca.read_bytes() if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
+    return server.add_secure_port(settings.gateway_addr, credentials)

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
 
-from gkt import metrics
-from gkt.errors import DeadlineExceeded, JobFailed, ResourceExhausted
-from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Job
-from gkt.queue import STUDENT_QUEUE, AnyEvent, Keys, enqueue_job, read_events
+from gkt import logs, metrics, tracing
+from gkt.dispatch import dispatch_student, student_client
+from gkt.errors import DeadlineExceeded, JobFailed, ResourceExhausted, Unavailable
+from gkt.jobs import (
+    DeltaEvent,
+    ErrorEvent,
+    FinalEvent,
+    Guidance,
+    GuidanceEvent,
+    GuidanceMode,
+    GuidanceSpec,
+    Job,
+    JobKind,
+)
+from gkt.queue import STUDENT_QUEUE, AnyEvent, Keys, enqueue_job, publish_event, read_events
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -26,6 +38,8 @@ class GatewayService:
         self.settings = settings
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
+        self._celery = student_client(broker_url=settings.redis_url)
+        self._was_degraded = False
 
     async def run(self, job: Job) -> AsyncIterator[tuple[Job, AnyEvent]]:
         """Submit `job` (or attach to the job of the same request_id) and yield its events to the last.
@@ -34,6 +48,7 @@ class GatewayService:
         student stops generating.
         """
         job = await self.submit(job)
+        logs.bind(**logs.job_fields(job))
         finished = False
         try:
             async for event in self._follow(job):
@@ -44,13 +59,20 @@ class GatewayService:
                 await asyncio.shield(self._cancel(job))
 
     async def submit(self, job: Job) -> Job:
-        depth = int(await self.redis.xlen(self.keys.queries))
-        metrics.GATEWAY_QUEUE_DEPTH.set(depth)
+        degraded = await self.degraded()
+        if degraded:
+            job = _student_only(job)
+            depth = int(await self.redis.llen(STUDENT_QUEUE))
+        else:
+            depth = int(await self.redis.xlen(self.keys.queries))
+            metrics.GATEWAY_QUEUE_DEPTH.set(depth)
         if depth >= self.settings.gateway_max_queue_depth:
             metrics.GATEWAY_REJECTED.labels("queue_full").inc()
             raise ResourceExhausted(
                 f"the queue holds {depth} jobs (limit {self.settings.gateway_max_queue_depth}); retry later"
             )
+        if tracing.enabled() and not job.traceparent:
+            job = job.model_copy(update={"traceparent": tracing.current_traceparent()})
         if job.request_id:
             earlier: Any = await self.redis.set(
                 self.keys.request(job.request_id),
@@ -62,11 +84,50 @@ class GatewayService:
             if earlier is not None:
                 log.info("request_id seen before: attaching to its job", extra={"request_id": job.request_id})
                 return Job.model_validate_json(earlier)
-        await enqueue_job(self.redis, keys=self.keys, job=job)
+        if degraded:
+            await self._dispatch_student(job)
+        else:
+            await enqueue_job(self.redis, keys=self.keys, job=job)
         log.info(
-            "job enqueued", extra={"job_id": job.id, "task": job.task.value, "mode": job.guidance.mode.value}
+            "job enqueued",
+            extra={
+                **logs.job_fields(job),
+                "task": job.task.value,
+                "mode": job.guidance.mode.value,
+                "degraded": degraded,
+            },
         )
         return job
+
+    async def degraded(self) -> bool:
+        """Whether no teacher has read the query stream for `gateway_degraded_after_s` (0: never)."""
+        after_s = self.settings.gateway_degraded_after_s
+        if after_s <= 0:
+            return False
+        last_read: Any = await self.redis.get(self.keys.teacher_read)
+        silent_s = time.time() - float(last_read) if last_read else math.inf
+        degraded = silent_s > after_s
+        if degraded != self._was_degraded:
+            self._was_degraded = degraded
+            if degraded:
+                log.warning(
+                    "no teacher is reading queries: answering student-only", extra={"silent_s": silent_s}
+                )
+            else:
+                log.info("a teacher is reading queries again: guidance restored")
+        return degraded
+
+    async def _dispatch_student(self, job: Job) -> None:
+        """Send a student-only job straight to the student queue, as a teacher would for mode NONE."""
+        guidance = Guidance(text="", token_count=0, finish_reason="none", published_at=time.time())
+        await publish_event(
+            self.redis,
+            keys=self.keys,
+            job_id=job.id,
+            event=GuidanceEvent(guidance=guidance),
+            ttl_s=self.settings.job_ttl_s,
+        )
+        await asyncio.to_thread(dispatch_student, self._celery, job=job, guidance=guidance)
 
     async def _follow(self, job: Job) -> AsyncIterator[AnyEvent]:
         after = "0-0"
@@ -93,7 +154,9 @@ class GatewayService:
 
     async def _cancel(self, job: Job) -> None:
         try:
-            await self.redis.set(self.keys.cancelled(job.id), "1", ex=self.settings.job_ttl_s)
+            # the value records when (fault-injection tests count the tokens generated after it)
+            cancelled_at = f"{time.time():.6f}"
+            await self.redis.set(self.keys.cancelled(job.id), cancelled_at, ex=self.settings.job_ttl_s)
         except Exception:  # Redis gone: the deadline stops the student instead
             log.warning("could not mark job cancelled", extra={"job_id": job.id})
 
@@ -104,12 +167,33 @@ class GatewayService:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.xlen(self.keys.queries)
                     pipe.llen(STUDENT_QUEUE)
-                    depth, student_depth = await pipe.execute()
+                    pipe.xrange(self.keys.queries, count=1)
+                    pipe.time()
+                    depth, student_depth, oldest, (seconds, micros) = await pipe.execute()
                 metrics.GATEWAY_QUEUE_DEPTH.set(depth)
                 metrics.GATEWAY_STUDENT_QUEUE_DEPTH.set(student_depth)
+                metrics.GATEWAY_OLDEST_JOB_AGE.set(_age_s(oldest, now_s=seconds + micros / 1e6))
             except Exception:
                 log.warning("queue sampling failed", exc_info=True)
             await asyncio.sleep(interval_s)
+
+
+def _age_s(entries: list[Any], *, now_s: float) -> float:
+    """Age of the first stream entry, from its id (milliseconds on Redis's clock, as is `now_s`)."""
+    if not entries:
+        return 0.0
+    entry_id = entries[0][0]
+    millis = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+    return max(0.0, now_s - millis / 1000)
+
+
+def _student_only(job: Job) -> Job:
+    """The job as the student alone can answer it; guidance-only and teacher-only jobs cannot be."""
+    if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
+        raise Unavailable("no teacher is reading queries, so no guidance can be written; retry later")
+    return job.model_copy(
+        update={"guidance": GuidanceSpec(mode=GuidanceMode.NONE, max_tokens=job.guidance.max_tokens)}
+    )
 
 
 def _unseen(event: DeltaEvent, shown: int) -> DeltaEvent | None:

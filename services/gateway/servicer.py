@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from gkt.errors import JobFailed
-from gkt.jobs import DeltaEvent, FinalEvent, GuidanceEvent, JobKind
+from gkt.jobs import DeltaEvent, FinalEvent, GuidanceEvent, GuidanceMode, Job, JobKind
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.gateway import convert
@@ -29,7 +29,9 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
         )
         async for accepted, event in self.service.run(job):
             if isinstance(event, FinalEvent):
-                return convert.generate_response(accepted, event.completion, now=time.time())
+                return convert.generate_response(
+                    accepted, event.completion, now=time.time(), degraded=_degraded(job, accepted)
+                )
         raise JobFailed("INTERNAL", "the job ended without an answer")
 
     async def GenerateStream(
@@ -45,7 +47,9 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                 yield pb.GenerateStreamResponse(delta=pb.TextDelta(text=event.text))
             elif isinstance(event, FinalEvent):
                 yield pb.GenerateStreamResponse(
-                    final=convert.generate_response(accepted, event.completion, now=time.time())
+                    final=convert.generate_response(
+                        accepted, event.completion, now=time.time(), degraded=_degraded(job, accepted)
+                    )
                 )
 
     async def Guide(self, request: pb.GuideRequest, context: grpc.aio.ServicerContext) -> pb.GuideResponse:
@@ -56,3 +60,8 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
             if isinstance(event, FinalEvent):
                 return convert.guide_response(accepted, event.completion.guidance, now=time.time())
         raise JobFailed("INTERNAL", "the job ended without guidance")
+
+
+def _degraded(requested: Job, accepted: Job) -> bool:
+    """The gateway answered student-only although the request asked for guidance."""
+    return accepted.guidance.mode == GuidanceMode.NONE != requested.guidance.mode

@@ -4,18 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gkt.config import CommonSettings
 
 
 class GatewaySettings(CommonSettings):
-    """Where the gateway listens, what it accepts, and when it pushes back."""
+    """Where the gateway listens, whom it admits, what it accepts, and when it pushes back."""
 
     gateway_addr: str = Field(default="127.0.0.1:50051", min_length=3, description="gRPC listen address.")
     gateway_api_keys_file: Path | None = Field(
         default=None,
-        description="File of accepted API key hashes (`gkt hash-key`); unset: no authentication.",
+        description="File of accepted API key hashes (`gkt hash-key`), each optionally with its own "
+        "limits; unset: no authentication.",
+    )
+    gateway_key_rate_per_s: float = Field(
+        default=0.0, ge=0, description="Requests per second each API key may send (0 = unlimited)."
+    )
+    gateway_key_burst: int = Field(
+        default=0,
+        ge=0,
+        description="Requests a key may send at once on top of its rate (0 = one second's worth, at least 1).",
+    )
+    gateway_key_max_concurrent: int = Field(
+        default=0, ge=0, description="RPCs each API key may have in flight at once (0 = unlimited)."
+    )
+    gateway_tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate (chain) of the gRPC port; unset: plaintext."
+    )
+    gateway_tls_key_file: Path | None = Field(
+        default=None, description="PEM private key of `gateway_tls_cert_file`."
+    )
+    gateway_tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS).",
     )
     gateway_metrics_port: int = Field(default=9101, ge=0, le=65535, description="Prometheus port (0 = off).")
     gateway_max_queue_depth: int = Field(
@@ -29,7 +51,19 @@ class GatewaySettings(CommonSettings):
     gateway_grace_s: float = Field(
         default=10.0, ge=0, description="Shutdown: time in-flight RPCs get to finish."
     )
+    gateway_degraded_after_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="When no teacher has read the query stream for this long, answer student-only "
+        "(0 = never); set it above the longest teacher batch.",
+    )
     gateway_max_query_chars: int = Field(default=8000, ge=1, description="Longest accepted query.")
+    gateway_max_prompt_chars: int = Field(
+        default=16000,
+        ge=1,
+        description="Longest model prompt (the task's few-shot exemplars plus the query), in characters: "
+        "the gateway's stand-in for the models' context length, as it has no tokenizer.",
+    )
     gateway_max_guidance_tokens: int = Field(
         default=512, ge=1, description="Largest max_guidance_tokens accepted."
     )
@@ -38,3 +72,16 @@ class GatewaySettings(CommonSettings):
     )
     gateway_max_stop_sequences: int = Field(default=8, ge=0, description="Most stop strings per request.")
     gateway_max_stop_chars: int = Field(default=64, ge=1, description="Longest stop string.")
+
+    @model_validator(mode="after")
+    def _tls_files_come_together(self) -> GatewaySettings:
+        if (self.gateway_tls_cert_file is None) != (self.gateway_tls_key_file is None):
+            raise ValueError(
+                "gateway_tls_cert_file and gateway_tls_key_file go together: "
+                f"cert={self.gateway_tls_cert_file}, key={self.gateway_tls_key_file}"
+            )
+        if self.gateway_tls_client_ca_file is not None and self.gateway_tls_cert_file is None:
+            raise ValueError(
+                "gateway_tls_client_ca_file (mutual TLS) needs gateway_tls_cert_file and _key_file"
+            )
+        return self

@@ -9,6 +9,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
+from gkt import metrics, tracing
+from gkt.config import celery_broker
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
 from gkt.queue import STUDENT_QUEUE
@@ -16,7 +18,7 @@ from services.student.settings import StudentSettings
 
 settings = StudentSettings()
 
-app = Celery("gkt-student", broker=settings.redis_url, include=["services.student.tasks"])
+app = Celery("gkt-student", include=["services.student.tasks"])
 app.conf.update(
     task_default_queue=STUDENT_QUEUE,
     # A job is acknowledged only when it finished; a worker that dies puts it back.
@@ -32,6 +34,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
     worker_cancel_long_running_tasks_on_connection_loss=True,
+    # rediss://: kombu needs the TLS options spelled out (None keeps a plain connection).
+    **celery_broker(settings.redis_url),
 )
 
 log = logging.getLogger("gkt.student")
@@ -49,7 +53,10 @@ def _on_process_init(**_: Any) -> None:
     from services.student import tasks
 
     configure_logging(level=settings.log_level, service="student")
+    # After the fork: an exporter's background thread does not survive one.
+    tracing.configure(tracing.TracingSettings(), service="student")
     tasks.prepare(settings)
+    metrics.STUDENT_WORKERS.inc()
 
 
 @worker_process_shutdown.connect

@@ -64,3 +64,21 @@ def test_a_malformed_keys_file_is_refused_with_its_line(tmp_path: Path) -> None:
     keys.write_text("plain-text-key\n")
     with pytest.raises(ValueError, match="keys:1"):
         ApiKeys.from_file(keys)
+
+
+def test_a_keys_line_may_name_the_key_and_set_its_own_limits(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"{hash_key('a')} name=team-a rate=300/m burst=10 concurrency=4\n{hash_key('b')}\n")
+    api_keys = ApiKeys.from_file(keys)
+    team_a = api_keys.check((("authorization", "Bearer a"),))
+    assert (team_a.name, team_a.rate_per_s, team_a.burst, team_a.max_concurrent) == ("team-a", 5.0, 10, 4)
+    plain = api_keys.check((("authorization", "Bearer b"),))
+    assert (plain.rate_per_s, plain.burst, plain.max_concurrent) == (None, None, None)  # gateway defaults
+
+
+@pytest.mark.parametrize("options", ["rate=fast", "burst=-1", "colour=red", "name=a b=c", "rate=1 rate=2"])
+def test_a_bad_option_on_a_keys_line_is_refused_with_its_line(tmp_path: Path, options: str) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# keys\n{hash_key('a')} {options}\n")
+    with pytest.raises(ValueError, match="keys:2"):
+        ApiKeys.from_file(keys)

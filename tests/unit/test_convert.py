@@ -95,3 +95,21 @@ def test_guide_needs_a_teacher() -> None:
             pb.GuideRequest(query="q", guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_NONE)), JobKind.GUIDE
         )
     assert caught.value.field == "guidance.mode"
+
+
+def test_a_prompt_longer_than_the_character_bound_names_the_query() -> None:
+    settings = GatewaySettings(gateway_max_prompt_chars=2500)
+    to_job(
+        pb.GenerateRequest(query="q" * 200, task=pb.TASK_GSM8K),
+        kind=JobKind.GENERATE,
+        settings=settings,
+        timeout_s=1,
+    )
+    with pytest.raises(InvalidArgument, match="exemplars") as caught:
+        to_job(
+            pb.GenerateRequest(query="q" * 400, task=pb.TASK_GSM8K),
+            kind=JobKind.GENERATE,
+            settings=settings,
+            timeout_s=1,
+        )
+    assert caught.value.field == "query"

@@ -1,0 +1,345 @@
+"""Access control at the gateway: per-key limits in Redis, TLS, and secrets kept out of logs.
+
+Real gRPC gateways on free ports, a real Redis behind them, certificates made with `openssl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+from prometheus_client import REGISTRY
+from redis import Redis
+
+from gkt.logs import JsonFormatter
+from gkt.queue import Keys, connect_async
+from gkt.v1 import guidance_pb2 as pb
+from gkt.v1 import guidance_pb2_grpc
+from services.gateway.access import Limiter
+from services.gateway.auth import hash_key
+from services.gateway.server import Gateway
+from services.gateway.settings import GatewaySettings
+from services.stack import free_port
+
+BEARER = (("authorization", "Bearer team-a-key"),)
+EMPTY = pb.GenerateRequest(query="")  # passes access control, then fails validation: cheap to send
+
+
+def _keys_file(tmp_path: Path, options: str = "") -> Path:
+    path = tmp_path / "keys"
+    path.write_text(f"{hash_key('team-a-key')} name=team-a {options}\n{hash_key('team-b-key')} name=team-b\n")
+    return path
+
+
+async def _start(settings: GatewaySettings) -> Gateway:
+    gateway = Gateway(settings)
+    await gateway.start()
+    return gateway
+
+
+def _settings(redis_url: str, **overrides: object) -> GatewaySettings:
+    values: dict[str, object] = {
+        "redis_url": redis_url,
+        "gateway_addr": f"127.0.0.1:{free_port()}",
+        "gateway_metrics_port": 0,
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+async def _status(
+    addr: str,
+    metadata: tuple[tuple[str, str], ...] = BEARER,
+    request: pb.GenerateRequest = EMPTY,
+    timeout_s: float = 10,
+) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Generate(request, timeout=timeout_s, metadata=metadata)
+    return caught.value
+
+
+@pytest.fixture
+async def limited(redis_url: str, redis: Redis, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """Two gateway replicas sharing one Redis; team-a may send 1/s with a burst of 2, team-b 100/s."""
+    keys = _keys_file(tmp_path, "rate=1/s burst=2")
+    first = await _start(_settings(redis_url, gateway_api_keys_file=keys, gateway_key_rate_per_s=100))
+    second = await _start(_settings(redis_url, gateway_api_keys_file=keys, gateway_key_rate_per_s=100))
+    yield first.settings.gateway_addr, second.settings.gateway_addr
+    await first.stop()
+    await second.stop()
+
+
+async def test_a_key_over_its_rate_gets_resource_exhausted_on_every_replica(limited: tuple[str, str]) -> None:
+    first, second = limited
+    assert (await _status(first)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await _status(second)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    refused = await _status(first)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "team-a" in (refused.details() or "")
+    refused = await _status(second)  # the budget is shared: the other replica refuses too
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # another key has its own budget (the gateway default of 100/s)
+    other = await _status(first, (("authorization", "Bearer team-b-key"),))
+    assert other.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_rate_refusal_says_when_to_retry_and_which_quota(limited: tuple[str, str]) -> None:
+    first, _ = limited
+    for _ in range(2):
+        await _status(first)
+    refused = await _status(first)
+    status = rpc_status.from_call(refused)
+    assert status is not None and status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    retry, quota = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert any(detail.Unpack(retry) for detail in status.details)
+    assert any(detail.Unpack(quota) for detail in status.details)
+    assert 0 < retry.retry_delay.ToMilliseconds() <= 1000
+    assert quota.violations[0].subject == "api_key:team-a:rate"
+    await asyncio.sleep(retry.retry_delay.ToMilliseconds() / 1000 + 0.05)
+    assert (await _status(first)).code() == grpc.StatusCode.INVALID_ARGUMENT  # the bucket refilled
+
+
+async def test_refusals_are_counted_by_status_code(limited: tuple[str, str]) -> None:
+    def count(code: str) -> float:
+        labels = {"rpc": "Generate", "code": code}
+        return REGISTRY.get_sample_value("gkt_gateway_requests_total", labels) or 0.0
+
+    first, _ = limited
+    exhausted, unauthenticated = count("RESOURCE_EXHAUSTED"), count("UNAUTHENTICATED")
+    for _ in range(3):
+        await _status(first)
+    await _status(first, (("authorization", "Bearer nobody"),))
+    assert count("RESOURCE_EXHAUSTED") == exhausted + 1
+    assert count("UNAUTHENTICATED") == unauthenticated + 1
+
+
+async def test_concurrent_requests_beyond_a_keys_limit_are_refused_until_one_ends(
+    redis_url: str, redis: Redis, tmp_path: Path
+) -> None:
+    gateway = await _start(_settings(redis_url, gateway_api_keys_file=_keys_file(tmp_path, "concurrency=1")))
+    addr = gateway.settings.gateway_addr
+    try:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
+            # No teacher runs: this valid request waits for its answer, holding the key's one lease.
+            waiting = stub.GenerateStream(
+                pb.GenerateRequest(query="What is 2+2?"), timeout=30, metadata=BEARER
+            )
+            await _until(lambda: redis.zcard(Keys().leases(_key_id("team-a-key"))) == 1)
+            refused = await _status(addr)
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "in flight" in (refused.details() or "")
+            waiting.cancel()
+            await _until(lambda: redis.zcard(Keys().leases(_key_id("team-a-key"))) == 0)
+            assert (await _status(addr)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await gateway.stop()
+
+
+async def test_leases_of_a_gateway_that_died_expire_at_the_request_deadline(
+    redis_url: str, redis: Redis
+) -> None:
+    client = connect_async(redis_url)
+    limiter = Limiter(redis=client, keys=Keys())
+    try:
+        held = await limiter.acquire("k1", limit=1, ttl_s=0.3)  # never released, as if its gateway died
+        assert held is not None
+        assert await limiter.acquire("k1", limit=1, ttl_s=0.3) is None
+        await asyncio.sleep(0.4)
+        assert await limiter.acquire("k1", limit=1, ttl_s=0.3) is not None
+        assert 0 < redis.pttl(Keys().leases("k1")) <= 300  # nothing outlives the last deadline
+    finally:
+        await client.aclose()
+
+
+async def test_without_a_keys_file_every_caller_shares_the_default_budget(
+    redis_url: str, redis: Redis
+) -> None:
+    gateway = await _start(_settings(redis_url, gateway_key_rate_per_s=0.5, gateway_key_burst=1))
+    try:
+        addr = gateway.settings.gateway_addr
+        assert (await _status(addr, ())).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (await _status(addr, ())).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await gateway.stop()
+
+
+def _key_id(key: str) -> str:
+    return hash_key(key).removeprefix("sha256:")[:16]
+
+
+async def _until(check: object, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+# --- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made by openssl."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command-line tool is needed to make test certificates")
+    root = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl(
+        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=gkt-test-ca"
+    )
+    (root / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext",
+        )  # fmt: skip
+    return root
+
+
+async def _health(addr: str, credentials: grpc.ChannelCredentials | None) -> int:
+    channel = grpc.aio.secure_channel(addr, credentials) if credentials else grpc.aio.insecure_channel(addr)
+    async with channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return int(reply.status)
+
+
+async def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(
+    redis_url: str, certificates: Path
+) -> None:
+    gateway = await _start(
+        _settings(
+            redis_url,
+            gateway_tls_cert_file=certificates / "server.pem",
+            gateway_tls_key_file=certificates / "server.key",
+        )
+    )
+    addr = gateway.settings.gateway_addr
+    try:
+        trusted = grpc.ssl_channel_credentials(root_certificates=(certificates / "ca.pem").read_bytes())
+        assert await _health(addr, trusted) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+            await _health(addr, None)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await gateway.stop()
+
+
+async def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(
+    redis_url: str, certificates: Path
+) -> None:
+    gateway = await _start(
+        _settings(
+            redis_url,
+            gateway_tls_cert_file=certificates / "server.pem",
+            gateway_tls_key_file=certificates / "server.key",
+            gateway_tls_client_ca_file=certificates / "ca.pem",
+        )
+    )
+    addr, ca = gateway.settings.gateway_addr, (certificates / "ca.pem").read_bytes()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+            await _health(addr, grpc.ssl_channel_credentials(root_certificates=ca))
+        assert anonymous.value.code() == grpc.StatusCode.UNAVAILABLE
+        with_certificate = grpc.ssl_channel_credentials(
+            root_certificates=ca,
+            private_key=(certificates / "client.key").read_bytes(),
+            certificate_chain=(certificates / "client.pem").read_bytes(),
+        )
+        assert await _health(addr, with_certificate) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await gateway.stop()
+
+
+def test_tls_settings_refuse_a_certificate_without_its_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="go together"):
+        GatewaySettings(gateway_tls_cert_file=tmp_path / "server.pem")
+    with pytest.raises(ValueError, match="mutual TLS"):
+        GatewaySettings(gateway_tls_client_ca_file=tmp_path / "ca.pem")
+
+
+# --- secrets in logs -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def password_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of our own that demands a password; yields its URL without the password."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--requirepass", "pw-s3cret-9f2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                Redis(port=port, password="pw-s3cret-9f2").ping()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+def captured_logs() -> Iterator[io.StringIO]:
+    """Every log line, as the services write them (JSON, INFO and above)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter(service="gateway"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    yield stream
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize("via_file", [False, True], ids=["password-in-url", "password-file"])
+async def test_no_key_password_or_query_text_reaches_the_logs(
+    password_redis: str, tmp_path: Path, captured_logs: io.StringIO, via_file: bool
+) -> None:
+    if via_file:
+        (tmp_path / "redis-password").write_text("pw-s3cret-9f2\n")
+        url, url_settings = password_redis, {"redis_password_file": tmp_path / "redis-password"}
+    else:
+        url, url_settings = password_redis.replace("redis://", "redis://:pw-s3cret-9f2@"), {}
+    settings = _settings(
+        url, gateway_api_keys_file=_keys_file(tmp_path), gateway_key_rate_per_s=1, **url_settings
+    )
+    logging.getLogger("gkt.gateway").info("settings %s", settings.describe())
+    gateway = await _start(settings)
+    try:
+        query = pb.GenerateRequest(query="my private question about zebra-ledger-7731")
+        # enqueued (so the password worked), then no teacher answers before the deadline
+        expired = await _status(gateway.settings.gateway_addr, request=query, timeout_s=1)
+        assert expired.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        await gateway.stop()
+    text = captured_logs.getvalue()
+    assert "job enqueued" in text and "team-a" in text  # the request was logged, with its key's name
+    for secret in ("pw-s3cret-9f2", "team-a-key", "zebra-ledger-7731"):
+        assert secret not in text
