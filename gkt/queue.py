@@ -21,6 +21,7 @@ STUDENT_TASK = "gkt.student.complete"
 EVENTS_MAXLEN = 4096
 MAX_BLOCK_MS = 1000
 """The longest blocking read; well inside the socket timeout, so an idle wait is never a timeout."""
+DEAD_LETTERS_MAXLEN = 10_000
 _SOCKET_TIMEOUT_S = 10
 
 AnyEvent = GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent
@@ -79,6 +80,19 @@ class Keys:
 
     def heartbeat(self, role: str, name: str) -> str:
         return f"{self.prefix}:heartbeat:{role}:{name}"
+
+    @property
+    def teacher_read(self) -> str:
+        """When a teacher last read the query stream (epoch seconds): the gateway's degraded-mode signal."""
+        return f"{self.prefix}:teacher:last-read"
+
+    def rate(self, key_id: str) -> str:
+        """An API key's rate-limit state (GCRA: the theoretical arrival time)."""
+        return f"{self.prefix}:ratelimit:{key_id}"
+
+    def leases(self, key_id: str) -> str:
+        """An API key's in-flight RPCs: a sorted set of lease ids scored by their deadline."""
+        return f"{self.prefix}:leases:{key_id}"
 
 
 async def ensure_group(redis: AsyncRedis, *, keys: Keys) -> None:
@@ -148,16 +162,15 @@ class SyncEventPublisher:
     def cancelled(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.keys.cancelled(job_id)))
 
-    def finished(self, job_id: str) -> bool:
-        return bool(self.redis.exists(self.keys.final(job_id)))
-
-    def begin_attempt(self, job_id: str) -> int:
-        """Count this delivery of a job (redeliveries after a worker died included)."""
+    def begin(self, job_id: str) -> tuple[bool, int]:
+        """Whether the job is answered already, and this delivery's number (redeliveries after a worker
+        died included), in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.keys.final(job_id))
         pipe.incr(self.keys.attempts(job_id))
         pipe.expire(self.keys.attempts(job_id), self.ttl_s)
-        attempt, _ = pipe.execute()
-        return int(attempt)
+        finished, attempt, _ = pipe.execute()
+        return bool(finished), int(attempt)
 
     def publish_final(self, job_id: str, event: FinalEvent | ErrorEvent) -> bool:
         return bool(
@@ -165,6 +178,15 @@ class SyncEventPublisher:
                 keys=[self.keys.events(job_id), self.keys.final(job_id)],
                 args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN],
             )
+        )
+
+    def dead_letter(self, job: Job, *, reason: str) -> None:
+        """Keep a job that keeps failing for inspection (the stream is capped)."""
+        self.redis.xadd(
+            self.keys.dead_letters,
+            {"job": job.model_dump_json(), "reason": reason},
+            maxlen=DEAD_LETTERS_MAXLEN,
+            approximate=True,
         )
 
     def heartbeat(self, *, role: str, name: str) -> None:

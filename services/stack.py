@@ -44,7 +44,14 @@ class Stack:
     students: int = 1
     gateway_addr: str | None = None
     detach: bool = False
+    teacher: bool = True
+    """False starts no teacher: a gateway with GKT_GATEWAY_DEGRADED_AFTER_S then answers student-only."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    free_metrics_ports: bool = False
+    """Give each process a free /metrics port instead of the configured ones (tests)."""
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    """The /metrics port of each process that serves one (teacher, student-0…, gateway), set by start()."""
 
     def start(self, *, timeout_s: float = 600) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -54,10 +61,13 @@ class Stack:
                 self.redis_url = self._start_redis()
             self.gateway_addr = self.gateway_addr or os.environ.get("GKT_GATEWAY_ADDR") or "127.0.0.1:50051"
             env = self._service_env()
-            self._spawn("teacher", [sys.executable, "-m", "services.teacher"], env)
+            if self.teacher:
+                teacher_env = self._metrics_env(env, "teacher", "GKT_TEACHER_METRICS_PORT", 9102)
+                self._spawn("teacher", [sys.executable, "-m", "services.teacher"], teacher_env)
             for i in range(self.students):
                 self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i))
-            self._spawn("gateway", [sys.executable, "-m", "services.gateway"], env)
+            gateway_env = self._metrics_env(env, "gateway", "GKT_GATEWAY_METRICS_PORT", 9101)
+            self._spawn("gateway", [sys.executable, "-m", "services.gateway"], gateway_env)
             self._wait_ready(timeout_s=timeout_s)
         except BaseException:
             self.stop()
@@ -65,7 +75,11 @@ class Stack:
         if self.detach:
             (self.state_dir / "stack.json").write_text(
                 json.dumps(
-                    {"pids": {n: p.pid for n, p in self.processes.items()}, "gateway": self.gateway_addr}
+                    {
+                        "pids": {n: p.pid for n, p in self.processes.items()},
+                        "gateway": self.gateway_addr,
+                        "metrics_ports": self.metrics_ports,
+                    }
                 )
             )
 
@@ -79,6 +93,18 @@ class Stack:
             except subprocess.TimeoutExpired:
                 _kill_group(process.pid)
                 process.wait()
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig` to one process of the stack (fault injection) and reap it."""
+        process = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        process.wait(timeout=30)
+
+    def restart(self, name: str) -> None:
+        """Start a process again with the command and environment it was first started with."""
+        command, env = self.commands[name]
+        self._spawn(name, command, env)
 
     def log(self, name: str) -> str:
         path = self.state_dir / "logs" / f"{name}.log"
@@ -109,13 +135,23 @@ class Stack:
         shutil.rmtree(multiproc, ignore_errors=True)
         multiproc.mkdir(parents=True)
         student_env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
-        if index > 0 and student_env.get("GKT_STUDENT_METRICS_PORT", "9103") != "0":
-            student_env["GKT_STUDENT_METRICS_PORT"] = str(
-                int(student_env.get("GKT_STUDENT_METRICS_PORT", "9103")) + index
-            )
-        return student_env
+        return self._metrics_env(student_env, f"student-{index}", "GKT_STUDENT_METRICS_PORT", 9103, index)
+
+    def _metrics_env(
+        self, env: dict[str, str], name: str, variable: str, default: int, offset: int = 0
+    ) -> dict[str, str]:
+        """Choose a process's metrics port (0 = off; students count up from theirs) and record it."""
+        port = int(env.get(variable, default))
+        if port:
+            port += offset
+        if self.free_metrics_ports:
+            port = free_port()
+        if port:
+            self.metrics_ports[name] = port
+        return {**env, variable: str(port)}
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.commands[name] = (command, env)
         log = (self.state_dir / "logs" / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
             command,
@@ -133,7 +169,7 @@ class Stack:
         def workers_up() -> bool:
             teachers = list(redis.scan_iter(match=keys.heartbeat("teacher", "*")))
             students = list(redis.scan_iter(match=keys.heartbeat("student", "*")))
-            return bool(teachers) and len(students) >= self.students
+            return (bool(teachers) or not self.teacher) and len(students) >= self.students
 
         _wait(
             workers_up, timeout_s=timeout_s, what="teacher and student workers (loading models)", stack=self

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from gkt import metrics
+from gkt import metrics, tracing
 from gkt.answers import extract_answer
-from gkt.decoding import Sampler, TextTracker, context_tokens, decode_steps
+from gkt.decoding import PrefixCache, Sampler, TextTracker, context_tokens, decode_steps
 from gkt.errors import Cancelled, DeadlineExceeded, GktError
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
 from gkt.models import LoadedModel
@@ -18,19 +18,44 @@ log = logging.getLogger(__name__)
 
 
 def run_job(
-    *, lm: LoadedModel, job: Job, guidance: Guidance, publisher: SyncEventPublisher, max_attempts: int
+    *,
+    lm: LoadedModel,
+    job: Job,
+    guidance: Guidance,
+    publisher: SyncEventPublisher,
+    max_attempts: int,
+    prefix_cache: PrefixCache | None = None,
+    stream_interval_s: float = 0.0,
 ) -> None:
     """Complete a job and publish its final event (or its error); safe to run again on redelivery."""
-    if publisher.finished(job.id):
+    finished, attempt = publisher.begin(job.id)
+    if finished:
         log.info("job already answered; redelivery ignored", extra={"job_id": job.id})
         return
-    attempt = publisher.begin_attempt(job.id)
     if attempt > max_attempts:
-        _finish_with_error(publisher, job, "INTERNAL", f"the student failed {attempt - 1} times on this job")
+        message = f"the student failed {attempt - 1} times on this job; it was dead-lettered"
+        log.error("student job dead-lettered", extra={"job_id": job.id, "attempts": attempt - 1})
+        publisher.dead_letter(job, reason=message)
+        metrics.STUDENT_JOBS.labels("dead_lettered").inc()
+        publisher.publish_final(job.id, ErrorEvent(code="INTERNAL", message=message))
         return
+    tracing.record_span(
+        "gkt.student.queue_wait", traceparent=job.traceparent, start=guidance.published_at, end=time.time()
+    )
     metrics.STUDENT_BUSY.inc()
     try:
-        completion = complete(lm=lm, job=job, guidance=guidance, publisher=publisher, attempt=attempt)
+        with tracing.job_span(
+            "gkt.student.generate", traceparent=job.traceparent, attributes={"gkt.attempt": attempt}
+        ):
+            completion = complete(
+                lm=lm,
+                job=job,
+                guidance=guidance,
+                publisher=publisher,
+                attempt=attempt,
+                prefix_cache=prefix_cache,
+                stream_interval_s=stream_interval_s,
+            )
     except GktError as exc:
         _finish_with_error(publisher, job, exc.code, exc.message)
         return
@@ -41,9 +66,20 @@ def run_job(
 
 
 def complete(
-    *, lm: LoadedModel, job: Job, guidance: Guidance, publisher: SyncEventPublisher, attempt: int = 1
+    *,
+    lm: LoadedModel,
+    job: Job,
+    guidance: Guidance,
+    publisher: SyncEventPublisher,
+    attempt: int = 1,
+    prefix_cache: PrefixCache | None = None,
+    stream_interval_s: float = 0.0,
 ) -> Completion:
-    """Generate at batch size 1, checking cancellation and the deadline between tokens."""
+    """Generate at batch size 1, checking the deadline between tokens.
+
+    Deltas are coalesced: one Redis round trip (publish what is new, check cancellation) at most
+    every `stream_interval_s`, the first delta at once; 0 publishes after every token.
+    """
     started_at = time.time()
     started = time.perf_counter()
     if guidance.published_at:
@@ -67,15 +103,20 @@ def complete(
     )
     finish = "length"
     eos = lm.eos_token_ids
-    for (token,) in decode_steps(lm=lm, prompts=[prompt], samplers=[sampler]):
+    pending, last_sync = "", 0.0
+    for (token,) in decode_steps(lm=lm, prompts=[prompt], samplers=[sampler], prefix_cache=prefix_cache):
         if not tracker.tokens:
             metrics.STUDENT_TTFT.observe(time.perf_counter() - started)
         if token in eos:
             finish = "eos"
             break
-        delta = tracker.push(token)
-        if _publish_delta(publisher, job, delta, offset=tracker.emitted - len(delta), attempt=attempt):
-            raise Cancelled("the client cancelled the job")
+        pending += tracker.push(token)
+        if time.perf_counter() - last_sync >= stream_interval_s:
+            if _publish_delta(
+                publisher, job, pending, offset=tracker.emitted - len(pending), attempt=attempt
+            ):
+                raise Cancelled("the client cancelled the job")
+            pending, last_sync = "", time.perf_counter()
         if job.expired():
             raise DeadlineExceeded("the deadline passed during the student's generation")
         if tracker.stopped:
@@ -83,12 +124,14 @@ def complete(
             break
         if len(tracker.tokens) >= params.max_new_tokens:
             break
-    rest = tracker.flush()
+    rest = pending + tracker.flush()
     _publish_delta(publisher, job, rest, offset=tracker.emitted - len(rest), attempt=attempt)
     seconds = time.perf_counter() - started
     metrics.STUDENT_JOB_DURATION.observe(seconds)
     metrics.STUDENT_TOKENS.inc(len(tracker.tokens))
     metrics.STUDENT_TOKENS_PER_JOB.observe(len(tracker.tokens))
+    if seconds > 0:
+        metrics.STUDENT_TOKENS_PER_SECOND.observe(len(tracker.tokens) / seconds)
     text = guidance.text + tracker.text
     return Completion(
         text=text,

@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gkt import metrics
+from gkt import logs, metrics, tracing
 from gkt.answers import extract_answer
 from gkt.jobs import (
     Completion,
@@ -24,7 +25,15 @@ from gkt.jobs import (
     JobKind,
 )
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
-from gkt.queue import MAX_BLOCK_MS, TEACHER_GROUP, Keys, ensure_group, publish_event, publish_final
+from gkt.queue import (
+    DEAD_LETTERS_MAXLEN,
+    MAX_BLOCK_MS,
+    TEACHER_GROUP,
+    Keys,
+    ensure_group,
+    publish_event,
+    publish_final,
+)
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
 from services.teacher.batching import Delivery, claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[Job, Guidance], None]
 _REDIS_RETRY_S = 1.0
+_READ_MARK_TTL_S = 86_400
 
 
 class TeacherWorker:
@@ -61,23 +71,33 @@ class TeacherWorker:
             try:
                 await self._heartbeat()
                 batch = await self._next_batch()
+                await self._mark_read()
                 if batch:
                     await self.process(batch)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 # Unacknowledged jobs stay pending in the group: this teacher (or another) claims them later.
                 log.warning("redis unavailable; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(_REDIS_RETRY_S)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis restarted without persistence: the stream and its group are gone. Jobs the
+                # gateway enqueues from now on recreate the stream; the group must be made again.
+                log.warning("consumer group missing (redis restarted?); recreating it")
+                await ensure_group(self.redis, keys=self.keys)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Steps 2–4 for one batch: generate, publish + dispatch, acknowledge."""
         metrics.TEACHER_BATCH_SIZE.observe(len(batch))
+        for delivery in batch:
+            metrics.TEACHER_QUEUE_WAIT.observe(max(0.0, delivery.dequeued_at - delivery.job.enqueued_at))
         live = [d for d in batch if not d.job.expired()]
         for expired in (d for d in batch if d.job.expired()):
             await self._fail(expired.job, "DEADLINE_EXCEEDED", "the deadline passed while the job was queued")
 
         # 2) generate: one backend call for every job that needs the teacher
         needs_teacher = [d for d in live if d.job.guidance.mode != GuidanceMode.NONE]
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         results = await self.backend.generate_batch([self._request(d.job) for d in needs_teacher])
         teacher_seconds = time.perf_counter() - started
         if needs_teacher:
@@ -104,6 +124,7 @@ class TeacherWorker:
                 teacher_seconds=teacher_seconds if delivery.job.id in by_job else 0.0,
                 published_at=time.time(),
             )
+            _record_spans(delivery, guidance, generation_started_at=started_at)
             await self._publish(delivery.job, guidance)
 
         # 4) acknowledge only now that every job of the batch has its answer or its next step
@@ -180,12 +201,12 @@ class TeacherWorker:
             if count <= self.settings.teacher_max_deliveries:
                 keep.append(delivery)
                 continue
-            log.error("job dead-lettered", extra={"job_id": delivery.job.id, "deliveries": count})
+            log.error("job dead-lettered", extra={**logs.job_fields(delivery.job), "deliveries": count})
             metrics.TEACHER_DEAD_LETTERED.inc()
             await self.redis.xadd(
                 self.keys.dead_letters,
-                {"job": delivery.job.model_dump_json()},
-                maxlen=10_000,
+                {"job": delivery.job.model_dump_json(), "reason": f"delivered {count} times"},
+                maxlen=DEAD_LETTERS_MAXLEN,
                 approximate=True,
             )
             await self._fail(delivery.job, "INTERNAL", f"the job failed {count} times and was dead-lettered")
@@ -193,7 +214,7 @@ class TeacherWorker:
         return keep
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
-        log.warning("job failed", extra={"job_id": job.id, "code": code})
+        log.warning("job failed", extra={**logs.job_fields(job), "code": code})
         metrics.TEACHER_JOBS.labels("failed").inc()
         await publish_final(
             self.redis,
@@ -214,3 +235,23 @@ class TeacherWorker:
     async def _heartbeat(self) -> None:
         key = self.keys.heartbeat("teacher", self.settings.teacher_name)
         await self.redis.set(key, f"{time.time():.3f}", ex=60)
+
+    async def _mark_read(self) -> None:
+        """Tell gateways a teacher is consuming the query stream (they go student-only when none is)."""
+        await self.redis.set(self.keys.teacher_read, f"{time.time():.3f}", ex=_READ_MARK_TTL_S)
+
+
+def _record_spans(delivery: Delivery, guidance: Guidance, *, generation_started_at: float) -> None:
+    """The job's teacher stages as spans in its trace: waiting in the queue, then its batch's generation."""
+    job = delivery.job
+    tracing.record_span(
+        "gkt.teacher.queue_wait", traceparent=job.traceparent, start=job.enqueued_at, end=delivery.dequeued_at
+    )
+    if guidance.teacher_seconds:
+        tracing.record_span(
+            "gkt.teacher.generate",
+            traceparent=job.traceparent,
+            start=generation_started_at,
+            end=generation_started_at + guidance.teacher_seconds,
+            attributes={"gkt.batch_size": guidance.batch_size, "gkt.guidance_tokens": guidance.token_count},
+        )

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from redis import Redis
 
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
 from gkt.models import LoadedModel, load_model
-from gkt.queue import Keys, SyncEventPublisher
+from gkt.queue import AnyEvent, Keys, SyncEventPublisher
 from services.student.completion import run_job
+from tests.events import job_events
 
 KEYS = Keys("stest")
 GUIDANCE = Guidance(text="There are 15 trees", token_count=4, published_at=1.0)
@@ -27,11 +27,8 @@ def publisher(redis: Redis) -> SyncEventPublisher:
     return SyncEventPublisher(redis, keys=KEYS, ttl_s=600)
 
 
-def _events(redis: Redis, job: Job) -> list[object]:
-    from gkt.jobs import decode_event
-
-    entries: Any = redis.xrange(KEYS.events(job.id))
-    return [decode_event(fields[b"e"]) for _, fields in entries]
+def _events(redis: Redis, job: Job) -> list[AnyEvent]:
+    return [event for _, event in job_events(redis, KEYS, job.id)]
 
 
 def _job(**sampling: object) -> Job:
