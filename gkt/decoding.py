@@ -1,12 +1,18 @@
-"""Token-by-token decoding over a KV cache: batched for the teacher, streamed at batch 1 for a student."""
+"""Token-by-token decoding over a KV cache: batched for the teacher, streamed at batch 1 for a student.
+
+A `PrefixCache` keeps the KV cache of prompt prefixes every job shares (the few-shot exemplars), so
+a job pays only for the tokens after them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import (
+    DynamicCache,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -14,7 +20,9 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from gkt.models import LoadedModel
+from gkt.jobs import GuidanceMode, Task
+from gkt.models import EchoModel, LoadedModel
+from gkt.prompts import teacher_prompt
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,34 +59,147 @@ class _RowSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
+@dataclass(frozen=True)
+class _Prefix:
+    """The tokens of a shared prefix and, per layer, its keys and values for one row."""
+
+    ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class PrefixCache:
+    """KV caches of the prompt prefixes every job shares (the few-shot exemplars), kept per worker.
+
+    A prefix is reused only when a prompt's own tokenization starts with the prefix's tokens, so the
+    model sees exactly the token sequence it would see without reuse. The last token of a prefix is
+    left out of it: a tokenizer may merge it with the text that follows. The least recently used
+    prefix is dropped beyond `max_entries`.
+    """
+
+    def __init__(self, lm: LoadedModel, *, texts: Iterable[str], max_entries: int = 8) -> None:
+        self.lm = lm
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._ids = {text: self._tokenize(text) for text in dict.fromkeys(texts)}
+        self._ids = {text: ids for text, ids in self._ids.items() if ids}
+        self._computed: OrderedDict[str, _Prefix] = OrderedDict()
+
+    def warm(self, texts: Iterable[str] | None = None) -> None:
+        """Compute the caches now (at worker start) rather than in the first job that needs them."""
+        for text in list(texts if texts is not None else self._ids)[: self.max_entries]:
+            if text in self._ids:
+                self._entry(text)
+
+    def match(self, rows: Sequence[Sequence[int]]) -> _Prefix | None:
+        """The longest known prefix that every row starts with (and goes beyond), or None."""
+        best: str | None = None
+        for text, ids in self._ids.items():
+            if best is not None and len(ids) <= len(self._ids[best]):
+                continue
+            if all(len(row) > len(ids) and tuple(row[: len(ids)]) == ids for row in rows):
+                best = text
+        if best is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return self._entry(best)
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        ids: list[int] = self.lm.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return tuple(ids[:-1])
+
+    def _entry(self, text: str) -> _Prefix:
+        if text in self._computed:
+            self._computed.move_to_end(text)
+            return self._computed[text]
+        ids = self._ids[text]
+        model = self.lm.model
+        assert not isinstance(model, EchoModel), "the echo model has no KV cache"
+        input_ids = torch.tensor([ids], device=self.lm.device)
+        with torch.inference_mode():
+            out = model(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                position_ids=torch.arange(len(ids), device=self.lm.device).unsqueeze(0),
+                # A cache without the config keeps every layer whole, sliding-window layers included:
+                # a batch shifts each row's prefix by its padding, so no layer may drop early tokens.
+                past_key_values=DynamicCache(),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
+        self._computed[text] = _Prefix(ids=ids, layers=layers)
+        while len(self._computed) > self.max_entries:
+            self._computed.popitem(last=False)
+        return self._computed[text]
+
+
+def few_shot_prefixes(*, modes: Iterable[GuidanceMode] | None = None) -> list[str]:
+    """The text that precedes the question in every prompt of a task and guidance mode.
+
+    Student prompts are task prompts, which are the `cutoff` teacher prompts, so the default set
+    (every mode that asks the teacher) serves both roles.
+    """
+    marker = "\x00"
+    chosen = modes if modes is not None else [m for m in GuidanceMode if m != GuidanceMode.NONE]
+    prefixes: list[str] = []
+    for task in Task:
+        for mode in chosen:
+            prompt = teacher_prompt(task=task, mode=mode, query=marker)
+            prefixes.append(prompt[: prompt.index(f"Q: {marker}")])
+    return [p for p in dict.fromkeys(prefixes) if p]
+
+
+@dataclass
+class _Prefill:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    past: DynamicCache | None
+
+
 @torch.inference_mode()
 def decode_steps(
-    *, lm: LoadedModel, prompts: Sequence[str], samplers: Sequence[Sampler]
+    *,
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    samplers: Sequence[Sampler],
+    prefix_cache: PrefixCache | None = None,
 ) -> Iterator[list[int]]:
     """Yield the next token of every row, one forward pass per step, until the caller stops.
 
-    Prompts are left-padded into one batch; position ids follow the attention mask so a padded
-    row sees exactly the positions it would see alone.
+    Rows are left-padded into one batch; position ids follow the attention mask so a padded row
+    sees exactly the positions it would see alone. With a `prefix_cache`, a prefix every row
+    shares is not computed again.
     """
-    batch = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
-    input_ids = batch["input_ids"].to(lm.device)
-    attention_mask = batch["attention_mask"].to(lm.device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    rows = [_RowSampler(s) for s in samplers]
-    history = input_ids
+    if isinstance(lm.model, EchoModel):
+        yield from lm.model.steps(prompts)
+        return
+    rows = [list(lm.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    prefix = prefix_cache.match(rows) if prefix_cache is not None else None
+    lengths = [len(row) for row in rows]
+    if prefix is not None and max(lengths) - min(lengths) <= len(prefix.ids):
+        prefill = _after_prefix(lm, rows, prefix)
+    else:
+        prefill = _left_padded(lm, rows)
+    samplers_by_row = [_RowSampler(s) for s in samplers]
+    history = [torch.tensor([row], device=lm.device) for row in rows]
+    attention_mask, position_ids = prefill.attention_mask, prefill.position_ids
     out = lm.model(
-        input_ids=input_ids,
+        input_ids=prefill.input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
+        past_key_values=prefill.past,
         use_cache=True,
         logits_to_keep=1,
     )
     while True:
         logits = out.logits[:, -1, :].float()
-        tokens = [row.choose(history[i : i + 1], logits[i : i + 1]) for i, row in enumerate(rows)]
+        tokens = [row.choose(history[i], logits[i : i + 1]) for i, row in enumerate(samplers_by_row)]
         yield tokens
         next_ids = torch.tensor(tokens, device=lm.device).unsqueeze(-1)
-        history = torch.cat([history, next_ids], dim=-1)
+        history = [torch.cat([h, next_ids[i : i + 1]], dim=-1) for i, h in enumerate(history)]
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=-1)
         position_ids = position_ids[:, -1:] + 1
         out = lm.model(
@@ -88,6 +209,54 @@ def decode_steps(
             past_key_values=out.past_key_values,
             use_cache=True,
         )
+
+
+def _left_padded(lm: LoadedModel, rows: list[list[int]]) -> _Prefill:
+    """Pad every row on the left to the longest; nothing is cached yet."""
+    width = max(len(row) for row in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=lm.device)
+    attention_mask = torch.tensor(
+        [[0] * (width - len(row)) + [1] * len(row) for row in rows], device=lm.device
+    )
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return _Prefill(input_ids, attention_mask, position_ids, None)
+
+
+def _after_prefix(lm: LoadedModel, rows: list[list[int]], prefix: _Prefix) -> _Prefill:
+    """Feed only what follows the cached prefix, keeping every row's padding on the far left.
+
+    A row with `k` fewer new tokens than the longest re-feeds its last `k` prefix tokens and sees
+    the cached prefix shifted right by `k` behind `k` masked slots. Padding then sits only before
+    the first real token, as in `_left_padded`, so sliding-window layers (which measure distance
+    in cache slots) see the same neighbours as without the cache.
+    """
+    size = len(prefix.ids)
+    width = max(len(row) for row in rows) - size
+    shifts = [width - (len(row) - size) for row in rows]
+    input_ids = torch.tensor([row[size - k :] for row, k in zip(rows, shifts, strict=True)], device=lm.device)
+    attention_mask = torch.tensor(
+        [[0] * k + [1] * len(row) for row, k in zip(rows, shifts, strict=True)], device=lm.device
+    )
+    position_ids = torch.stack(
+        [torch.arange(size - k, len(row), device=lm.device) for row, k in zip(rows, shifts, strict=True)]
+    )
+    past = DynamicCache(
+        ddp_cache_data=[(_shifted(keys, shifts), _shifted(values, shifts)) for keys, values in prefix.layers]
+    )
+    return _Prefill(input_ids, attention_mask, position_ids, past)
+
+
+def _shifted(states: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+    """One row of cached states per shift, each moved right by its shift behind zeros."""
+    if not any(shifts):
+        return states.expand(len(shifts), -1, -1, -1)
+    size = states.shape[2]
+    rows = [
+        torch.cat([states.new_zeros(*states.shape[:2], k, states.shape[3]), states[:, :, : size - k]], dim=2)
+        for k in shifts
+    ]
+    return torch.cat(rows, dim=0)
 
 
 @dataclass

@@ -9,8 +9,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -63,6 +65,10 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
+ECHO_MODEL = "echo-benchmark-only"
+"""A zero-cost stand-in model for measuring the serving path alone; never a default."""
+
+
 class ModelNotFound(RuntimeError):
     """The model name is neither a bundled alias, a local directory, nor loadable from the hub."""
 
@@ -72,8 +78,8 @@ class LoadedModel:
     """A causal LM with its tokenizer, ready to generate on `device`."""
 
     name: str
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel | EchoModel
+    tokenizer: PreTrainedTokenizerBase | EchoTokenizer
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +98,9 @@ class LoadedModel:
 
 def load_model(*, name: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a bundled alias, a local directory, or a Hugging Face id."""
+    if name == ECHO_MODEL:
+        log.warning("echo model loaded: it generates no real text (benchmarks and tests only)")
+        return LoadedModel(name=name, model=EchoModel(), tokenizer=EchoTokenizer())
     torch_dtype = getattr(torch, dtype)
     if name in BUNDLED:
         source = _cached_conversion(BUNDLED[name], cache_dir=cache_dir)
@@ -151,3 +160,36 @@ def _conversion_key(bundled: BundledModel) -> str:
         ) from exc
     material = f"{bundled.alias}:{package_version}:transformers-{transformers.__version__}"
     return hashlib.sha256(material.encode()).hexdigest()[:12]
+
+
+class EchoTokenizer:
+    """Bytes as tokens (ids 0-255): the echo model's tokenizer."""
+
+    pad_token_id = 0
+    eos_token_id = None
+
+    def __call__(self, text: str, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids: Sequence[int], **_: Any) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class EchoModel:
+    """A language model that costs nothing: it repeats the bytes of the prompt's last question.
+
+    With it (and the teacher backend of the same name) a benchmark measures the gateway, Redis,
+    the teacher loop, Celery and the student loop, and nothing else.
+    """
+
+    device = torch.device("cpu")
+    config = SimpleNamespace(max_position_embeddings=None)
+    generation_config = SimpleNamespace(eos_token_id=None)
+
+    def steps(self, prompts: Sequence[str]) -> Iterator[list[int]]:
+        """One byte of each row's echo per step, cycling (no stop string can appear)."""
+        sources = [list((p.rsplit("Q: ", 1)[-1].split("\n", 1)[0] or "echo").encode()) for p in prompts]
+        step = 0
+        while True:
+            yield [source[step % len(source)] for source in sources]
+            step += 1

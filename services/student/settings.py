@@ -36,6 +36,15 @@ class StudentSettings(CommonSettings):
     student_warmup: bool = Field(
         default=True, description="Run one tiny generation at start so job 1 is not slow."
     )
+    student_prefix_cache: bool = Field(
+        default=True, description="Prefill each task's few-shot prefix once and reuse its KV cache."
+    )
+    student_stream_interval_ms: int = Field(
+        default=20,
+        ge=0,
+        le=10_000,
+        description="Token deltas are coalesced into one event (one Redis round trip) per this many ms.",
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process (0 = default)."
     )

@@ -14,9 +14,10 @@ from gkt.config import CommonSettings
 class TeacherSettings(CommonSettings):
     """How the teacher batches, which backend it calls, and its default sampling."""
 
-    teacher_backend: Literal["local", "tgi", "openai"] = Field(
+    teacher_backend: Literal["local", "tgi", "openai", "echo-benchmark-only"] = Field(
         default="local",
-        description="local: in-process transformers; tgi / openai: a remote inference server.",
+        description="local: in-process transformers; tgi / openai: a remote inference server; "
+        "echo-benchmark-only: no model at all, for measuring the serving path (never for real traffic).",
     )
     teacher_model: str = Field(
         default="gemma-3-270m", min_length=1, description="Bundled alias, Hugging Face id or local directory."
@@ -24,6 +25,10 @@ class TeacherSettings(CommonSettings):
     teacher_device: str = Field(default="cpu", description="torch device for the local backend.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Weights dtype for the local backend."
+    )
+    teacher_prefix_cache: bool = Field(
+        default=True,
+        description="local backend: prefill each task's few-shot prefix once and reuse its KV cache.",
     )
     teacher_max_batch_size: int = Field(default=8, ge=1, le=512, description="Most jobs in one batch.")
     teacher_max_wait_ms: int = Field(

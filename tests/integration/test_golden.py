@@ -1,5 +1,8 @@
 """Golden outputs of the bundled models: a broken GGUF loader or a library upgrade fails loudly here.
 
+Also on the bundled models: reusing the few-shot prefix's KV cache decodes the same greedy tokens as
+a full prefill (Gemma 3's sliding window, 512, is shorter than its ~750-token CSQA prompts).
+
 Recorded once with the pinned stack (transformers 5.23.0, torch 2.13.0 CPU, float32): the greedy
 continuation of a fixed prompt, 20 tokens. They equal `model.generate(do_sample=False)` of the same
 versions. If a deliberate upgrade changes them, re-check the text is sane and record the new values.
@@ -12,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from gkt.decoding import Sampler, TextTracker, decode_steps
-from gkt.models import load_model
+from gkt.decoding import PrefixCache, Sampler, TextTracker, decode_steps, few_shot_prefixes
+from gkt.jobs import GuidanceMode, Task
+from gkt.models import LoadedModel, load_model
+from gkt.prompts import teacher_prompt
 
 PROMPT = "The capital of France is"
 GOLDEN = {
@@ -62,3 +67,35 @@ def test_bundled_model_greedy_continuation_matches_the_recording(alias: str) -> 
     text, tokens = GOLDEN[alias]
     assert tracker.tokens == tokens
     assert tracker.text == text
+
+
+CSQA_QUERIES = (
+    "Where would you put a plate after washing it?\nAnswer Choices: (A) restaurant (B) cupboard "
+    "(C) table (D) dishwasher (E) flea market",
+    "What do people do when they are tired?\nAnswer Choices: (A) sleep (B) run (C) sing (D) swim (E) cook",
+    "A revolving door is convenient for two direction travel, but it also serves as a security measure "
+    "at a what?\nAnswer Choices: (A) bank (B) library (C) department store (D) mall (E) new york",
+)
+
+
+def _greedy(lm: LoadedModel, prompts: list[str], cache: PrefixCache | None, n: int) -> list[list[int]]:
+    rows: list[list[int]] = [[] for _ in prompts]
+    steps = decode_steps(lm=lm, prompts=prompts, samplers=[Sampler()] * len(prompts), prefix_cache=cache)
+    for tokens in steps:
+        for row, token in zip(rows, tokens, strict=True):
+            row.append(token)
+        if len(rows[0]) == n:
+            return rows
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("alias", sorted(GOLDEN))
+def test_prefix_reuse_decodes_the_same_greedy_tokens_on_the_bundled_models(alias: str) -> None:
+    lm = load_model(name=alias, cache_dir=CACHE)
+    prompts = [teacher_prompt(task=Task.CSQA, mode=GuidanceMode.CUTOFF, query=q) for q in CSQA_QUERIES]
+    cache = PrefixCache(lm, texts=few_shot_prefixes())
+
+    assert _greedy(lm, prompts, cache, 10) == _greedy(lm, prompts, None, 10)
+    assert _greedy(lm, prompts[2:], cache, 20) == _greedy(lm, prompts[2:], None, 20)
+    assert cache.hits == 2

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gkt.decoding import Sampler, TextTracker, decode_steps
+from gkt.decoding import Sampler, TextTracker, _left_padded, decode_steps, few_shot_prefixes
+from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
+from gkt.prompts import exemplar_block, teacher_prompt
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +84,28 @@ def test_token_count_after_a_stop_counts_only_tokens_that_reached_the_text(lm: L
             break
     assert tracker.text == "one two "
     assert len(kept_tokens) <= tracker.token_count <= len(kept_tokens) + 1
+
+
+def test_every_few_shot_prompt_starts_with_one_of_the_shared_prefixes() -> None:
+    prefixes = few_shot_prefixes()
+    for task in (Task.GSM8K, Task.CSQA, Task.AQUA):
+        for mode in (GuidanceMode.CUTOFF, GuidanceMode.HINT):
+            prompt = teacher_prompt(task=task, mode=mode, query="Q: What?\nA: trick")
+            longest = max((p for p in prefixes if prompt.startswith(p)), key=len)
+            assert longest == prompt[: prompt.index("Q: Q: What?")]
+    assert few_shot_prefixes(modes=[GuidanceMode.CUTOFF]) == [
+        exemplar_block(task=t) for t in Task if t != Task.FREEFORM
+    ]
+
+
+def test_left_padding_by_hand_matches_the_tokenizers_own(lm: LoadedModel) -> None:
+    prompts = ["Q: x\nA:", "Q: How many trees are in the grove?\nA:"]
+    tokenizer: Any = lm.tokenizer
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    rows = [list(tokenizer(p)["input_ids"]) for p in prompts]
+
+    padded = _left_padded(lm, rows)
+
+    assert padded.input_ids.tolist() == batch["input_ids"].tolist()
+    assert padded.attention_mask.tolist() == batch["attention_mask"].tolist()
+    assert padded.past is None

@@ -1,4 +1,7 @@
-"""Teacher backends: `local` (in-process transformers), `tgi` and `openai` (remote inference servers)."""
+"""Teacher backends: `local` (in-process transformers), `tgi` and `openai` (remote inference servers).
+
+`echo-benchmark-only` costs nothing and generates nothing: it exists to benchmark the serving path.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,12 @@ def build_backend(settings: TeacherSettings) -> TeacherBackend:
             cache_dir=settings.model_cache_dir,
             device=settings.teacher_device,
             dtype=settings.teacher_dtype,
+            prefix_cache=settings.teacher_prefix_cache,
         )
+    if settings.teacher_backend == "echo-benchmark-only":
+        from services.teacher.backends.echo import EchoBackend
+
+        return EchoBackend()
     from services.teacher.backends.resilience import RemoteBackendSettings
 
     remote = RemoteBackendSettings()

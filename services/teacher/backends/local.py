@@ -1,4 +1,7 @@
-"""The in-process backend: one batched, left-padded transformers generation per batch."""
+"""The in-process backend: one batched, left-padded transformers generation per batch.
+
+The few-shot prefix every prompt of a task shares is prefilled once per worker and reused.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from gkt.decoding import Sampler, TextTracker, context_tokens, decode_steps
+from gkt.decoding import PrefixCache, Sampler, TextTracker, context_tokens, decode_steps, few_shot_prefixes
+from gkt.jobs import GuidanceMode
 from gkt.models import LoadedModel, load_model
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 
@@ -19,25 +23,45 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, *, model: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        cache_dir: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        prefix_cache: bool = True,
+    ) -> None:
         self._model, self._cache_dir, self._device, self._dtype = model, cache_dir, device, dtype
+        self._reuse_prefixes = prefix_cache
         self._lm: LoadedModel | None = None
+        self._prefixes: PrefixCache | None = None
 
     @classmethod
-    def from_loaded(cls, lm: LoadedModel) -> LocalBackend:
-        backend = cls(model=lm.name, cache_dir=Path("."))
-        backend._lm = lm
+    def from_loaded(cls, lm: LoadedModel, *, warm: bool = False, prefix_cache: bool = True) -> LocalBackend:
+        backend = cls(model=lm.name, cache_dir=Path("."), prefix_cache=prefix_cache)
+        backend._attach(lm, warm=warm)
         return backend
 
     async def start(self) -> None:
         if self._lm is None:
-            self._lm = await asyncio.to_thread(
+            lm = await asyncio.to_thread(
                 load_model,
                 name=self._model,
                 cache_dir=self._cache_dir,
                 device=self._device,
                 dtype=self._dtype,
             )
+            await asyncio.to_thread(self._attach, lm, warm=True)
+
+    def _attach(self, lm: LoadedModel, *, warm: bool) -> None:
+        """Use `lm`; with `warm`, prefill the default mode's prefixes and run one step, so job 1 is not slow."""
+        self._lm = lm
+        self._prefixes = PrefixCache(lm, texts=few_shot_prefixes()) if self._reuse_prefixes else None
+        if warm and self._prefixes is not None:
+            self._prefixes.warm(few_shot_prefixes(modes=[GuidanceMode.CUTOFF]))
+        if warm:
+            next(decode_steps(lm=lm, prompts=["Q: 1+1?\nA:"], samplers=[Sampler()]))
 
     def check_limits(self, *, max_new_tokens: int) -> None:
         context = getattr(self._loaded().model.config, "max_position_embeddings", None)
@@ -66,7 +90,9 @@ class LocalBackend:
         samplers = [Sampler(temperature=r.temperature, top_p=r.top_p, seed=r.seed) for r in requests]
         finish: list[str | None] = [None] * len(requests)
         eos = lm.eos_token_ids
-        steps = decode_steps(lm=lm, prompts=[r.prompt for r in requests], samplers=samplers)
+        steps = decode_steps(
+            lm=lm, prompts=[r.prompt for r in requests], samplers=samplers, prefix_cache=self._prefixes
+        )
         for tokens in steps:
             for i, token in enumerate(tokens):
                 if finish[i] is not None:
@@ -87,7 +113,7 @@ class LocalBackend:
         ]
 
     async def close(self) -> None:
-        self._lm = None
+        self._lm = self._prefixes = None
 
     def _loaded(self) -> LoadedModel:
         if self._lm is None:

@@ -1,0 +1,189 @@
+"""The benchmark report: results as JSON, a Markdown summary, and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = {"gkt": "GKT, echo models", "redis_floor": "bare Redis stream", "celery_floor": "bare Celery task"}
+
+
+def write_report(results: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Write `results.json`, `results.md` and one PNG per plot into `directory`; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data, table = directory / "results.json", directory / "results.md"
+    data.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    plots = _plots(results, directory)
+    table.write_text(markdown(results, plots=[p.name for p in plots]))
+    return [data, table, *plots]
+
+
+def markdown(results: Mapping[str, Any], *, plots: list[str] | None = None) -> str:
+    """The report as Markdown tables, one section per scenario that ran."""
+    meta = results["meta"]
+    lines = [
+        "# GKT Serve benchmark results",
+        "",
+        f"`{meta['command']}` on {meta['machine']}, {meta['date']}; load average (1/5/15 min) "
+        f"{_load(meta.get('load_average_at_start'))} at the start, {_load(meta.get('load_average_at_end'))} at the end.",
+        "",
+    ]
+    if "overhead" in results:
+        lines += _overhead(results["overhead"])
+    if "batching" in results:
+        b = results["batching"]
+        lines += [
+            "## Dynamic batching efficiency (teacher only, `Guide`)",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| online: jobs/s through the gateway (concurrency {b['online']['concurrency']}) "
+            f"| {b['online']['throughput_rps']:.2f} |",
+            f"| online: mean teacher batch size | {b['online']['mean_batch_size']:.2f} |",
+            f"| offline: jobs/s, batched generate at batch {b['batch_size']} | {b['offline_rps']:.2f} |",
+            f"| offline without prefix reuse: jobs/s | {_f(b.get('offline_no_prefix_rps'))} |",
+            f"| **efficiency** (online / offline) | **{b['efficiency']:.3f}** |",
+            "",
+        ]
+    if "student" in results:
+        s = results["student"]
+        lines += [
+            "## Student overhead (student alone, batch 1, greedy)",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| jobs | {s['jobs']} ({s['tokens']} tokens) |",
+            f"| student job time (sum of `student_ms`) | {s['student_s']:.2f} s |",
+            f"| bare `model.generate`, same prompts and lengths | {s['generate_s']:.2f} s |",
+            f"| **ratio** (job / generate) | **{s['ratio']:.3f}** |",
+            "",
+        ]
+    if "gkt" in results:
+        g = results["gkt"]
+        lines += [
+            f"## GKT vs teacher alone vs student alone ({g['questions']} {g['task']} questions, "
+            f"concurrency {g['concurrency']})",
+            "",
+            "| run | wall-clock s | vs student alone |",
+            "|---|---|---|",
+        ]
+        for name in ("student_alone", "teacher_alone", "gkt"):
+            lines.append(f"| {name.replace('_', ' ')} | {g[name]['wall_s']:.1f} | {g['ratios'][name]:.2f}x |")
+        lines += ["", f"GKT / teacher alone: **{g['ratios']['gkt_vs_teacher']:.2f}x**.", ""]
+    lines += [f"![{name}]({name})" for name in plots or []]
+    return "\n".join(lines) + "\n"
+
+
+def _overhead(o: Mapping[str, Any]) -> list[str]:
+    u = o["unloaded"]
+    lines = [
+        "## Orchestration overhead (echo backends: zero-cost models)",
+        "",
+        f"Unloaded p50: GKT {u['gkt_p50_ms']:.2f} ms, bare Redis stream {u['redis_floor_p50_ms']:.2f} ms, "
+        f"bare Celery task {u['celery_floor_p50_ms']:.2f} ms. "
+        f"Saturation: GKT {o['saturation_rps']['gkt']:.0f} jobs/s, Celery floor "
+        f"{o['saturation_rps']['celery_floor']:.0f} tasks/s, Redis floor {o['saturation_rps']['redis_floor']:.0f} round trips/s.",
+        "",
+        "| system | concurrency | jobs/s | p50 ms | p90 ms | p99 ms | TTFT p50 ms | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for system, runs in o["sweep"].items():
+        for r in runs:
+            ttft = r["ttft_ms"]["p50"] if r["ttft_ms"] else math.nan
+            lines.append(
+                f"| {SYSTEMS.get(system, system)} | {r['concurrency']} | {r['throughput_rps']:.0f} "
+                f"| {r['latency_ms']['p50']:.2f} | {r['latency_ms']['p90']:.2f} | {r['latency_ms']['p99']:.2f} "
+                f"| {_f(ttft)} | {_f(r['mean_batch_size'])} |"
+            )
+    lines += [
+        "",
+        "Where GKT's time goes (mean ms per job, from the replies' stage timings):",
+        "",
+        "| concurrency | queue wait | teacher | student wait | student | total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in o["sweep"].get("gkt", []):
+        m = r["stage_mean_ms"]
+        lines.append(
+            f"| {r['concurrency']} | {_f(m.get('queue_wait_ms'))} | {_f(m.get('teacher_ms'))} "
+            f"| {_f(m.get('student_wait_ms'))} | {_f(m.get('student_ms'))} | {_f(m.get('total_ms'))} |"
+        )
+    lines += ["", "Teacher batch sizes (jobs per size):", ""]
+    for r in o["sweep"].get("gkt", []):
+        lines.append(f"- concurrency {r['concurrency']}: {r['batch_sizes']}")
+    return [*lines, ""]
+
+
+def _load(values: Any) -> str:
+    return "/".join(f"{v:.1f}" for v in values) if values else "?"
+
+
+def _f(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def _plots(results: Mapping[str, Any], directory: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    if "overhead" in results:
+        sweep = results["overhead"]["sweep"]
+        for metric, ylabel, name in (
+            ("latency", "latency p50 / p99 (ms)", "overhead_latency.png"),
+            ("throughput", "throughput (requests/s)", "overhead_throughput.png"),
+        ):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for system, runs in sweep.items():
+                xs = [r["concurrency"] for r in runs]
+                if metric == "latency":
+                    line = ax.plot(
+                        xs, [r["latency_ms"]["p50"] for r in runs], marker="o", label=f"{SYSTEMS[system]} p50"
+                    )
+                    ax.plot(
+                        xs,
+                        [r["latency_ms"]["p99"] for r in runs],
+                        ls="--",
+                        color=line[0].get_color(),
+                        label=f"{SYSTEMS[system]} p99",
+                    )
+                else:
+                    ax.plot(xs, [r["throughput_rps"] for r in runs], marker="o", label=SYSTEMS[system])
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent clients (closed loop)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(directory / name, dpi=100)
+            plt.close(fig)
+            paths.append(directory / name)
+    distributions = _batch_distributions(results)
+    if distributions:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        width = 0.8 / len(distributions)
+        for i, (label, counts) in enumerate(distributions.items()):
+            sizes = [int(s) for s in counts]
+            ax.bar([s + i * width for s in sizes], list(counts.values()), width=width, label=label)
+        ax.set_xlabel("teacher batch size")
+        ax.set_ylabel("jobs")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(directory / "batch_sizes.png", dpi=100)
+        plt.close(fig)
+        paths.append(directory / "batch_sizes.png")
+    return paths
+
+
+def _batch_distributions(results: Mapping[str, Any]) -> dict[str, dict[str, int]]:
+    found: dict[str, dict[str, int]] = {}
+    for r in results.get("overhead", {}).get("sweep", {}).get("gkt", []):
+        found[f"echo, concurrency {r['concurrency']}"] = r["batch_sizes"]
+    if "batching" in results:
+        found["gemma-3-270m, Guide"] = results["batching"]["online"]["batch_sizes"]
+    return {label: counts for label, counts in found.items() if counts}

@@ -1,0 +1,117 @@
+"""`gkt bench` on the echo backends (a tiny sweep), the echo backends themselves, and the report's arithmetic.
+
+Timings are never asserted: only the report's structure and the arithmetic that ties its numbers together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from gkt.bench.stats import Sample, percentile, summarize
+from gkt.decoding import Sampler, TextTracker, decode_steps
+from gkt.jobs import GuidanceMode, Task
+from gkt.models import ECHO_MODEL, load_model
+from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
+from services import bench
+from services.teacher.backends.base import GenerationRequest
+from services.teacher.backends.echo import EchoBackend
+
+
+def test_percentiles_interpolate_between_ranks() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 100) == 4.0
+    assert percentile(values, 90) == pytest.approx(3.7)
+    assert math.isnan(percentile([], 50))
+
+
+def test_a_summary_counts_failures_apart_and_derives_throughput_from_successes() -> None:
+    samples = [
+        Sample(latency_s=0.010, ttft_s=0.002, stages_ms={"teacher_ms": 1.0}, batch_size=2, tokens=3),
+        Sample(latency_s=0.030, ttft_s=0.004, stages_ms={"teacher_ms": 3.0}, batch_size=2, tokens=5),
+        Sample(latency_s=0.020, stages_ms={"teacher_ms": 2.0}, batch_size=1, tokens=1),
+        Sample(latency_s=9.0, ok=False, error="UNAVAILABLE"),
+    ]
+    summary = summarize(samples, wall_s=0.5, concurrency=2)
+    assert (summary["requests"], summary["ok"], summary["errors"]) == (4, 3, {"UNAVAILABLE": 1})
+    assert summary["throughput_rps"] == pytest.approx(6.0)
+    assert summary["latency_ms"]["p50"] == pytest.approx(20.0)
+    assert summary["ttft_ms"]["p50"] == pytest.approx(3.0)
+    assert summary["stage_mean_ms"] == {"teacher_ms": pytest.approx(2.0)}
+    assert summary["batch_sizes"] == {"1": 1, "2": 2}
+    assert summary["mean_batch_size"] == pytest.approx(5 / 3)
+    assert summary["tokens"] == 9
+
+
+async def test_the_echo_teacher_returns_the_first_words_of_the_question_at_once() -> None:
+    backend = EchoBackend()
+    prompt = teacher_prompt(
+        task=Task.CSQA, mode=GuidanceMode.CUTOFF, query="Where is the plate?\n(A) x (B) y"
+    )
+    short = GenerationRequest(prompt=prompt, max_new_tokens=2, stop=(STOP_SEQUENCE,))
+    long = GenerationRequest(prompt=prompt, max_new_tokens=50)
+
+    first, second = await backend.generate_batch([short, long])
+
+    assert (first.text, first.token_count, first.finish_reason) == ("Where is", 2, "length")  # type: ignore[union-attr]
+    assert (second.text, second.finish_reason) == ("Where is the plate?", "eos")  # type: ignore[union-attr]
+
+
+def test_the_echo_student_repeats_its_question_and_never_writes_a_stop_string(tmp_path: Path) -> None:
+    lm = load_model(name=ECHO_MODEL, cache_dir=tmp_path)
+    prompt = student_prompt(task=Task.GSM8K, query="How many?\nQ: not this line", guidance="Some")
+    tracker = TextTracker(lm=lm, stop=(STOP_SEQUENCE,))
+    steps = decode_steps(lm=lm, prompts=[prompt], samplers=[Sampler()])
+    for _ in range(len("not this line") * 3):
+        tracker.push(next(steps)[0])
+    assert tracker.text == "not this line" * 3
+    assert not tracker.stopped
+    assert lm.eos_token_ids == frozenset()
+
+
+def test_bench_sweeps_the_echo_stack_beside_both_floors_and_writes_a_consistent_report(
+    tmp_path: Path,
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--scenarios", "overhead", "--concurrency", "1,3", "--requests", "12", "--echo-students", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+
+    assert bench.run(args) == 0
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    sweep = results["overhead"]["sweep"]
+    assert set(sweep) == {"gkt", "redis_floor", "celery_floor"}
+    for system, runs in sweep.items():
+        assert [r["concurrency"] for r in runs] == [1, 3]
+        for run in runs:
+            assert (run["requests"], run["ok"], run["errors"]) == (12, 12, {})
+            assert run["throughput_rps"] == pytest.approx(run["ok"] / run["wall_s"])
+            latency = run["latency_ms"]
+            assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+        assert results["overhead"]["saturation_rps"][system] == max(r["throughput_rps"] for r in runs)
+        assert results["overhead"]["unloaded"][f"{system}_p50_ms"] == runs[0]["latency_ms"]["p50"]
+    for run in sweep["gkt"]:
+        assert sum(run["batch_sizes"].values()) == 12
+        assert set(run["stage_mean_ms"]) == {
+            "queue_wait_ms",
+            "teacher_ms",
+            "student_wait_ms",
+            "student_ms",
+            "total_ms",
+        }
+        assert run["ttft_ms"]["p50"] <= run["latency_ms"]["p99"]
+        assert run["tokens"] == 12 * 16  # the echo student always writes max_new_tokens
+    table = (tmp_path / "results.md").read_text()
+    assert "| GKT, echo models | 3 |" in table
+    assert "| bare Celery task | 1 |" in table
+    for plot in ("overhead_latency.png", "overhead_throughput.png", "batch_sizes.png"):
+        assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
