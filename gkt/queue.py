@@ -6,6 +6,7 @@ acknowledged by a teacher (acknowledged entries are deleted), so nothing grows w
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, GuidanceEvent, Job, decode_event, encode_event
+
+log = logging.getLogger(__name__)
 
 TEACHER_GROUP = "teachers"
 STUDENT_QUEUE = "student"
@@ -71,6 +74,11 @@ class Keys:
 
     def attempts(self, job_id: str) -> str:
         return f"{self.prefix}:attempts:{job_id}"
+
+    @property
+    def cancellations(self) -> str:
+        """Pub/sub channel of cancelled job ids (the `cancelled` key stays the durable record)."""
+        return f"{self.prefix}:cancellations"
 
     def cancelled(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
@@ -138,6 +146,19 @@ async def read_events(
     return events
 
 
+_HEARD_MAX = 10_000
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _log_listener_error(exc: BaseException, pubsub: Any, thread: Any) -> None:
+    """Keep listening through a Redis outage (redis-py reconnects on the next read)."""
+    log.warning("cancellation listener: %s", exc)
+    time.sleep(1.0)
+
+
 class SyncEventPublisher:
     """The student side: publishes a job's events from a synchronous Celery task."""
 
@@ -146,6 +167,34 @@ class SyncEventPublisher:
         self.keys = keys
         self.ttl_s = ttl_s
         self._final = redis.register_script(_PUBLISH_FINAL)
+        self._heard: dict[str, None] = {}  # cancelled job ids heard on the channel, oldest first
+        self._listener: Any = None
+
+    def watch_cancellations(self) -> None:
+        """Listen for cancellations in a background thread, so that checking one between two tokens
+        costs no Redis round trip (`heard_cancel`). The durable key is still read at every publish, so
+        a cancellation missed here (sent before the subscription, or while Redis was away) still stops
+        the job at the next delta."""
+        if self._listener is not None:
+            return
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(**{self.keys.cancellations: self._on_cancel})
+        self._listener = pubsub.run_in_thread(
+            sleep_time=1.0, daemon=True, exception_handler=_log_listener_error
+        )
+
+    def stop_watching(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    def heard_cancel(self, job_id: str) -> bool:
+        return job_id in self._heard
+
+    def _on_cancel(self, message: dict[str, Any]) -> None:
+        self._heard[_text(message["data"])] = None
+        while len(self._heard) > _HEARD_MAX:
+            del self._heard[next(iter(self._heard))]
 
     def publish(self, job_id: str, event: AnyEvent, *, check_cancel: bool = False) -> bool:
         """Publish an event; returns True when the job was cancelled (checked in the same round trip)."""

@@ -156,7 +156,10 @@ class GatewayService:
         try:
             # the value records when (fault-injection tests count the tokens generated after it)
             cancelled_at = f"{time.time():.6f}"
-            await self.redis.set(self.keys.cancelled(job.id), cancelled_at, ex=self.settings.job_ttl_s)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.cancelled(job.id), cancelled_at, ex=self.settings.job_ttl_s)
+                pipe.publish(self.keys.cancellations, job.id)  # students hear it between two tokens
+                await pipe.execute()
         except Exception:  # Redis gone: the deadline stops the student instead
             log.warning("could not mark job cancelled", extra={"job_id": job.id})
 

@@ -75,10 +75,12 @@ def complete(
     prefix_cache: PrefixCache | None = None,
     stream_interval_s: float = 0.0,
 ) -> Completion:
-    """Generate at batch size 1, checking the deadline between tokens.
+    """Generate at batch size 1, checking cancellation and the deadline between tokens.
 
-    Deltas are coalesced: one Redis round trip (publish what is new, check cancellation) at most
-    every `stream_interval_s`, the first delta at once; 0 publishes after every token.
+    Deltas are coalesced: one Redis round trip (publish what is new, check the durable cancel mark) at
+    most every `stream_interval_s`, the first delta at once; 0 publishes after every token. A
+    cancellation heard on the channel (`SyncEventPublisher.watch_cancellations`) stops the job at the
+    next token without a round trip.
     """
     started_at = time.time()
     started = time.perf_counter()
@@ -111,6 +113,8 @@ def complete(
             finish = "eos"
             break
         pending += tracker.push(token)
+        if publisher.heard_cancel(job.id):  # no round trip: a listener thread heard it
+            raise Cancelled("the client cancelled the job")
         if time.perf_counter() - last_sync >= stream_interval_s:
             if _publish_delta(
                 publisher, job, pending, offset=tracker.emitted - len(pending), attempt=attempt

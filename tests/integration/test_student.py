@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,29 @@ def test_a_cancelled_job_stops_after_one_token(
     events = _events(redis, job)
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
     assert sum(isinstance(e, DeltaEvent) for e in events) <= 1
+
+
+def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_without_a_round_trip(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    # Only the channel carries this cancellation (no durable mark), and deltas would be synced once an
+    # hour: the job can only stop early by hearing it between two tokens.
+    job = _job(max_new_tokens=200, temperature=1.0)
+    publisher.watch_cancellations()
+    try:
+        while redis.pubsub_numsub(KEYS.cancellations)[0][1] < 1:
+            time.sleep(0.01)
+        redis.publish(KEYS.cancellations, job.id)
+        while not publisher.heard_cancel(job.id):
+            time.sleep(0.01)
+        run_job(
+            lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3, stream_interval_s=3600
+        )
+    finally:
+        publisher.stop_watching()
+    events = _events(redis, job)
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
+    assert not any(isinstance(e, DeltaEvent) for e in events)  # stopped after its first token
 
 
 def test_a_job_past_its_attempts_fails_with_an_error(
