@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PROTO_OUT := gkt/v1/guidance_pb2.py
 
-.PHONY: help setup proto lint test test-fast demo up down bench eval k8s-validate clean
+.PHONY: help setup proto lint test test-fast demo up down bench eval soak k8s-validate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -56,8 +56,11 @@ down:  ## stop what `make up` started
 bench: setup  ## benchmarks; results go to docs/benchmarks.md
 	$(VENV)/bin/gkt bench
 
-eval: setup  ## paper reproduction on the bundled models
-	$(VENV)/bin/gkt eval
+eval: setup  ## paper reproduction on the bundled models (EVAL_ARGS="--dataset gsm8k --limit 100 ...")
+	$(VENV)/bin/gkt eval $(EVAL_ARGS)
+
+soak: setup  ## a longer soak through the real stack (GKT_SOAK_REQUESTS, default 5000)
+	GKT_SOAK_REQUESTS=$${GKT_SOAK_REQUESTS:-5000} $(VENV)/bin/pytest -q -s -p no:cacheprovider tests/e2e/test_soak.py
 
 k8s-validate: setup  ## render every overlay and validate it offline
 	$(PY) scripts/k8s_validate.py

@@ -1,7 +1,9 @@
 """Answers: reading the final answer out of generated text, and the gold answer out of a dataset record.
 
 A generated answer counts only when it follows the first "The answer is" (the phrase every exemplar in
-`gkt.prompts` ends with). There is no fallback: text without a readable answer yields None, which
+`gkt.prompts` ends with) of the generated text; callers pass only what the models wrote (guidance and
+continuation), never the prompt, whose exemplars hold answers of their own. For GSM8K the answer is the
+first number on the trigger's line. There is no fallback: text without a readable answer yields None, which
 `is_correct` scores as wrong, where the paper's scripts would have guessed at random.
 Numbers are normalised ("1,234" -> "1234", "3.50" -> "3.5", "5.0" -> "5"); choices are upper-case letters.
 """
@@ -19,7 +21,10 @@ from gkt.prompts import format_choices
 _TRIGGER = re.compile(r"the answer is", re.IGNORECASE)
 # Colons, markdown emphasis and quotes that models put between the trigger and the answer itself.
 _LEAD_CHARS = " \t\n:*\"'`"
-_NUMBER = re.compile(r"(?P<sign>-)?\$?(?P<sign_after_dollar>-)?(?P<digits>\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)")
+# A minus may be ASCII or U+2212, before or after a dollar sign; commas group thousands.
+_NUMBER = re.compile(
+    r"(?P<sign>[-\u2212])?\$?(?P<sign_after_dollar>[-\u2212])?(?P<digits>\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)"
+)
 # A choice letter right after the trigger must stand alone: "(b)", "b)", "B", "B." or a final "b." all do,
 # but the article in "The answer is a good one" does not, so a bare lower-case letter needs punctuation.
 _LEADING_CHOICE = re.compile(
@@ -42,7 +47,8 @@ def extract_answer(*, task: Task, text: str) -> str | None:
         return None
     rest = text[trigger.end() :].lstrip(_LEAD_CHARS)
     if task is Task.GSM8K:
-        number = _NUMBER.search(rest)
+        # Only the trigger's own line: a number further down belongs to other reasoning, not to this answer.
+        number = _NUMBER.search(rest.split("\n", 1)[0])
         return _normalise_number(number) if number else None
     return _choice_letter(rest)
 

@@ -1,26 +1,40 @@
 """Prompts: Manual-CoT few-shot exemplars and the teacher and student prompts built from them.
 
-Exemplars are the chain-of-thought sets of Wei et al. 2022 (arXiv 2201.11903, appendix G): GSM8K
-8-shot (the math word problem set), CommonsenseQA 7-shot and AQuA 4-shot, written out as published
-except for one uniform format. Every exemplar renders as
+Exemplars are the chain-of-thought sets of Wei et al. 2022 (arXiv 2201.11903, appendix G) as the GKT
+paper's scripts (github.com/Zoeyyao27/GKT, `utils_data.py`) use them: GSM8K 8-shot (the math word problem
+set), CommonsenseQA 7-shot and AQuA 4-shot. Two published labels contradict their own rationales: the CSQA
+fox exemplar reasons to "natural habitat" (C) but is labelled (B), and GKT's AQuA keystroke exemplar
+computes 1392 (B) but is labelled (D). `ExemplarSet.PAPER` keeps both errors, to reproduce the paper's
+prompts; `ExemplarSet.CORRECTED` (the default, served and evaluated) fixes the two labels and nothing else.
+Both sets keep the published questions and rationales in one uniform layout. Every exemplar renders as
 
     Q: {question}
     A: {rationale} The answer is {answer}.
 
 followed by a blank line. Multiple-choice questions carry their options on a second line,
 `{stem}\\nAnswer Choices: (A) x (B) y ...`, and their answers are written `(B)`: an UPPERCASE letter
-in parentheses, everywhere (choice labels, exemplar answers). The paper writes lowercase letters and
-ends CSQA rationales with "So the answer is (e)."; we use the dataset's own uppercase labels and one
-closing sentence for all tasks so that `gkt.answers` reads every answer the same way.
+in parentheses, everywhere (choice labels, exemplar answers). Wei et al. write lowercase letters and GKT's
+scripts put the choices on the question's line ("Answer choices: (A) x, (B) y.") with a bare letter after
+"The answer is"; we use the dataset's own uppercase labels and one layout for all tasks so that
+`gkt.answers` reads every answer the same way.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gkt.jobs import GuidanceMode, Task
+
+
+class ExemplarSet(enum.StrEnum):
+    """Which labels the few-shot exemplars carry: as published (with its two errors) or corrected."""
+
+    CORRECTED = "corrected"
+    PAPER = "paper"
+
 
 STOP_SEQUENCE = "\nQ:"
 """Generation stops here: the model has finished its answer and started the next question."""
@@ -116,14 +130,13 @@ CSQA_EXEMPLARS: tuple[Exemplar, ...] = (
         rationale="The answer must require cable. Of the above choices, only television requires cable.",
         answer="(C)",
     ),
-    # As published: the rationale names "natural habitat", which is (C), yet the answer says (B).
-    # Reproducing the paper's prompt means keeping the error; a corrected set would be a second tuple.
+    # The rationale names "natural habitat", which is (C); the published label (B) is the error.
     Exemplar(
         question="The fox walked from the city into the forest, what was it looking for?\nAnswer Choices: "
         "(A) pretty flowers (B) hen house (C) natural habitat (D) storybook",
         rationale="The answer must be something in the forest. "
         "Of the above choices, only natural habitat is in the forest.",
-        answer="(B)",
+        answer="(C)",
     ),
     Exemplar(
         question="Sammy wanted to go to where the people were. Where might he go?\nAnswer Choices: "
@@ -181,9 +194,16 @@ AQUA_EXEMPLARS: tuple[Exemplar, ...] = (
         "Answer Choices: (A) 1156 (B) 1392 (C) 1480 (D) 1562 (E) 1788",
         rationale="There are 9 one-digit numbers from 1 to 9. There are 90 two-digit numbers from 10 to 99. "
         "There are 401 three-digit numbers from 100 to 500. 9 + 90(2) + 401(3) = 1392.",
+        # 1392 is (B); GKT's published prompt labels this exemplar (D).
         answer="(B)",
     ),
 )
+
+PAPER_LABEL_ERRORS: Mapping[Task, Mapping[int, str]] = {
+    Task.CSQA: {2: "(B)"},
+    Task.AQUA: {3: "(D)"},
+}
+"""The published (wrong) label of each exemplar, by position, that the corrected set fixes."""
 
 EXEMPLARS: Mapping[Task, tuple[Exemplar, ...]] = {
     Task.FREEFORM: (),
@@ -191,7 +211,19 @@ EXEMPLARS: Mapping[Task, tuple[Exemplar, ...]] = {
     Task.CSQA: CSQA_EXEMPLARS,
     Task.AQUA: AQUA_EXEMPLARS,
 }
-"""The Manual-CoT exemplar set of each task, as published by Wei et al. 2022."""
+"""The corrected Manual-CoT exemplar set of each task (the default)."""
+
+
+def exemplars(*, task: Task, exemplar_set: ExemplarSet = ExemplarSet.CORRECTED) -> tuple[Exemplar, ...]:
+    """The few-shot exemplars of a task, with the published label errors when `exemplar_set` is PAPER."""
+    corrected = EXEMPLARS[task]
+    if exemplar_set is ExemplarSet.CORRECTED:
+        return corrected
+    errors = PAPER_LABEL_ERRORS.get(task, {})
+    return tuple(
+        Exemplar(question=e.question, rationale=e.rationale, answer=errors.get(i, e.answer))
+        for i, e in enumerate(corrected)
+    )
 
 
 def format_choices(stem: str, choices: Sequence[tuple[str, str]]) -> str:
@@ -201,25 +233,29 @@ def format_choices(stem: str, choices: Sequence[tuple[str, str]]) -> str:
 
 
 @functools.cache
-def exemplar_block(*, task: Task) -> str:
+def exemplar_block(*, task: Task, exemplar_set: ExemplarSet = ExemplarSet.CORRECTED) -> str:
     """The few-shot prefix of a task: identical for every job, so it is rendered once."""
-    return "".join(exemplar.render() for exemplar in EXEMPLARS[task])
+    return "".join(exemplar.render() for exemplar in exemplars(task=task, exemplar_set=exemplar_set))
 
 
-def task_prompt(*, task: Task, query: str) -> str:
+def task_prompt(*, task: Task, query: str, exemplar_set: ExemplarSet = ExemplarSet.CORRECTED) -> str:
     """The task's exemplars followed by `Q: {query}\\nA:`, ready for the model to answer."""
     # Surrounding whitespace (a user's trailing newline) would break the Q:/A: layout the exemplars teach.
-    return f"{exemplar_block(task=task)}Q: {query.strip()}\nA:"
+    return f"{exemplar_block(task=task, exemplar_set=exemplar_set)}Q: {query.strip()}\nA:"
 
 
-def teacher_prompt(*, task: Task, mode: GuidanceMode, query: str) -> str:
+def teacher_prompt(
+    *, task: Task, mode: GuidanceMode, query: str, exemplar_set: ExemplarSet = ExemplarSet.CORRECTED
+) -> str:
     """What the teacher is asked for a job in `mode`; the `none` mode asks it nothing."""
     if mode not in _MODE_PREFIXES:
         raise ValueError(f"guidance mode {mode.value!r} makes no teacher call, so it has no teacher prompt")
-    return _MODE_PREFIXES[mode] + task_prompt(task=task, query=query)
+    return _MODE_PREFIXES[mode] + task_prompt(task=task, query=query, exemplar_set=exemplar_set)
 
 
-def student_prompt(*, task: Task, query: str, guidance: str) -> str:
+def student_prompt(
+    *, task: Task, query: str, guidance: str, exemplar_set: ExemplarSet = ExemplarSet.CORRECTED
+) -> str:
     """The task prompt with the teacher's guidance after `A: `, so the student continues the teacher."""
-    prompt = task_prompt(task=task, query=query)
+    prompt = task_prompt(task=task, query=query, exemplar_set=exemplar_set)
     return f"{prompt} {guidance}" if guidance else prompt

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("demo", help="start the stack on the bundled models, ask three questions, stop")
     commands.add_parser("up", help="start the stack in the background (state in .gkt/)")
     commands.add_parser("down", help="stop the stack `gkt up` started")
+    evaluation = commands.add_parser("eval", help="the paper's evaluation (Table 2) on GSM8K, CSQA or AQuA")
+    _add_eval_arguments(evaluation)
+    from services.bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(commands.add_parser("bench", help="load-test the stack; report in docs/benchmarks/"))
     hash_key = commands.add_parser(
         "hash-key", help="print the line for an API key in GKT_GATEWAY_API_KEYS_FILE"
     )
@@ -63,6 +68,14 @@ def main(argv: list[str] | None = None) -> None:
         _up()
     elif args.command == "down":
         _down()
+    elif args.command == "eval":
+        from gkt.evaluation.command import run as run_eval
+
+        sys.exit(run_eval(args))
+    elif args.command == "bench":
+        from services.bench import run as run_bench
+
+        sys.exit(run_bench(args))
     elif args.command == "hash-key":
         from services.gateway.auth import hash_key as hash_api_key
 
@@ -71,9 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_probe_teacher())
 
 
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from gkt.evaluation.command import add_arguments
+
+    add_arguments(parser)
+
+
 def _add_ask_arguments(ask: argparse.ArgumentParser) -> None:
     ask.add_argument("query")
     ask.add_argument("--addr", default=os.environ.get("GKT_GATEWAY_ADDR", "127.0.0.1:50051"))
+    ask.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS, trusting this CA")
+    ask.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS (with --tls-key)")
+    ask.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     ask.add_argument("--task", choices=_TASKS, default="freeform")
     ask.add_argument("--mode", choices=_MODES, default="cutoff")
     ask.add_argument("--guidance-tokens", type=int)
@@ -111,10 +133,24 @@ def _request(args: argparse.Namespace):
     )
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """Plaintext unless --tls-ca is given; a client certificate too for mutual TLS."""
+    ca = getattr(args, "tls_ca", None)
+    if ca is None:
+        return grpc.insecure_channel(args.addr)
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes(),
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(args.addr, credentials)
+
+
 def _ask(args: argparse.Namespace) -> int:
     from gkt.v1 import guidance_pb2_grpc
 
-    with grpc.insecure_channel(args.addr) as channel:
+    with _channel(args) as channel:
         stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
         metadata = (("authorization", f"Bearer {args.api_key}"),) if getattr(args, "api_key", None) else None
         try:

@@ -51,6 +51,12 @@ AQUA_RECORD = {
         ("The answer is 0.", "0"),
         ("The answer is 6. Then 7 more... The answer is 13.", "6"),
         ("She keeps 9 eggs. The answer is nine, that is 9 eggs.", "9"),
+        ("The answer is \u22127.", "-7"),
+        ("The answer is -0.25.", "-0.25"),
+        ("The answer is .5 of a pie.", "0.5"),
+        ("The answer is **12,000**.", "12000"),
+        ("The answer is 8, because 5 + 3 = 8.", "8"),
+        ("The answer is 10,000.50 dollars.", "10000.5"),
     ],
 )
 def test_gsm8k_reads_the_first_number_after_the_trigger(text: str, expected: str) -> None:
@@ -62,6 +68,7 @@ def test_gsm8k_reads_the_first_number_after_the_trigger(text: str, expected: str
     [
         "Janet sells 9 eggs for $2 each, making 18 dollars.",
         "The answer is unknown.",
+        "The answer is not given here.\nBut 12 apples remain.",
         "",
     ],
 )
@@ -82,6 +89,9 @@ def test_gsm8k_without_a_readable_answer_is_none(text: str) -> None:
         ("The answer is option D.", "D"),
         ("The answer is grocery cart (b).", "B"),
         ("The answer is (A). Later text says the answer is (C).", "A"),
+        ("The answer is E.", "E"),
+        ("The answer is: **(d)**", "D"),
+        ("the answer is c", "C"),
     ],
 )
 def test_choice_letter_is_read_in_either_case(text: str, expected: str) -> None:
@@ -169,3 +179,10 @@ def test_format_record_builds_each_tasks_query() -> None:
     assert format_record(task=Task.AQUA, record=AQUA_RECORD) == (
         "What is 12 divided by 4?\nAnswer Choices: (A) 2 (B) 3 (C) 4 (D) 6 (E) None of these"
     )
+
+
+def test_only_generated_text_is_read_not_the_prompts_exemplars() -> None:
+    """The first trigger decides: a later correct-looking answer does not rescue a wrong first one."""
+    generated = "Leaves fall. The answer is (B). Q: ... The answer is (C)."
+    assert extract_answer(task=Task.CSQA, text=generated) == "B"
+    assert extract_answer(task=Task.GSM8K, text="So 3 + 4 = 7.\nThe answer is 7.\n\nThe answer is 8.") == "7"

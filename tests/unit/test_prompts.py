@@ -10,8 +10,11 @@ from gkt.answers import extract_answer
 from gkt.jobs import GuidanceMode, Task
 from gkt.prompts import (
     EXEMPLARS,
+    PAPER_LABEL_ERRORS,
     STOP_SEQUENCE,
+    ExemplarSet,
     exemplar_block,
+    exemplars,
     format_choices,
     student_prompt,
     task_prompt,
@@ -117,3 +120,43 @@ def test_student_prompt_without_guidance_is_the_task_prompt() -> None:
 def test_student_prompt_omits_the_hint_instruction() -> None:
     prompt = student_prompt(task=Task.CSQA, query=CHOICE_QUERY, guidance="Fish need water.")
     assert "Provide a brief hint" not in prompt
+
+
+def test_paper_set_keeps_the_two_published_label_errors() -> None:
+    paper_csqa = exemplars(task=Task.CSQA, exemplar_set=ExemplarSet.PAPER)
+    paper_aqua = exemplars(task=Task.AQUA, exemplar_set=ExemplarSet.PAPER)
+    assert "natural habitat" in paper_csqa[2].rationale and paper_csqa[2].answer == "(B)"
+    assert "= 1392" in paper_aqua[3].rationale and paper_aqua[3].answer == "(D)"
+
+
+def test_corrected_set_is_the_default_and_answers_as_its_rationales_reason() -> None:
+    corrected_csqa = exemplars(task=Task.CSQA)
+    corrected_aqua = exemplars(task=Task.AQUA)
+    assert corrected_csqa == EXEMPLARS[Task.CSQA]
+    assert corrected_csqa[2].answer == "(C)" and "(C) natural habitat" in corrected_csqa[2].question
+    assert corrected_aqua[3].answer == "(B)" and "(B) 1392" in corrected_aqua[3].question
+
+
+@pytest.mark.parametrize("task", [Task.GSM8K, Task.CSQA, Task.AQUA])
+def test_paper_and_corrected_sets_differ_only_in_the_listed_labels(task: Task) -> None:
+    paper = exemplars(task=task, exemplar_set=ExemplarSet.PAPER)
+    corrected = exemplars(task=task, exemplar_set=ExemplarSet.CORRECTED)
+    differing = {i for i, (p, c) in enumerate(zip(paper, corrected, strict=True)) if p != c}
+    assert differing == set(PAPER_LABEL_ERRORS.get(task, {}))
+    for p, c in zip(paper, corrected, strict=True):
+        assert (p.question, p.rationale) == (c.question, c.rationale)
+
+
+def test_prompts_follow_the_chosen_exemplar_set() -> None:
+    paper = task_prompt(task=Task.CSQA, query=CHOICE_QUERY, exemplar_set=ExemplarSet.PAPER)
+    corrected = task_prompt(task=Task.CSQA, query=CHOICE_QUERY)
+    assert "only natural habitat is in the forest. The answer is (B)." in paper
+    assert "only natural habitat is in the forest. The answer is (C)." in corrected
+    student = student_prompt(
+        task=Task.CSQA, query=CHOICE_QUERY, guidance="Fish", exemplar_set=ExemplarSet.PAPER
+    )
+    assert student == paper + " Fish"
+    teacher = teacher_prompt(
+        task=Task.CSQA, mode=GuidanceMode.HINT, query=CHOICE_QUERY, exemplar_set=ExemplarSet.PAPER
+    )
+    assert teacher == "Provide a brief hint for the question: " + paper

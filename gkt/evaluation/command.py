@@ -1,0 +1,180 @@
+"""`gkt eval`: the command line of the evaluation, turning arguments into a plan, a runner and a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from gkt.config import CommonSettings
+from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
+from gkt.evaluation.evaluate import Runner, evaluate, report
+from gkt.evaluation.plan import GKT_MODES, STUDENT_TEMPERATURE, TEACHER_TEMPERATURE, TEACHER_TOP_P, EvalPlan
+from gkt.evaluation.records import RecordStore
+from gkt.evaluation.report import markdown_table
+from gkt.jobs import GuidanceMode, Task
+from gkt.prompts import ExemplarSet
+
+DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runner",
+        nargs="?",
+        choices=["offline", "live"],
+        default="offline",
+        help="offline: library calls in this process (batched teacher, students at batch 1); "
+        "live: every question through a running gateway over gRPC",
+    )
+    parser.add_argument("--dataset", choices=[t.value for t in DATASETS], default=Task.CSQA.value)
+    parser.add_argument(
+        "--guidance",
+        default=GuidanceMode.CUTOFF.value,
+        help="comma-separated GKT modes among cutoff, concise, hint (default: cutoff)",
+    )
+    parser.add_argument(
+        "--guidance-tokens",
+        help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N)",
+    )
+    parser.add_argument("--student-tokens", type=int, help="student max new tokens (default: the paper's)")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the student-alone and teacher-alone rows"
+    )
+    parser.add_argument("--limit", type=int, help="the first N questions of the dataset (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; each question's seed derives from it")
+    parser.add_argument("--greedy", action="store_true", help="temperature 0 for teacher and student")
+    parser.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help=f"TEACHER,STUDENT: aliases, HF ids or directories ({DEFAULT_MODELS}); live: the labels of "
+        "the models the server runs",
+    )
+    parser.add_argument(
+        "--exemplars",
+        choices=[e.value for e in ExemplarSet],
+        default=ExemplarSet.CORRECTED.value,
+        help="corrected (default) or paper: the published exemplars with their two label errors",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="the datasets and SHA256SUMS ($GKT_DATA_DIR, ../shared/data)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output directory, resumable (default: runs/<dataset>-<runner>)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=10, help="offline: teacher batch size (paper: 10-32)"
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="live: requests in flight at once")
+    parser.add_argument(
+        "--addr", default=os.environ.get("GKT_GATEWAY_ADDR", "127.0.0.1:50051"), help="live: gateway"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="live: deadline per request in seconds")
+    parser.add_argument("--device", default="cpu", help="offline: torch device")
+    parser.add_argument("--dtype", default="float32", help="offline: float32, bfloat16 or float16")
+    parser.add_argument("--threads", type=int, default=0, help="offline: torch threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the records already in --out; run nothing",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation the arguments describe; print the table; 2 on a usage or data error."""
+    try:
+        plan = build_plan(args)
+        dataset = load_dataset(task=plan.task, data_dir=resolve_data_dir(args.data_dir), limit=args.limit)
+        out = args.out or Path("runs") / f"{plan.task.value}-{plan.runner}"
+        store = RecordStore(out, plan=plan)
+    except (DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.report_only:
+        summary = report(plan=plan, dataset=dataset, store=store)
+        print(markdown_table(summary))
+        return 0
+    runner = _runner(args, plan)
+    try:
+        summary = evaluate(
+            plan=plan,
+            dataset=dataset,
+            store=store,
+            runner=runner,
+            chunk_size=args.concurrency if plan.runner == "live" else args.batch_size,
+            progress=not args.no_progress,
+        )
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
+    print(markdown_table(summary))
+    print(f"records, summary.json, table.md and plots in {out}")
+    return 0
+
+
+def build_plan(args: argparse.Namespace) -> EvalPlan:
+    """The plan the arguments ask for, with the paper's per-dataset defaults for what they leave out."""
+    task = Task(args.dataset)
+    spec = DATASETS[task]
+    modes = tuple(GuidanceMode(m.strip()) for m in args.guidance.split(",") if m.strip())
+    if not set(modes) <= set(GKT_MODES):
+        raise ValueError(f"--guidance takes {', '.join(m.value for m in GKT_MODES)}; got {args.guidance!r}")
+    lengths = (
+        tuple(int(n) for n in args.guidance_tokens.split(","))
+        if args.guidance_tokens
+        else (spec.guidance_tokens,)
+    )
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"--guidance-tokens must be positive; got {args.guidance_tokens!r}")
+    teacher, _, student = args.models.partition(",")
+    if not teacher or not student:
+        raise ValueError(f"--models takes TEACHER,STUDENT; got {args.models!r}")
+    for option, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1; got {value}")
+    if args.runner == "live" and args.exemplars != ExemplarSet.CORRECTED.value:
+        raise ValueError("live runs use the server's prompts, which use the corrected exemplars")
+    live = args.runner == "live"
+    teacher_temperature = 0.0 if args.greedy else TEACHER_TEMPERATURE
+    return EvalPlan(
+        task=task,
+        teacher=teacher.strip(),
+        student=student.strip(),
+        modes=modes,
+        guidance_tokens=lengths,
+        student_tokens=args.student_tokens or spec.student_tokens,
+        seed=args.seed,
+        exemplar_set=ExemplarSet(args.exemplars),
+        runner=args.runner,
+        baselines=not args.no_baselines,
+        extra={"concurrency": args.concurrency} if live else {"batch_size": args.batch_size},
+        # A live teacher samples as its server is configured; the request cannot say.
+        teacher_temperature=None if live else teacher_temperature,
+        teacher_top_p=None if live else TEACHER_TOP_P,
+        student_temperature=0.0 if args.greedy else STUDENT_TEMPERATURE,
+    )
+
+
+def _runner(args: argparse.Namespace, plan: EvalPlan) -> Runner:
+    if plan.runner == "live":
+        from gkt.evaluation.live import LiveRunner
+
+        return LiveRunner(
+            plan=plan,
+            addr=args.addr,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            api_key=os.environ.get("GKT_API_KEY"),
+        )
+    import torch
+
+    from gkt.evaluation.offline import OfflineRunner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return OfflineRunner(
+        plan=plan, cache_dir=CommonSettings().model_cache_dir, device=args.device, dtype=args.dtype
+    )

@@ -1,0 +1,127 @@
+"""The offline runner: the paper's setting in one process — a batched teacher, then students at batch 1.
+
+It drives the serving code itself rather than a copy of it: prompts from `gkt.prompts`, models from
+`gkt.models`, and every generation through the local teacher backend's `generate_sync` (the decode loop
+of `gkt.decoding`), with the teacher worker's projection (mode prompt, first N tokens, stripped). That is
+why this core module imports a service module: the numbers must measure the code that serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from gkt.evaluation.datasets import Example
+from gkt.evaluation.plan import Condition, EvalPlan
+from gkt.evaluation.records import ExampleRecord
+from gkt.evaluation.scoring import score_example
+from gkt.models import LoadedModel, load_model
+from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
+from services.teacher.backends.base import GenerationRequest, GenerationResult
+from services.teacher.backends.local import LocalBackend
+
+
+class OfflineRunner:
+    """Loads both models on first use; `run_chunk` answers a batch of examples for one row."""
+
+    def __init__(
+        self, *, plan: EvalPlan, cache_dir: Path, device: str = "cpu", dtype: str = "float32"
+    ) -> None:
+        self.plan = plan
+        self._cache_dir, self._device, self._dtype = cache_dir, device, dtype
+        self._teacher: LocalBackend | None = None
+        self._student: LocalBackend | None = None
+
+    def run_chunk(self, condition: Condition, examples: Sequence[Example]) -> list[ExampleRecord]:
+        """One teacher batch for the chunk (unless the row has no teacher), then one student per example."""
+        teacher_results, teacher_seconds = self._guidance(condition, examples)
+        teacher_share = teacher_seconds / len(examples)
+        records = []
+        for example, teacher in zip(examples, teacher_results, strict=True):
+            guidance = teacher.text.strip()
+            student_text, student_tokens, student_seconds = "", 0, 0.0
+            if condition.uses_student:
+                student_text, student_tokens, student_seconds = self._complete(example, guidance)
+            records.append(
+                score_example(
+                    task=self.plan.task,
+                    condition=condition,
+                    example=example,
+                    seed=self.plan.example_seed(example.index),
+                    guidance=guidance,
+                    guidance_tokens=teacher.token_count,
+                    student_text=student_text,
+                    student_tokens=student_tokens,
+                    teacher_seconds=teacher_share,
+                    student_seconds=student_seconds,
+                    seconds=teacher_share + student_seconds,
+                    teacher_batch_size=len(examples) if condition.uses_teacher else 0,
+                )
+            )
+        return records
+
+    def _guidance(
+        self, condition: Condition, examples: Sequence[Example]
+    ) -> tuple[list[GenerationResult], float]:
+        if not condition.uses_teacher:
+            return [GenerationResult(text="", token_count=0, finish_reason="none") for _ in examples], 0.0
+        requests = [
+            GenerationRequest(
+                prompt=teacher_prompt(
+                    task=self.plan.task,
+                    mode=condition.mode,
+                    query=example.query,
+                    exemplar_set=self.plan.exemplar_set,
+                ),
+                max_new_tokens=condition.guidance_tokens,
+                temperature=_given(self.plan.teacher_temperature),
+                top_p=_given(self.plan.teacher_top_p),
+                seed=self.plan.example_seed(example.index),
+                stop=(STOP_SEQUENCE,),
+            )
+            for example in examples
+        ]
+        teacher = self._backend("teacher")
+        started = time.perf_counter()
+        results = teacher.generate_sync(requests)
+        return results, time.perf_counter() - started
+
+    def _complete(self, example: Example, guidance: str) -> tuple[str, int, float]:
+        """The student's continuation at batch size 1, as a Celery student would run it."""
+        request = GenerationRequest(
+            prompt=student_prompt(
+                task=self.plan.task,
+                query=example.query,
+                guidance=guidance,
+                exemplar_set=self.plan.exemplar_set,
+            ),
+            max_new_tokens=self.plan.student_tokens,
+            temperature=self.plan.student_temperature,
+            top_p=self.plan.student_top_p,
+            seed=self.plan.example_seed(example.index),
+            stop=(STOP_SEQUENCE,),
+        )
+        student = self._backend("student")
+        started = time.perf_counter()
+        (result,) = student.generate_sync([request])
+        seconds = time.perf_counter() - started
+        # With no guidance the prompt ends at "A:", and the answer starts after the space the model writes.
+        text = result.text if guidance else result.text.lstrip()
+        return text, result.token_count, seconds
+
+    def _backend(self, role: str) -> LocalBackend:
+        if role == "teacher":
+            self._teacher = self._teacher or LocalBackend.from_loaded(self._load(self.plan.teacher))
+            return self._teacher
+        self._student = self._student or LocalBackend.from_loaded(self._load(self.plan.student))
+        return self._student
+
+    def _load(self, name: str) -> LoadedModel:
+        return load_model(name=name, cache_dir=self._cache_dir, device=self._device, dtype=self._dtype)
+
+
+def _given(value: float | None) -> float:
+    if value is None:
+        raise ValueError("an offline run needs the teacher's sampling settings in its plan")
+    return value

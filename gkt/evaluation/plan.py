@@ -1,0 +1,79 @@
+"""The evaluation plan: which rows (conditions) to run, with which models, sampling and seeds."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from gkt.jobs import GuidanceMode, Task
+from gkt.prompts import ExemplarSet
+
+TEACHER_TEMPERATURE, TEACHER_TOP_P = 0.8, 0.9
+STUDENT_TEMPERATURE, STUDENT_TOP_P = 0.8, 0.95
+GKT_MODES = (GuidanceMode.CUTOFF, GuidanceMode.CONCISE, GuidanceMode.HINT)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One row of the report: the student alone, the teacher alone, or GKT with one mode and length N."""
+
+    mode: GuidanceMode
+    guidance_tokens: int = 0
+    """N for the GKT modes; the length of the teacher's whole answer for the teacher-alone row."""
+
+    @property
+    def name(self) -> str:
+        if self.mode is GuidanceMode.NONE:
+            return "student"
+        if self.mode is GuidanceMode.FULL:
+            return "teacher"
+        return f"{self.mode.value}-{self.guidance_tokens}"
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.mode is not GuidanceMode.NONE
+
+    @property
+    def uses_student(self) -> bool:
+        return self.mode is not GuidanceMode.FULL
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalPlan:
+    """Everything that decides an example's result; a resumed run must have the same plan."""
+
+    task: Task
+    teacher: str
+    student: str
+    modes: tuple[GuidanceMode, ...]
+    guidance_tokens: tuple[int, ...]
+    student_tokens: int
+    seed: int = 0
+    exemplar_set: ExemplarSet = ExemplarSet.CORRECTED
+    teacher_temperature: float | None = TEACHER_TEMPERATURE
+    """None: set by the server (live runs: GKT_TEACHER_TEMPERATURE), not by the request."""
+    teacher_top_p: float | None = TEACHER_TOP_P
+    student_temperature: float = STUDENT_TEMPERATURE
+    student_top_p: float = STUDENT_TOP_P
+    runner: str = "offline"
+    baselines: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Runner settings that do not change answers (batch size, concurrency), recorded for the reader."""
+
+    def conditions(self) -> list[Condition]:
+        rows = [Condition(GuidanceMode.NONE), Condition(GuidanceMode.FULL, self.student_tokens)]
+        rows = rows if self.baselines else []
+        return rows + [Condition(mode, n) for mode in self.modes for n in self.guidance_tokens]
+
+    def example_seed(self, index: int) -> int:
+        """A seed per example, the same in every row and every run, independent of batch-mates."""
+        material = f"{self.seed}:{index}".encode()
+        return int.from_bytes(hashlib.sha256(material).digest()[:4], "big") >> 1
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the records it extends."""
+        data = asdict(self)
+        for free in ("modes", "guidance_tokens", "baselines", "extra"):
+            data.pop(free)
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
