@@ -97,7 +97,7 @@ class OpenAIBackend:
     ) -> list[GenerationResult | BackendError]:
         if self._http is None or self._limit is None:
             raise RuntimeError("OpenAIBackend.start() was not awaited")
-        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+        return await self.resilience.call_each(self._attempt, requests, limit=self._limit)
 
     async def close(self) -> None:
         if self._http is not None:
@@ -141,18 +141,6 @@ class OpenAIBackend:
         entry = next((e for e in entries if e["id"] == self.model), {})
         max_len = entry.get("max_model_len")
         self.max_model_len = max_len if isinstance(max_len, int) and max_len > 0 else None
-
-    async def _generate_one(self, request: GenerationRequest) -> GenerationResult | BackendError:
-        assert self._limit is not None
-        try:
-            return await self.resilience.call(lambda: self._attempt(request), limit=self._limit)
-        except BackendError as exc:
-            return exc
-        except Exception as exc:  # a bug here must fail this job only, never its batch-mates
-            log.exception("openai backend: unexpected error")
-            return self.resilience.fail(
-                BackendError(f"teacher backend openai: {exc!r}", code="INTERNAL", kind="internal")
-            )
 
     async def _attempt(self, request: GenerationRequest) -> GenerationResult:
         assert self._http is not None

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Self, TypeVar
 
 from pydantic import Field, FilePath, HttpUrl, SecretStr, model_validator
@@ -19,6 +19,7 @@ from services.teacher.backends.base import BackendError
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 BreakerState = Literal["closed", "open", "half_open"]
 
 
@@ -314,6 +315,25 @@ class ResilientCaller:
                 f"teacher backend {self._name}: {last.message}{attempts}", code=last.code, kind=last.kind
             )
         )
+
+    async def call_each(
+        self, attempt: Callable[[R], Awaitable[T]], requests: Sequence[R], *, limit: asyncio.Semaphore
+    ) -> list[T | BackendError]:
+        """`call` for every request concurrently; each fails alone, as a `BackendError` in its slot, so a
+        failed request (or a bug) never touches its batch-mates."""
+
+        async def one(request: R) -> T | BackendError:
+            try:
+                return await self.call(lambda: attempt(request), limit=limit)
+            except BackendError as exc:
+                return exc
+            except Exception as exc:
+                log.exception("teacher backend %s: unexpected error", self._name)
+                return self.fail(
+                    BackendError(f"teacher backend {self._name}: {exc!r}", code="INTERNAL", kind="internal")
+                )
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
 
     def fail(self, error: BackendError) -> BackendError:
         """Count and report a request's final failure; returns it for `raise` or a batch slot."""

@@ -105,7 +105,7 @@ class TgiBackend:
     ) -> list[GenerationResult | BackendError]:
         if self._client is None or self._limit is None:
             raise RuntimeError("TgiBackend.start() was not awaited")
-        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+        return await self.resilience.call_each(self._attempt, requests, limit=self._limit)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -145,18 +145,6 @@ class TgiBackend:
                 "concurrency": self.concurrency,
             },
         )
-
-    async def _generate_one(self, request: GenerationRequest) -> GenerationResult | BackendError:
-        assert self._limit is not None
-        try:
-            return await self.resilience.call(lambda: self._attempt(request), limit=self._limit)
-        except BackendError as exc:
-            return exc
-        except Exception as exc:  # a bug here must fail this job only, never its batch-mates
-            log.exception("tgi backend: unexpected error")
-            return self.resilience.fail(
-                BackendError(f"teacher backend tgi: {exc!r}", code="INTERNAL", kind="internal")
-            )
 
     async def _attempt(self, request: GenerationRequest) -> GenerationResult:
         assert self._client is not None
