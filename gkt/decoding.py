@@ -20,6 +20,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from gkt.errors import InvalidArgument
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import EchoModel, LoadedModel
 from gkt.prompts import teacher_prompt
@@ -106,8 +107,7 @@ class PrefixCache:
         return self._entry(best)
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
-        ids: list[int] = self.lm.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return tuple(ids[:-1])
+        return tuple(encode(self.lm, text)[:-1])
 
     def _entry(self, text: str) -> _Prefix:
         if text in self._computed:
@@ -151,6 +151,40 @@ def few_shot_prefixes(*, modes: Iterable[GuidanceMode] | None = None) -> list[st
     return [p for p in dict.fromkeys(prefixes) if p]
 
 
+def encode(lm: LoadedModel, prompt: str) -> list[int]:
+    """The prompt's token ids as the model sees them (special tokens included)."""
+    return list(lm.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def check_room(
+    lm: LoadedModel,
+    *,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    length_field: str,
+    prompt_field: str = "query",
+) -> None:
+    """Raise `InvalidArgument` when a prompt and the tokens asked of it do not fit the model's context.
+
+    The field named is the one to change: the query when the prompt alone fills the context, else the
+    length asked for, with the most that would fit.
+    """
+    context = lm.context_window
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return
+    if prompt_tokens >= context:
+        raise InvalidArgument(
+            prompt_field,
+            f"the prompt (the task's exemplars and the query) is {prompt_tokens} tokens for {lm.name}, "
+            f"whose context is {context} tokens",
+        )
+    raise InvalidArgument(
+        length_field,
+        f"is {max_new_tokens}; the prompt is {prompt_tokens} tokens for {lm.name}, so its context of "
+        f"{context} tokens leaves room for at most {context - prompt_tokens}",
+    )
+
+
 @dataclass
 class _Prefill:
     input_ids: torch.Tensor
@@ -166,17 +200,19 @@ def decode_steps(
     prompts: Sequence[str],
     samplers: Sequence[Sampler],
     prefix_cache: PrefixCache | None = None,
+    token_ids: Sequence[Sequence[int]] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the next token of every row, one forward pass per step, until the caller stops.
 
     Rows are left-padded into one batch; position ids follow the attention mask so a padded row
     sees exactly the positions it would see alone. With a `prefix_cache`, a prefix every row
-    shares is not computed again.
+    shares is not computed again. `token_ids`, when the caller has encoded the prompts already
+    (to check them against the context), saves encoding them again.
     """
     if isinstance(lm.model, EchoModel):
         yield from lm.model.steps(prompts)
         return
-    rows = [list(lm.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    rows = [list(ids) for ids in token_ids] if token_ids is not None else [encode(lm, p) for p in prompts]
     prefix = prefix_cache.match(rows) if prefix_cache is not None else None
     lengths = [len(row) for row in rows]
     if prefix is not None and max(lengths) - min(lengths) <= len(prefix.ids):

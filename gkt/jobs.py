@@ -135,6 +135,8 @@ class ErrorEvent(_Frozen):
     type: Literal["error"] = "error"
     code: str
     message: str
+    field: str = ""
+    """For `INVALID_ARGUMENT`: the request field at fault (dotted path, as in the proto)."""
 
 
 Event = Annotated[GuidanceEvent | DeltaEvent | FinalEvent | ErrorEvent, Field(discriminator="type")]

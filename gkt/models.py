@@ -86,6 +86,12 @@ class LoadedModel:
         return self.model.device
 
     @property
+    def context_window(self) -> int | None:
+        """The most tokens (prompt and output together) the model can attend to; None: no bound (echo)."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
     def eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
         for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):

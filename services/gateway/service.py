@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from gkt import logs, metrics, tracing
 from gkt.dispatch import dispatch_student, student_client
-from gkt.errors import DeadlineExceeded, JobFailed, ResourceExhausted, Unavailable
+from gkt.errors import DeadlineExceeded, InvalidArgument, JobFailed, ResourceExhausted, Unavailable
 from gkt.jobs import (
     DeltaEvent,
     ErrorEvent,
@@ -147,6 +147,8 @@ class GatewayService:
                         continue
                     event, shown = unseen, unseen.offset + len(unseen.text)
                 if isinstance(event, ErrorEvent):
+                    if event.code == InvalidArgument.code and event.field:
+                        raise InvalidArgument(event.field, event.message)
                     raise JobFailed(event.code, event.message)
                 yield event
                 if isinstance(event, FinalEvent):

@@ -62,7 +62,7 @@ class GatewaySettings(CommonSettings):
         default=16000,
         ge=1,
         description="Longest model prompt (the task's few-shot exemplars plus the query), in characters: "
-        "the gateway's stand-in for the models' context length, as it has no tokenizer.",
+        "the gateway has no tokenizer; the workers check tokens against their model's context.",
     )
     gateway_max_guidance_tokens: int = Field(
         default=512, ge=1, description="Largest max_guidance_tokens accepted."

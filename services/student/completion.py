@@ -7,8 +7,8 @@ import time
 
 from gkt import metrics, tracing
 from gkt.answers import extract_answer
-from gkt.decoding import PrefixCache, Sampler, TextTracker, context_tokens, decode_steps
-from gkt.errors import Cancelled, DeadlineExceeded, GktError
+from gkt.decoding import PrefixCache, Sampler, TextTracker, check_room, context_tokens, decode_steps, encode
+from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
 from gkt.models import LoadedModel
 from gkt.prompts import STOP_SEQUENCE, student_prompt
@@ -57,7 +57,7 @@ def run_job(
                 stream_interval_s=stream_interval_s,
             )
     except GktError as exc:
-        _finish_with_error(publisher, job, exc.code, exc.message)
+        _finish_with_error(publisher, job, exc)
         return
     finally:
         metrics.STUDENT_BUSY.dec()
@@ -90,6 +90,13 @@ def complete(
         raise DeadlineExceeded("the deadline passed before a student started the job")
     prompt = student_prompt(task=job.task, query=job.query, guidance=guidance.text)
     params = job.sampling
+    prompt_ids = encode(lm, prompt)
+    check_room(
+        lm,
+        prompt_tokens=len(prompt_ids),
+        max_new_tokens=params.max_new_tokens,
+        length_field="sampling.max_new_tokens",
+    )
     tracker = TextTracker(
         lm=lm,
         stop=(STOP_SEQUENCE, *params.stop),
@@ -106,7 +113,10 @@ def complete(
     finish = "length"
     eos = lm.eos_token_ids
     pending, last_sync = "", 0.0
-    for (token,) in decode_steps(lm=lm, prompts=[prompt], samplers=[sampler], prefix_cache=prefix_cache):
+    steps = decode_steps(
+        lm=lm, prompts=[prompt], samplers=[sampler], prefix_cache=prefix_cache, token_ids=[prompt_ids]
+    )
+    for (token,) in steps:
         if not tracker.tokens:
             metrics.STUDENT_TTFT.observe(time.perf_counter() - started)
         if token in eos:
@@ -158,7 +168,11 @@ def _publish_delta(publisher: SyncEventPublisher, job: Job, delta: str, *, offse
     )
 
 
-def _finish_with_error(publisher: SyncEventPublisher, job: Job, code: str, message: str) -> None:
-    log.warning("student job failed", extra={"job_id": job.id, "code": code})
+def _finish_with_error(publisher: SyncEventPublisher, job: Job, exc: GktError) -> None:
+    log.warning("student job failed", extra={"job_id": job.id, "code": exc.code})
     metrics.STUDENT_JOBS.labels("failed").inc()
-    publisher.publish_final(job.id, ErrorEvent(code=code, message=message))
+    if isinstance(exc, InvalidArgument):
+        event = ErrorEvent(code=exc.code, message=exc.description, field=exc.field)
+    else:
+        event = ErrorEvent(code=exc.code, message=exc.message)
+    publisher.publish_final(job.id, event)

@@ -113,7 +113,7 @@ class TeacherWorker:
             )
             if isinstance(result, BackendError):
                 metrics.TEACHER_BACKEND_ERRORS.labels(result.kind).inc()
-                await self._fail(delivery.job, result.code, result.message)
+                await self._fail(delivery.job, result.code, result.message, field=result.field)
                 continue
             guidance = Guidance(
                 text=result.text.strip(),
@@ -213,14 +213,14 @@ class TeacherWorker:
             await self._ack([delivery.entry_id])
         return keep
 
-    async def _fail(self, job: Job, code: str, message: str) -> None:
+    async def _fail(self, job: Job, code: str, message: str, *, field: str = "") -> None:
         log.warning("job failed", extra={**logs.job_fields(job), "code": code})
         metrics.TEACHER_JOBS.labels("failed").inc()
         await publish_final(
             self.redis,
             keys=self.keys,
             job_id=job.id,
-            event=ErrorEvent(code=code, message=message),
+            event=ErrorEvent(code=code, message=message, field=field),
             ttl_s=self.settings.job_ttl_s,
         )
 

@@ -152,6 +152,28 @@ def test_retrying_with_the_same_request_id_returns_the_same_job(stub) -> None:
     ],
 )  # fmt: skip
 def test_invalid_requests_name_the_field(stub, request_, field: str) -> None:
+    _assert_invalid(stub, request_, field)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        # Under the gateway's character bound, but "x " is two tokens of the tiny vocabularies: the
+        # teacher's prompt alone is longer than its 4,096-token context.
+        (pb.GenerateRequest(query="x " * 2500), "query"),
+        # The student's prompt (about 3,800 tokens with the GSM8K exemplars) fits its context, but not
+        # with 1,000 more tokens.
+        (pb.GenerateRequest(query="x " * 1500, task=pb.TASK_GSM8K, guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_NONE),
+                            sampling=pb.SamplingParams(max_new_tokens=1000)), "sampling.max_new_tokens"),
+    ],
+)  # fmt: skip
+def test_prompts_beyond_the_models_context_are_refused_by_the_workers_naming_the_field(
+    stub, request_, field: str
+) -> None:
+    _assert_invalid(stub, request_, field)
+
+
+def _assert_invalid(stub, request_: pb.GenerateRequest, field: str) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request_, timeout=TIMEOUT)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -146,7 +146,11 @@ async def test_validation_error_is_invalid_argument_not_retried_and_spares_batch
     server = servers(info={"max_input_tokens": 20, "max_total_tokens": 60})
     async with running(settings_for(server.url)) as backend:
         long, short = await backend.generate_batch([ask("why " * 30), ask("kiwis")])
-    assert (failed(long).code, failed(long).kind) == ("INVALID_ARGUMENT", "invalid")
+    assert (failed(long).code, failed(long).kind, failed(long).field) == (
+        "INVALID_ARGUMENT",
+        "invalid",
+        "query",
+    )
     assert "less than 20 tokens" in failed(long).message
     assert len(server.generation_requests("why why")) == 1
     assert succeeded(short).text == " kiwis is easy. The answer is 42."

@@ -142,7 +142,7 @@ async def test_validation_error_is_invalid_argument_not_retried_and_spares_batch
     async with running(settings_for(server.url)) as backend:
         long, short = await backend.generate_batch([ask("why " * 30), ask("kiwis")])
     error = failed(long)
-    assert (error.code, error.kind) == ("INVALID_ARGUMENT", "invalid")
+    assert (error.code, error.kind, error.field) == ("INVALID_ARGUMENT", "invalid", "query")
     assert "less than 20 tokens" in error.message
     assert len(server.generation_requests("why why")) == 1
     assert succeeded(short).text == " kiwis is easy. The answer is 42."

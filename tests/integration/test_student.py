@@ -104,3 +104,18 @@ def test_a_job_past_its_attempts_fails_with_an_error(
     run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
     events = _events(redis, job)
     assert len(events) == 1 and isinstance(events[0], ErrorEvent) and events[0].code == "INTERNAL"
+
+
+def test_a_prompt_and_length_beyond_the_models_context_answer_invalid_argument_naming_the_field(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    assert lm.context_window == 4096  # the tiny student's
+    # "x " is two tokens of the tiny vocabulary: 1,500 of them leave room for a few hundred more.
+    too_much = _job(max_new_tokens=2000).model_copy(update={"query": "x " * 1500})
+    too_long = _job().model_copy(update={"query": "x " * 2500})
+    for job, field in ((too_much, "sampling.max_new_tokens"), (too_long, "query")):
+        run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+        (event,) = _events(redis, job)
+        assert isinstance(event, ErrorEvent)
+        assert (event.code, event.field) == ("INVALID_ARGUMENT", field)
+        assert "4096 tokens" in event.message

@@ -10,9 +10,22 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.jobs import ErrorEvent, FinalEvent, Guidance, GuidanceEvent, GuidanceMode, GuidanceSpec, Job, JobKind
+from gkt.decoding import encode
+from gkt.jobs import (
+    ErrorEvent,
+    FinalEvent,
+    Guidance,
+    GuidanceEvent,
+    GuidanceMode,
+    GuidanceSpec,
+    Job,
+    JobKind,
+    Task,
+)
 from gkt.models import load_model
+from gkt.prompts import teacher_prompt
 from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events
+from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.local import LocalBackend
 from services.teacher.batching import claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
@@ -136,3 +149,25 @@ async def test_jobs_of_a_dead_teacher_are_reclaimed(aredis: AsyncRedis) -> None:
     assert [d.job.query for d in claimed] == ["orphan"]
     assert deliveries[claimed[0].entry_id] == 2
     assert not broken
+
+
+async def test_a_prompt_beyond_the_models_context_fails_alone_naming_the_field(backend: LocalBackend) -> None:
+    context = backend._loaded().context_window
+    assert context == 4096  # the tiny teacher's
+
+    def request(query: str, max_new_tokens: int = 4) -> GenerationRequest:
+        prompt = teacher_prompt(task=Task.GSM8K, mode=GuidanceMode.CUTOFF, query=query)
+        return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+
+    # "x " is two tokens of the tiny vocabulary; the exemplars are about 730 more.
+    assert len(encode(backend._loaded(), request("x " * 1500).prompt)) < 4096 - 300
+    fits, too_long, too_much = await backend.generate_batch(
+        [request("How many trees?"), request("x " * 2500), request("x " * 1500, max_new_tokens=2000)]
+    )
+    assert isinstance(fits, GenerationResult) and fits.token_count > 0
+    assert isinstance(too_long, BackendError)
+    assert (too_long.code, too_long.field) == ("INVALID_ARGUMENT", "query")
+    assert "context is 4096 tokens" in too_long.message
+    assert isinstance(too_much, BackendError)
+    assert (too_much.code, too_much.field) == ("INVALID_ARGUMENT", "guidance.max_guidance_tokens")
+    assert "is 2000" in too_much.message and "room for at most" in too_much.message

@@ -39,11 +39,15 @@ class BackendError(GktError):
 
     code = "UNAVAILABLE"
 
-    def __init__(self, message: str, *, code: str = "UNAVAILABLE", kind: str = "error") -> None:
+    def __init__(
+        self, message: str, *, code: str = "UNAVAILABLE", kind: str = "error", field: str = ""
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.kind = kind
         """A bounded label for metrics: timeout, connection, overloaded, server, invalid, circuit_open…"""
+        self.field = field
+        """For `INVALID_ARGUMENT`: the request field at fault."""
 
 
 class TeacherBackend(Protocol):

@@ -10,7 +10,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from gkt.decoding import PrefixCache, Sampler, TextTracker, context_tokens, decode_steps, few_shot_prefixes
+from gkt.decoding import (
+    PrefixCache,
+    Sampler,
+    TextTracker,
+    check_room,
+    context_tokens,
+    decode_steps,
+    encode,
+    few_shot_prefixes,
+)
+from gkt.errors import InvalidArgument
 from gkt.jobs import GuidanceMode
 from gkt.models import LoadedModel, load_model
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
@@ -64,7 +74,7 @@ class LocalBackend:
             next(decode_steps(lm=lm, prompts=["Q: 1+1?\nA:"], samplers=[Sampler()]))
 
     def check_limits(self, *, max_new_tokens: int) -> None:
-        context = getattr(self._loaded().model.config, "max_position_embeddings", None)
+        context = self._loaded().context_window
         if context is not None and max_new_tokens >= context:
             raise ValueError(
                 f"guidance of {max_new_tokens} tokens leaves no room for a prompt: the model's context is {context}"
@@ -76,22 +86,55 @@ class LocalBackend:
         if not requests:
             return []
         try:
-            results = await asyncio.to_thread(self.generate_sync, requests)
+            return await asyncio.to_thread(self._generate_fitting, requests)
         except Exception as exc:  # a failed forward pass fails the whole batch it ran
             log.exception("local teacher generation failed")
             return [BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")] * len(
                 requests
             )
-        return list(results)
 
-    def generate_sync(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def _generate_fitting(
+        self, requests: Sequence[GenerationRequest]
+    ) -> list[GenerationResult | BackendError]:
+        """`generate_sync` for the requests whose prompt and guidance fit the model's context; each other
+        request fails alone with `INVALID_ARGUMENT`, without costing its batch-mates a forward pass."""
+        lm = self._loaded()
+        slots: list[GenerationResult | BackendError | None] = []
+        fitting: list[GenerationRequest] = []
+        token_ids: list[list[int]] = []
+        for request in requests:
+            ids = encode(lm, request.prompt)
+            try:
+                check_room(
+                    lm,
+                    prompt_tokens=len(ids),
+                    max_new_tokens=request.max_new_tokens,
+                    length_field="guidance.max_guidance_tokens",
+                )
+            except InvalidArgument as exc:
+                slots.append(BackendError(exc.description, code=exc.code, kind="invalid", field=exc.field))
+                continue
+            slots.append(None)
+            fitting.append(request)
+            token_ids.append(ids)
+        results = iter(self.generate_sync(fitting, token_ids=token_ids) if fitting else [])
+        return [slot if slot is not None else next(results) for slot in slots]
+
+    def generate_sync(
+        self, requests: Sequence[GenerationRequest], *, token_ids: Sequence[Sequence[int]] | None = None
+    ) -> list[GenerationResult]:
+        """Generate for every request in one batch (`token_ids`: the prompts already encoded)."""
         lm = self._loaded()
         trackers = [TextTracker(lm=lm, stop=r.stop, context=context_tokens(lm, r.prompt)) for r in requests]
         samplers = [Sampler(temperature=r.temperature, top_p=r.top_p, seed=r.seed) for r in requests]
         finish: list[str | None] = [None] * len(requests)
         eos = lm.eos_token_ids
         steps = decode_steps(
-            lm=lm, prompts=[r.prompt for r in requests], samplers=samplers, prefix_cache=self._prefixes
+            lm=lm,
+            prompts=[r.prompt for r in requests],
+            samplers=samplers,
+            prefix_cache=self._prefixes,
+            token_ids=token_ids,
         )
         for tokens in steps:
             for i, token in enumerate(tokens):

@@ -310,9 +310,15 @@ class ResilientCaller:
             await asyncio.sleep(delay)
         assert last is not None
         attempts = f" after {number + 1} attempts" if number else ""
+        # The gateway validated every other field, so a request the server refuses as invalid is one whose
+        # prompt does not fit its context (TGI: 422 "inputs tokens + max_new_tokens must be <= ...").
+        field = "query" if last.code == "INVALID_ARGUMENT" else ""
         raise self.fail(
             BackendError(
-                f"teacher backend {self._name}: {last.message}{attempts}", code=last.code, kind=last.kind
+                f"teacher backend {self._name}: {last.message}{attempts}",
+                code=last.code,
+                kind=last.kind,
+                field=field,
             )
         )
 
