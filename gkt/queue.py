@@ -94,6 +94,11 @@ class Keys:
         """When a teacher last read the query stream (epoch seconds): the gateway's degraded-mode signal."""
         return f"{self.prefix}:teacher:last-read"
 
+    @property
+    def teacher_pace(self) -> str:
+        """A hash, one field per teacher: "<seconds per batch> <max batch size> <epoch seconds>"."""
+        return f"{self.prefix}:teacher:pace"
+
     def rate(self, key_id: str) -> str:
         """An API key's rate-limit state (GCRA: the theoretical arrival time)."""
         return f"{self.prefix}:ratelimit:{key_id}"
@@ -110,6 +115,26 @@ async def ensure_group(redis: AsyncRedis, *, keys: Keys) -> None:
     except Exception as exc:  # BUSYGROUP: it exists already
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+PACE_FRESH_S = 120.0
+"""A teacher's pace older than this is ignored (it stopped, or has had no batch to time)."""
+
+
+def teacher_pace(*, batch_s: float, max_batch_size: int, at: float) -> str:
+    """A teacher's `Keys.teacher_pace` field value."""
+    return f"{batch_s:.6f} {max_batch_size} {at:.3f}"
+
+
+def teacher_capacity(paces: dict[Any, Any], *, now: float) -> float:
+    """Jobs per second the teachers clear when their batches are full: the sum over fresh paces of
+    max batch size / seconds per batch; 0 when no teacher has a fresh pace."""
+    capacity = 0.0
+    for value in paces.values():
+        batch_s, max_batch, at = (float(part) for part in _text(value).split())
+        if batch_s > 0 and now - at <= PACE_FRESH_S:
+            capacity += max_batch / batch_s
+    return capacity
 
 
 async def enqueue_job(redis: AsyncRedis, *, keys: Keys, job: Job) -> str:

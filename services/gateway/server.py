@@ -55,10 +55,20 @@ class Gateway:
             self.server,
         )
         self.port = _listen(self.server, settings)
+        # Probes cannot speak TLS: with a health address, the same health status is served there in
+        # plaintext, and nothing else is.
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if settings.gateway_health_addr:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(settings.gateway_health_addr)
         self._sampler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         self._sampler = asyncio.create_task(self.service.sample_queues())
         await self._set_serving(True)
         log.info(
@@ -67,6 +77,7 @@ class Gateway:
                 "addr": self.settings.gateway_addr,
                 "port": self.port,
                 "tls": bool(self.settings.gateway_tls_cert_file),
+                "health_port": self.health_port or None,
             },
         )
 
@@ -74,6 +85,8 @@ class Gateway:
         """Report NOT_SERVING (load balancers drain), then let in-flight RPCs finish within the grace."""
         await self._set_serving(False)
         await self.server.stop(self.settings.gateway_grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self._sampler:
             self._sampler.cancel()
         await self.redis.aclose()

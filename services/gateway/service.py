@@ -25,7 +25,15 @@ from gkt.jobs import (
     Job,
     JobKind,
 )
-from gkt.queue import STUDENT_QUEUE, AnyEvent, Keys, enqueue_job, publish_event, read_events
+from gkt.queue import (
+    STUDENT_QUEUE,
+    AnyEvent,
+    Keys,
+    enqueue_job,
+    publish_event,
+    read_events,
+    teacher_capacity,
+)
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -64,8 +72,12 @@ class GatewayService:
             job = _student_only(job)
             depth = int(await self.redis.llen(STUDENT_QUEUE))
         else:
-            depth = int(await self.redis.xlen(self.keys.queries))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(self.keys.queries)
+                pipe.hgetall(self.keys.teacher_pace)
+                depth, paces = await pipe.execute()
             metrics.GATEWAY_QUEUE_DEPTH.set(depth)
+            self._admit_by_wait(job, depth=depth, paces=paces)
         if depth >= self.settings.gateway_max_queue_depth:
             metrics.GATEWAY_REJECTED.labels("queue_full").inc()
             raise ResourceExhausted(
@@ -98,6 +110,27 @@ class GatewayService:
             },
         )
         return job
+
+    def _admit_by_wait(self, job: Job, *, depth: int, paces: dict[Any, Any]) -> None:
+        """Refuse a job whose deadline will pass before the teachers reach it.
+
+        The wait is the queue ahead of the job divided by the teachers' capacity at full batches (their
+        published paces); the students' time comes on top, so the estimate errs towards admitting.
+        """
+        if not self.settings.gateway_admit_by_wait or job.deadline is None or not depth:
+            return
+        now = time.time()
+        capacity = teacher_capacity(paces, now=now)
+        if not capacity:
+            return
+        wait_s = depth / capacity
+        if now + wait_s > job.deadline:
+            metrics.GATEWAY_REJECTED.labels("estimated_wait").inc()
+            raise ResourceExhausted(
+                f"the {depth} queued jobs ahead take the teachers about {wait_s:.1f} s "
+                f"({capacity:.1f} jobs/s), beyond this request's deadline "
+                f"({max(0.0, job.deadline - now):.1f} s); retry later or with a longer deadline"
+            )
 
     async def degraded(self) -> bool:
         """Whether no teacher has read the query stream for `gateway_degraded_after_s` (0: never)."""

@@ -29,6 +29,11 @@ class GatewaySettings(CommonSettings):
     gateway_key_max_concurrent: int = Field(
         default=0, ge=0, description="RPCs each API key may have in flight at once (0 = unlimited)."
     )
+    gateway_health_addr: str = Field(
+        default="",
+        description="A second, plaintext address serving only gRPC health checks (empty = none): for "
+        "Kubernetes probes, which cannot speak TLS, when the API port does.",
+    )
     gateway_tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate (chain) of the gRPC port; unset: plaintext."
     )
@@ -44,6 +49,11 @@ class GatewaySettings(CommonSettings):
         default=1000,
         ge=1,
         description="Jobs waiting for a teacher beyond which new ones get RESOURCE_EXHAUSTED.",
+    )
+    gateway_admit_by_wait: bool = Field(
+        default=True,
+        description="Refuse (RESOURCE_EXHAUSTED) a job whose deadline passes before the teachers can reach "
+        "it, estimated from the queue ahead and the teachers' measured seconds per batch.",
     )
     gateway_default_timeout_s: float = Field(
         default=300.0, gt=0, description="Deadline of a request whose client set none."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from gkt.queue import (
     ensure_group,
     publish_event,
     publish_final,
+    teacher_pace,
 )
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
 from services.teacher.batching import Delivery, claim_stale, collect_batch
@@ -58,6 +60,8 @@ class TeacherWorker:
         self.keys = Keys(settings.key_prefix)
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
+        self._batch_s: float | None = None
+        """Seconds per batch (a moving average), published as this teacher's pace."""
 
     def stop(self) -> None:
         self._stopping.set()
@@ -85,9 +89,13 @@ class TeacherWorker:
                 # gateway enqueues from now on recreate the stream; the group must be made again.
                 log.warning("consumer group missing (redis restarted?); recreating it")
                 await ensure_group(self.redis, keys=self.keys)
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting it.
+            await self.redis.hdel(self.keys.teacher_pace, self.settings.teacher_name)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Steps 2–4 for one batch: generate, publish + dispatch, acknowledge."""
+        began = time.perf_counter()
         metrics.TEACHER_BATCH_SIZE.observe(len(batch))
         for delivery in batch:
             metrics.TEACHER_QUEUE_WAIT.observe(max(0.0, delivery.dequeued_at - delivery.job.enqueued_at))
@@ -127,8 +135,14 @@ class TeacherWorker:
             _record_spans(delivery, guidance, generation_started_at=started_at)
             await self._publish(delivery.job, guidance)
 
-        # 4) acknowledge only now that every job of the batch has its answer or its next step
-        await self._ack([d.entry_id for d in batch])
+        # 4) acknowledge only now that every job of the batch has its answer or its next step, and record
+        # how long a batch takes: gateways estimate the wait of a new job from it
+        batch_s = time.perf_counter() - began
+        self._batch_s = batch_s if self._batch_s is None else 0.8 * self._batch_s + 0.2 * batch_s
+        pace = teacher_pace(
+            batch_s=self._batch_s, max_batch_size=self.settings.teacher_max_batch_size, at=time.time()
+        )
+        await self._ack([d.entry_id for d in batch], pace=pace)
 
     async def _publish(self, job: Job, guidance: Guidance) -> None:
         ttl = self.settings.job_ttl_s
@@ -224,12 +238,15 @@ class TeacherWorker:
             ttl_s=self.settings.job_ttl_s,
         )
 
-    async def _ack(self, entry_ids: list[str]) -> None:
+    async def _ack(self, entry_ids: list[str], *, pace: str | None = None) -> None:
         if not entry_ids:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.keys.queries, TEACHER_GROUP, *entry_ids)
             pipe.xdel(self.keys.queries, *entry_ids)
+            if pace is not None:
+                pipe.hset(self.keys.teacher_pace, self.settings.teacher_name, pace)
+                pipe.expire(self.keys.teacher_pace, _READ_MARK_TTL_S)
             await pipe.execute()
 
     async def _heartbeat(self) -> None:

@@ -230,6 +230,7 @@ async def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(
             redis_url,
             gateway_tls_cert_file=certificates / "server.pem",
             gateway_tls_key_file=certificates / "server.key",
+            gateway_health_addr=f"127.0.0.1:{free_port()}",
         )
     )
     addr = gateway.settings.gateway_addr
@@ -239,6 +240,16 @@ async def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(
         with pytest.raises(grpc.aio.AioRpcError) as plaintext:
             await _health(addr, None)
         assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        # The probes' port: health in plaintext, and nothing else.
+        probes = gateway.settings.gateway_health_addr
+        assert await _health(probes, None) == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(probes) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as api:
+                await guidance_pb2_grpc.GuidanceServiceStub(channel).Generate(
+                    pb.GenerateRequest(query="q"), timeout=5
+                )
+        assert api.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await gateway.stop()
 

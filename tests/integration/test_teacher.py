@@ -24,7 +24,7 @@ from gkt.jobs import (
 )
 from gkt.models import load_model
 from gkt.prompts import teacher_prompt
-from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events
+from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events, teacher_capacity
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.local import LocalBackend
 from services.teacher.batching import claim_stale, collect_batch
@@ -132,6 +132,11 @@ async def test_worker_publishes_guidance_dispatches_students_and_acks(
     # acknowledged and deleted: the stream holds nothing, nothing is pending
     assert await aredis.xlen(KEYS.queries) == 0
     assert (await aredis.xpending(KEYS.queries, TEACHER_GROUP))["pending"] == 0
+    # the batch's time is this teacher's pace, from which gateways estimate a new job's wait
+    paces = await aredis.hgetall(KEYS.teacher_pace)
+    name = worker.settings.teacher_name.encode()
+    assert set(paces) == {name}
+    assert 0 < teacher_capacity(paces, now=time.time()) == pytest.approx(8 / float(paces[name].split()[0]))
     # every key the job created expires
     assert 0 < await aredis.ttl(KEYS.events(jobs[1].id)) <= 3600
 

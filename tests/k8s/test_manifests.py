@@ -66,6 +66,24 @@ def test_the_prod_overlay_has_every_production_piece() -> None:
     assert settings["GKT_TEACHER_URL"] == "http://teacher-server:8000/v1"
 
 
+@pytest.mark.parametrize("overlay", ["prod", "prod-tgi-hpa"])
+def test_prod_gateways_serve_tls_from_the_secret_and_probe_a_plaintext_health_port(overlay: str) -> None:
+    objects = _render(REPO / "k8s" / "overlays" / overlay)
+    gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway")
+    pod = gateway["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = next(obj for obj in objects if obj["kind"] == "ConfigMap")["data"]
+
+    volume = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "gkt-gateway-tls")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert settings["GKT_GATEWAY_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert settings["GKT_GATEWAY_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    health_port = int(settings["GKT_GATEWAY_HEALTH_ADDR"].rsplit(":", 1)[1])
+    assert health_port in {p["containerPort"] for p in container["ports"]}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == health_port, probe
+
+
 def test_the_dev_overlay_is_cpu_only_and_needs_no_operator() -> None:
     objects = _render(REPO / "k8s" / "overlays" / "dev")
 
