@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import time
@@ -18,42 +19,37 @@ from tests.tiny_models import build_student, build_teacher
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server of our own (never the machine's shared one)."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    with redis_server(tmp_path_factory.mktemp("redis"), url, "--port", str(port)):
+        yield url
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, url: str, *args: str) -> Iterator[None]:
+    """Run redis-server with `args` (no persistence, loopback only) until `url` answers PING."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: run `make setup` (scripts/ensure-redis.sh installs it)")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
+        [binary, *args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            Redis.from_url(url).ping()
-            break
-        except Exception:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                Redis.from_url(url).ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +30,7 @@ from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from services.stack import free_port
+from tests.certificates import make_certificates
 
 BEARER = (("authorization", "Bearer team-a-key"),)
 EMPTY = pb.GenerateRequest(query="")  # passes access control, then fails validation: cheap to send
@@ -193,26 +193,7 @@ async def _until(check: object, timeout_s: float = 10) -> None:
 
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made by openssl."""
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command-line tool is needed to make test certificates")
-    root = tmp_path_factory.mktemp("tls")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=root, check=True, capture_output=True)
-
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    openssl(
-        "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=gkt-test-ca"
-    )
-    (root / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext",
-        )  # fmt: skip
-    return root
+    return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
 async def _health(addr: str, credentials: grpc.ChannelCredentials | None) -> int:
