@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,9 +145,26 @@ async def enqueue_job(redis: AsyncRedis, *, keys: Keys, job: Job) -> str:
 
 
 async def publish_event(redis: AsyncRedis, *, keys: Keys, job_id: str, event: AnyEvent, ttl_s: int) -> None:
+    await publish_events(redis, keys=keys, events=[(job_id, event)], ttl_s=ttl_s)
+
+
+async def publish_events(
+    redis: AsyncRedis, *, keys: Keys, events: Sequence[tuple[str, AnyEvent]], ttl_s: int
+) -> None:
+    """Publish events of many jobs, in order, in one round trip. A last event (final or error) is
+    published only if its job has none yet, as `publish_final` does."""
+    if not events:
+        return
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
-        pipe.expire(keys.events(job_id), ttl_s)
+        for job_id, event in events:
+            if isinstance(event, FinalEvent | ErrorEvent):
+                pipe.eval(
+                    _PUBLISH_FINAL, 2, keys.events(job_id), keys.final(job_id), encode_event(event), ttl_s,
+                    EVENTS_MAXLEN,
+                )  # fmt: skip
+                continue
+            pipe.xadd(keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.expire(keys.events(job_id), ttl_s)
         await pipe.execute()
 
 

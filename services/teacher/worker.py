@@ -30,9 +30,10 @@ from gkt.queue import (
     DEAD_LETTERS_MAXLEN,
     MAX_BLOCK_MS,
     TEACHER_GROUP,
+    AnyEvent,
     Keys,
     ensure_group,
-    publish_event,
+    publish_events,
     publish_final,
     teacher_pace,
 )
@@ -114,14 +115,16 @@ class TeacherWorker:
             d.job.id: r for d, r in zip(needs_teacher, results, strict=True)
         }
 
-        # 3) publish guidance, dispatch one student task per job
+        # 3) publish every job's guidance (and the answer of Guide and FULL jobs) in one round trip, then
+        # send the student tasks: a student never starts before its guidance is in the job's stream
+        outbox: list[tuple[str, AnyEvent]] = []
+        students: list[tuple[Job, Guidance]] = []
         for delivery in live:
-            result = by_job.get(
-                delivery.job.id, GenerationResult(text="", token_count=0, finish_reason="none")
-            )
+            job = delivery.job
+            result = by_job.get(job.id, GenerationResult(text="", token_count=0, finish_reason="none"))
             if isinstance(result, BackendError):
                 metrics.TEACHER_BACKEND_ERRORS.labels(result.kind).inc()
-                await self._fail(delivery.job, result.code, result.message, field=result.field)
+                await self._fail(job, result.code, result.message, field=result.field)
                 continue
             guidance = Guidance(
                 text=result.text.strip(),
@@ -129,11 +132,21 @@ class TeacherWorker:
                 finish_reason=result.finish_reason,
                 batch_size=len(batch),
                 dequeued_at=delivery.dequeued_at,
-                teacher_seconds=teacher_seconds if delivery.job.id in by_job else 0.0,
+                teacher_seconds=teacher_seconds if job.id in by_job else 0.0,
                 published_at=time.time(),
             )
             _record_spans(delivery, guidance, generation_started_at=started_at)
-            await self._publish(delivery.job, guidance)
+            metrics.TEACHER_GUIDANCE_TOKENS.inc(guidance.token_count)
+            outbox.append((job.id, GuidanceEvent(guidance=guidance)))
+            if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
+                outbox.append((job.id, FinalEvent(completion=_teacher_answer(job, guidance))))
+                metrics.TEACHER_JOBS.labels("answered").inc()
+            else:
+                students.append((job, guidance))
+        await publish_events(self.redis, keys=self.keys, events=outbox, ttl_s=self.settings.job_ttl_s)
+        for job, guidance in students:
+            self.dispatch(job, guidance)
+            metrics.TEACHER_JOBS.labels("dispatched").inc()
 
         # 4) acknowledge only now that every job of the batch has its answer or its next step, and record
         # how long a batch takes: gateways estimate the wait of a new job from it
@@ -143,30 +156,6 @@ class TeacherWorker:
             batch_s=self._batch_s, max_batch_size=self.settings.teacher_max_batch_size, at=time.time()
         )
         await self._ack([d.entry_id for d in batch], pace=pace)
-
-    async def _publish(self, job: Job, guidance: Guidance) -> None:
-        ttl = self.settings.job_ttl_s
-        await publish_event(
-            self.redis, keys=self.keys, job_id=job.id, event=GuidanceEvent(guidance=guidance), ttl_s=ttl
-        )
-        metrics.TEACHER_GUIDANCE_TOKENS.inc(guidance.token_count)
-        if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
-            completion = Completion(
-                text=guidance.text,
-                guidance=guidance,
-                answer=(extract_answer(task=job.task, text=guidance.text) or "")
-                if job.guidance.mode == GuidanceMode.FULL
-                else "",
-                finish_reason=guidance.finish_reason,
-                seed=job.sampling.seed,
-            )
-            await publish_final(
-                self.redis, keys=self.keys, job_id=job.id, event=FinalEvent(completion=completion), ttl_s=ttl
-            )
-            metrics.TEACHER_JOBS.labels("answered").inc()
-            return
-        self.dispatch(job, guidance)
-        metrics.TEACHER_JOBS.labels("dispatched").inc()
 
     def _request(self, job: Job) -> GenerationRequest:
         return GenerationRequest(
@@ -256,6 +245,18 @@ class TeacherWorker:
     async def _mark_read(self) -> None:
         """Tell gateways a teacher is consuming the query stream (they go student-only when none is)."""
         await self.redis.set(self.keys.teacher_read, f"{time.time():.3f}", ex=_READ_MARK_TTL_S)
+
+
+def _teacher_answer(job: Job, guidance: Guidance) -> Completion:
+    """The whole answer of a job the teacher alone answers: the guidance (Guide), or the teacher's answer (FULL)."""
+    full = job.guidance.mode == GuidanceMode.FULL
+    return Completion(
+        text=guidance.text,
+        guidance=guidance,
+        answer=(extract_answer(task=job.task, text=guidance.text) or "") if full else "",
+        finish_reason=guidance.finish_reason,
+        seed=job.sampling.seed,
+    )
 
 
 def _record_spans(delivery: Delivery, guidance: Guidance, *, generation_started_at: float) -> None:
