@@ -76,7 +76,6 @@ class TeacherWorker:
             try:
                 await self._heartbeat()
                 batch = await self._next_batch()
-                await self._mark_read()
                 if batch:
                     await self.process(batch)
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -239,12 +238,13 @@ class TeacherWorker:
             await pipe.execute()
 
     async def _heartbeat(self) -> None:
-        key = self.keys.heartbeat("teacher", self.settings.teacher_name)
-        await self.redis.set(key, f"{time.time():.3f}", ex=60)
-
-    async def _mark_read(self) -> None:
-        """Tell gateways a teacher is consuming the query stream (they go student-only when none is)."""
-        await self.redis.set(self.keys.teacher_read, f"{time.time():.3f}", ex=_READ_MARK_TTL_S)
+        """Say this teacher is alive, and tell gateways a teacher is about to read the query stream (they
+        go student-only when none has for a while), in one round trip before each read, none after it."""
+        now = f"{time.time():.3f}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.heartbeat("teacher", self.settings.teacher_name), now, ex=60)
+            pipe.set(self.keys.teacher_read, now, ex=_READ_MARK_TTL_S)
+            await pipe.execute()
 
 
 def _teacher_answer(job: Job, guidance: Guidance) -> Completion:
