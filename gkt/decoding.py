@@ -369,7 +369,6 @@ def _held_back(text: str, stop: tuple[str, ...]) -> int:
     return longest
 
 
-def context_tokens(lm: LoadedModel, prompt: str, n: int = 4) -> list[int]:
-    """The last `n` prompt tokens, for `TextTracker.context`."""
-    ids: list[int] = lm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return ids[-n:]
+def context_tokens(prompt_ids: Sequence[int], n: int = 4) -> list[int]:
+    """The last `n` prompt tokens, for `TextTracker.context` (special ones are skipped when decoded)."""
+    return list(prompt_ids[-n:])

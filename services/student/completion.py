@@ -100,7 +100,7 @@ def complete(
     tracker = TextTracker(
         lm=lm,
         stop=(STOP_SEQUENCE, *params.stop),
-        context=context_tokens(lm, prompt),
+        context=context_tokens(prompt_ids),
         strip_leading=not guidance.text,
     )
     sampler = Sampler(

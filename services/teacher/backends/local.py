@@ -125,7 +125,11 @@ class LocalBackend:
     ) -> list[GenerationResult]:
         """Generate for every request in one batch (`token_ids`: the prompts already encoded)."""
         lm = self._loaded()
-        trackers = [TextTracker(lm=lm, stop=r.stop, context=context_tokens(lm, r.prompt)) for r in requests]
+        rows = token_ids if token_ids is not None else [encode(lm, r.prompt) for r in requests]
+        trackers = [
+            TextTracker(lm=lm, stop=r.stop, context=context_tokens(ids))
+            for r, ids in zip(requests, rows, strict=True)
+        ]
         samplers = [Sampler(temperature=r.temperature, top_p=r.top_p, seed=r.seed) for r in requests]
         finish: list[str | None] = [None] * len(requests)
         eos = lm.eos_token_ids
@@ -134,7 +138,7 @@ class LocalBackend:
             prompts=[r.prompt for r in requests],
             samplers=samplers,
             prefix_cache=self._prefixes,
-            token_ids=token_ids,
+            token_ids=rows,
         )
         for tokens in steps:
             for i, token in enumerate(tokens):
