@@ -264,13 +264,27 @@ class SyncEventPublisher:
         finished, attempt, _ = pipe.execute()
         return bool(finished), int(attempt)
 
-    def publish_final(self, job_id: str, event: FinalEvent | ErrorEvent) -> bool:
-        return bool(
-            self._final(
-                keys=[self.keys.events(job_id), self.keys.final(job_id)],
-                args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN],
+    def publish_final(
+        self, job_id: str, event: FinalEvent | ErrorEvent, *, after: DeltaEvent | None = None
+    ) -> bool:
+        """Publish a job's last event unless it has one; True if this call did. `after`: the job's last
+        delta, published just before it in the same round trip."""
+        if after is None:
+            return bool(
+                self._final(
+                    keys=[self.keys.events(job_id), self.keys.final(job_id)],
+                    args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN],
+                )
             )
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xadd(
+            self.keys.events(job_id), {"e": encode_event(after)}, maxlen=EVENTS_MAXLEN, approximate=True
         )
+        pipe.eval(
+            _PUBLISH_FINAL, 2, self.keys.events(job_id), self.keys.final(job_id), encode_event(event), self.ttl_s,
+            EVENTS_MAXLEN,
+        )  # fmt: skip
+        return bool(pipe.execute()[-1])
 
     def dead_letter(self, job: Job, *, reason: str) -> None:
         """Keep a job that keeps failing for inspection (the stream is capped)."""

@@ -47,7 +47,7 @@ def run_job(
         with tracing.job_span(
             "gkt.student.generate", traceparent=job.traceparent, attributes={"gkt.attempt": attempt}
         ):
-            completion = complete(
+            completion, last_delta = complete(
                 lm=lm,
                 job=job,
                 guidance=guidance,
@@ -61,7 +61,7 @@ def run_job(
         return
     finally:
         metrics.STUDENT_BUSY.dec()
-    publisher.publish_final(job.id, FinalEvent(completion=completion))
+    publisher.publish_final(job.id, FinalEvent(completion=completion), after=last_delta)
     metrics.STUDENT_JOBS.labels("answered").inc()
 
 
@@ -74,8 +74,9 @@ def complete(
     attempt: int = 1,
     prefix_cache: PrefixCache | None = None,
     stream_interval_s: float = 0.0,
-) -> Completion:
-    """Generate at batch size 1, checking cancellation and the deadline between tokens.
+) -> tuple[Completion, DeltaEvent | None]:
+    """Generate at batch size 1, checking cancellation and the deadline between tokens; return the
+    completion and its last delta, still to publish (with the final event, in one round trip).
 
     Deltas are coalesced: one Redis round trip (publish what is new, check the durable cancel mark) at
     most every `stream_interval_s`, the first delta at once; 0 publishes after every token. A
@@ -139,7 +140,7 @@ def complete(
         if len(tracker.tokens) >= params.max_new_tokens:
             break
     rest = pending + tracker.flush()
-    _publish_delta(publisher, job, rest, offset=tracker.emitted - len(rest), attempt=attempt)
+    last_delta = DeltaEvent(text=rest, offset=tracker.emitted - len(rest), attempt=attempt) if rest else None
     seconds = time.perf_counter() - started
     metrics.STUDENT_JOB_DURATION.observe(seconds)
     metrics.STUDENT_TOKENS.inc(len(tracker.tokens))
@@ -147,7 +148,7 @@ def complete(
     if seconds > 0:
         metrics.STUDENT_TOKENS_PER_SECOND.observe(len(tracker.tokens) / seconds)
     text = guidance.text + tracker.text
-    return Completion(
+    completion = Completion(
         text=text,
         guidance=guidance,
         answer=extract_answer(task=job.task, text=text) or "",
@@ -157,6 +158,7 @@ def complete(
         student_started_at=started_at,
         student_seconds=seconds,
     )
+    return completion, last_delta
 
 
 def _publish_delta(publisher: SyncEventPublisher, job: Job, delta: str, *, offset: int, attempt: int) -> bool:

@@ -143,9 +143,9 @@ class TeacherWorker:
             else:
                 students.append((job, guidance))
         await publish_events(self.redis, keys=self.keys, events=outbox, ttl_s=self.settings.job_ttl_s)
-        for job, guidance in students:
-            self.dispatch(job, guidance)
-            metrics.TEACHER_JOBS.labels("dispatched").inc()
+        # Celery sends block on a round trip each: off the event loop, and side by side.
+        await asyncio.gather(*(asyncio.to_thread(self.dispatch, job, guidance) for job, guidance in students))
+        metrics.TEACHER_JOBS.labels("dispatched").inc(len(students))
 
         # 4) acknowledge only now that every job of the batch has its answer or its next step, and record
         # how long a batch takes: gateways estimate the wait of a new job from it
