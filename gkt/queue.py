@@ -209,7 +209,6 @@ class SyncEventPublisher:
         self.redis = redis
         self.keys = keys
         self.ttl_s = ttl_s
-        self._final = redis.register_script(_PUBLISH_FINAL)
         self._heard: dict[str, None] = {}  # cancelled job ids heard on the channel, oldest first
         self._listener: Any = None
 
@@ -269,17 +268,11 @@ class SyncEventPublisher:
     ) -> bool:
         """Publish a job's last event unless it has one; True if this call did. `after`: the job's last
         delta, published just before it in the same round trip."""
-        if after is None:
-            return bool(
-                self._final(
-                    keys=[self.keys.events(job_id), self.keys.final(job_id)],
-                    args=[encode_event(event), self.ttl_s, EVENTS_MAXLEN],
-                )
-            )
         pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(
-            self.keys.events(job_id), {"e": encode_event(after)}, maxlen=EVENTS_MAXLEN, approximate=True
-        )
+        if after is not None:
+            pipe.xadd(
+                self.keys.events(job_id), {"e": encode_event(after)}, maxlen=EVENTS_MAXLEN, approximate=True
+            )
         pipe.eval(
             _PUBLISH_FINAL, 2, self.keys.events(job_id), self.keys.final(job_id), encode_event(event), self.ttl_s,
             EVENTS_MAXLEN,
