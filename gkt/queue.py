@@ -158,10 +158,7 @@ async def publish_events(
     async with redis.pipeline(transaction=False) as pipe:
         for job_id, event in events:
             if isinstance(event, FinalEvent | ErrorEvent):
-                pipe.eval(
-                    _PUBLISH_FINAL, 2, keys.events(job_id), keys.final(job_id), encode_event(event), ttl_s,
-                    EVENTS_MAXLEN,
-                )  # fmt: skip
+                _add_final(pipe, keys=keys, job_id=job_id, event=event, ttl_s=ttl_s)
                 continue
             pipe.xadd(keys.events(job_id), {"e": encode_event(event)}, maxlen=EVENTS_MAXLEN, approximate=True)
             pipe.expire(keys.events(job_id), ttl_s)
@@ -172,9 +169,16 @@ async def publish_final(
     redis: AsyncRedis, *, keys: Keys, job_id: str, event: FinalEvent | ErrorEvent, ttl_s: int
 ) -> bool:
     """Publish a job's last event unless one was published already; True if this call did."""
-    script_keys = [keys.events(job_id), keys.final(job_id)]
-    done = await redis.eval(_PUBLISH_FINAL, 2, *script_keys, encode_event(event), ttl_s, EVENTS_MAXLEN)
+    async with redis.pipeline(transaction=False) as pipe:
+        _add_final(pipe, keys=keys, job_id=job_id, event=event, ttl_s=ttl_s)
+        (done,) = await pipe.execute()
     return bool(done)
+
+
+def _add_final(pipe: Any, *, keys: Keys, job_id: str, event: FinalEvent | ErrorEvent, ttl_s: int) -> None:
+    """Queue on `pipe` (sync or async) the script that publishes a job's last event unless it has one."""
+    script_keys = [keys.events(job_id), keys.final(job_id)]
+    pipe.eval(_PUBLISH_FINAL, 2, *script_keys, encode_event(event), ttl_s, EVENTS_MAXLEN)
 
 
 async def read_events(
@@ -273,10 +277,7 @@ class SyncEventPublisher:
             pipe.xadd(
                 self.keys.events(job_id), {"e": encode_event(after)}, maxlen=EVENTS_MAXLEN, approximate=True
             )
-        pipe.eval(
-            _PUBLISH_FINAL, 2, self.keys.events(job_id), self.keys.final(job_id), encode_event(event), self.ttl_s,
-            EVENTS_MAXLEN,
-        )  # fmt: skip
+        _add_final(pipe, keys=self.keys, job_id=job_id, event=event, ttl_s=self.ttl_s)
         return bool(pipe.execute()[-1])
 
     def dead_letter(self, job: Job, *, reason: str) -> None:

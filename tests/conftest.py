@@ -8,12 +8,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from redis import Redis
 
 from services.stack import free_port
 from tests.tiny_models import build_student, build_teacher
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +69,20 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(teacher dir, student dir): random weights, different vocabularies."""
     root = tmp_path_factory.mktemp("tiny-models")
     return build_teacher(root / "teacher"), build_student(root / "student")
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Spans recorded in memory while the test runs (skips where the `tracing` extra is missing)."""
+    sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="the `tracing` extra is not installed")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from gkt import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = sdk_trace.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    yield exporter
+    tracing.install(None)

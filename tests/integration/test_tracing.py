@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -11,7 +11,6 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt import tracing
 from gkt.jobs import Guidance, Job
 from gkt.models import LoadedModel, load_model
 from gkt.queue import Keys, SyncEventPublisher, ensure_group
@@ -28,21 +27,10 @@ from services.teacher.worker import TeacherWorker
 
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="the `tracing` extra is not installed")
 from opentelemetry.sdk.trace import ReadableSpan  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
 KEYS = Keys("trace")
 STAGES = ("gkt.teacher.queue_wait", "gkt.teacher.generate", "gkt.student.queue_wait", "gkt.student.generate")
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = sdk_trace.TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    yield exporter
-    tracing.install(None)
 
 
 @pytest.fixture(scope="module")
