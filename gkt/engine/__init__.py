@@ -1,0 +1,14 @@
+"""The generation engine: per-row sampling, the shared prefix cache and continuous batching."""
+
+from gkt.engine.sampling import RowSampler, Sampler
+from gkt.engine.scheduler import Engine, EngineRequest, EngineResult, Generation, GenerationFailed
+
+__all__ = [
+    "Engine",
+    "EngineRequest",
+    "EngineResult",
+    "Generation",
+    "GenerationFailed",
+    "RowSampler",
+    "Sampler",
+]

@@ -1,0 +1,354 @@
+"""The generation engine: continuous batching of many requests on one model, each with its own sampling.
+
+A request joins the running batch at the next step (its prompt prefilled alone, reusing the shared
+few-shot prefix) and leaves it at the step it finishes — end of sequence, a stop string, its own token
+limit, cancellation or its deadline — its cache rows freed at once. A finished row is never computed
+again. The students, the local teacher backend and the offline evaluation all generate through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from gkt.decoding import PrefixCache, TextTracker, context_tokens
+from gkt.engine.batch import KvBatch, Layers
+from gkt.engine.sampling import RowSampler, Sampler
+from gkt.models import EchoModel, LoadedModel
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("eos", "stop", "length", "cancelled", "deadline")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineRequest:
+    """One generation: an encoded prompt and how to continue it."""
+
+    prompt_ids: Sequence[int]
+    sampler: Sampler = field(default_factory=Sampler)
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    strip_leading: bool = False
+    """Drop leading whitespace of the output (a student answering with no guidance starts after "A:")."""
+    deadline: float | None = None
+    """Wall-clock time (epoch seconds) after which the row stops with finish reason `deadline`."""
+    cancelled: Callable[[], bool] | None = None
+    """Checked before every step (it must be cheap): True stops the row with reason `cancelled`."""
+    prompt: str = ""
+    """The prompt's text; only the echo model reads it."""
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    text: str
+    token_count: int
+    """Tokens that made the kept text (a stop string's tokens excluded)."""
+    finish_reason: str
+    first_token_s: float = field(default=0.0, compare=False)
+    """Seconds from joining the queue to the first token (not part of what was generated)."""
+
+
+class GenerationFailed(RuntimeError):
+    """A forward pass failed; every row it carried fails with it."""
+
+
+class Generation:
+    """A submitted request: its text deltas arrive on `deltas()`, then its result (thread-safe)."""
+
+    def __init__(self, request: EngineRequest) -> None:
+        self.request = request
+        self.submitted = time.perf_counter()
+        self._stop = threading.Event()
+        self._events: queue.SimpleQueue[str | EngineResult | BaseException] = queue.SimpleQueue()
+        self.result: EngineResult | None = None
+
+    def cancel(self) -> None:
+        """Stop at the next step (finish reason `cancelled`)."""
+        self._stop.set()
+
+    def stopping(self) -> bool:
+        return self._stop.is_set() or bool(self.request.cancelled and self.request.cancelled())
+
+    def events(self, *, timeout_s: float | None = None) -> Iterator[str | EngineResult]:
+        """Deltas as they are made, then the result; raises what failed the generation."""
+        while True:
+            item = self._events.get(timeout=timeout_s)
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if isinstance(item, EngineResult):
+                return
+
+    def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
+        """What arrived so far, waiting up to `timeout_s` for the first item ([] if none came);
+        raises what failed the generation."""
+        items: list[str | EngineResult | BaseException] = []
+        try:
+            items.append(self._events.get(timeout=timeout_s))
+            while True:
+                items.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        for item in items:
+            if isinstance(item, BaseException):
+                raise item
+        return [item for item in items if not isinstance(item, BaseException)]
+
+    def _emit(self, item: str | EngineResult | BaseException) -> None:
+        if isinstance(item, EngineResult):
+            self.result = item
+        self._events.put(item)
+
+
+class _Row:
+    """A sequence in the running batch: what it has generated and the token to feed next."""
+
+    def __init__(self, seq: Generation, lm: LoadedModel) -> None:
+        request = seq.request
+        self.seq = seq
+        self.sampler = RowSampler(request.sampler)
+        self.history = list(request.prompt_ids)
+        self.position = len(request.prompt_ids)
+        self.tracker = TextTracker(
+            lm=lm,
+            stop=request.stop,
+            context=context_tokens(request.prompt_ids),
+            strip_leading=request.strip_leading,
+        )
+        self.next_token = 0
+        self.first_token_s = 0.0
+        self.finish: str | None = None
+        question = request.prompt.rsplit("Q: ", 1)[-1].split("\n", 1)[0]
+        self.echo_source = list((question or "echo").encode())
+        """The echo model's output: the bytes of the prompt's last question, cycling."""
+
+
+class Engine:
+    """Continuous batching over one model. Drive it from one thread: `start()` runs a background loop
+    (the students), or `generate()` steps in the caller's thread (the teacher, the evaluation)."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_batch: int = 16,
+        prefix_cache: PrefixCache | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.lm = lm
+        self.max_batch = max_batch
+        self.prefix_cache = prefix_cache
+        self._on_step = on_step
+        self._eos = lm.eos_token_ids
+        self._echo = isinstance(lm.model, EchoModel)
+        self._waiting: deque[Generation] = deque()
+        self._rows: list[_Row] = []
+        self._batch = KvBatch()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request: EngineRequest) -> Generation:
+        seq = Generation(request)
+        with self._lock:
+            self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        """Run `requests` to the end in this thread (no background loop may be running)."""
+        if self._thread is not None:
+            raise RuntimeError("generate() steps the engine itself; this one runs a background loop")
+        seqs = [self.submit(r) for r in requests]
+        while any(s.result is None for s in seqs):
+            self.step()
+        return [s.result for s in seqs if s.result is not None]
+
+    def start(self) -> None:
+        """Step in a background thread whenever there is work."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gkt-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def step(self) -> None:
+        """One scheduling step: 1) admit waiting requests, 2) one forward pass for the batch,
+        3) sample each row's next token, 4) retire the rows that finished."""
+        try:
+            self._admit()
+            if self._rows:
+                logits = self._forward()
+                for i, row in enumerate(self._rows):
+                    if row.finish is None:
+                        self._take(row, row.sampler.choose(row.history, logits[i : i + 1]))
+            self._retire()
+        except Exception as exc:
+            log.exception("generation step failed")
+            self._fail_all(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+        if self._on_step is not None:
+            self._on_step(len(self._rows))
+
+    # 1) admission -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    return
+                seq = self._waiting.popleft()
+            row = _Row(seq, self.lm)
+            if self._stopped(row):
+                self._finish(row)
+                continue
+            first = self._prefill(row)
+            self._take(row, first)
+            if row.finish is None:
+                self._rows.append(row)
+            else:
+                self._finish(row)
+
+    @torch.inference_mode()
+    def _prefill(self, row: _Row) -> int:
+        """Compute the row's prompt alone (after any cached prefix), add it to the batch, and return its
+        first token."""
+        ids = list(row.seq.request.prompt_ids)
+        if self._echo:
+            return self._echo_token(row, 0)
+        model: Any = self.lm.model
+        device = self.lm.device
+        prefix = self.prefix_cache.match([ids]) if self.prefix_cache is not None else None
+        start = len(prefix.ids) if prefix is not None else 0
+        past = DynamicCache(ddp_cache_data=list(prefix.layers)) if prefix is not None else DynamicCache()
+        input_ids = torch.tensor([ids[start:]], device=device)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            position_ids=torch.arange(start, len(ids), device=device).unsqueeze(0),
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        layers: Layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._batch.add(layers)
+        return row.sampler.choose(row.history, out.logits[:, -1, :].float())
+
+    # 2) the forward pass ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self) -> torch.Tensor:
+        if self._echo:
+            return torch.zeros(len(self._rows), 1)
+        device = self.lm.device
+        input_ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
+        position_ids = torch.tensor([[row.position] for row in self._rows], device=device)
+        mask = self._batch.extend_mask()
+        model: Any = self.lm.model
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=self._batch.cache,
+            use_cache=True,
+        )
+        for row in self._rows:
+            row.position += 1
+        return out.logits[:, -1, :].float()
+
+    # 3) one token of one row --------------------------------------------------------------------
+    def _take(self, row: _Row, token: int) -> None:
+        if self._echo and row.tracker.tokens:
+            token = self._echo_token(row, len(row.tracker.tokens))
+        if not row.tracker.tokens:
+            row.first_token_s = time.perf_counter() - row.seq.submitted
+        row.next_token = token
+        row.history.append(token)
+        if token in self._eos:
+            row.finish = "eos"
+            return
+        delta = row.tracker.push(token)
+        if delta:
+            row.seq._emit(delta)
+        if row.tracker.stopped:
+            row.finish = "stop"
+        elif len(row.tracker.tokens) >= row.seq.request.max_new_tokens:
+            row.finish = "length"
+
+    def _stopped(self, row: _Row) -> bool:
+        """Mark the row finished when it was cancelled or its deadline passed."""
+        request = row.seq.request
+        if row.seq.stopping():
+            row.finish = "cancelled"
+        elif request.deadline is not None and time.time() >= request.deadline:
+            row.finish = "deadline"
+        return row.finish is not None
+
+    # 4) retirement ------------------------------------------------------------------------------
+    def _retire(self) -> None:
+        keep: list[int] = []
+        for i, row in enumerate(self._rows):
+            if row.finish is None:
+                self._stopped(row)
+            if row.finish is None:
+                keep.append(i)
+            else:
+                self._finish(row)
+        if len(keep) < len(self._rows):
+            if not self._echo:
+                self._batch.keep(keep)
+            self._rows = [self._rows[i] for i in keep]
+
+    def _finish(self, row: _Row) -> None:
+        rest = row.tracker.flush()
+        if rest:
+            row.seq._emit(rest)
+        row.seq._emit(
+            EngineResult(
+                text=row.tracker.text,
+                token_count=row.tracker.token_count,
+                finish_reason=row.finish or "length",
+                first_token_s=row.first_token_s,
+            )
+        )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for row in self._rows:
+            row.seq._emit(exc)
+        self._rows = []
+        self._batch = KvBatch()
+
+    @staticmethod
+    def _echo_token(row: _Row, step: int) -> int:
+        return row.echo_source[step % len(row.echo_source)]
+
+    def _loop(self) -> None:
+        while not self._closing:
+            if not self._rows and not self._waiting:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            self.step()

@@ -1,0 +1,143 @@
+"""The generation engine on tiny random models: continuous batching gives each row what it gets alone."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from gkt.decoding import PrefixCache, encode, few_shot_prefixes
+from gkt.engine import Engine, EngineRequest, EngineResult, Sampler
+from gkt.jobs import GuidanceMode, Task
+from gkt.models import LoadedModel, load_model
+from gkt.prompts import student_prompt, teacher_prompt
+
+QUERIES = (
+    "Where would you put a plate after washing it?\nAnswer Choices: (A) restaurant (B) cupboard (C) table",
+    "Why?",
+    "A much longer question about the trees in the grove, the workers who plant them, and how many "
+    "trees there will be after they are done today?\nAnswer Choices: (A) 6 (B) 21 (C) 15 (D) 36 (E) 0",
+    "How many apples are left?",
+)
+SAMPLERS = (
+    Sampler(),
+    Sampler(temperature=0.9, top_p=0.9, seed=3),
+    Sampler(temperature=1.1, top_k=20, repetition_penalty=1.3, seed=8),
+    Sampler(repetition_penalty=1.2),
+)
+
+
+@pytest.fixture(scope="module", params=["teacher", "student"])
+def lm(
+    request: pytest.FixtureRequest, tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> LoadedModel:
+    """The tiny Gemma 3 (sliding window 32, far shorter than the prefix) and the tiny Llama."""
+    directory = tiny_models[0] if request.param == "teacher" else tiny_models[1]
+    return load_model(name=str(directory), cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _request(lm: LoadedModel, i: int, *, max_new_tokens: int = 12, **kwargs: object) -> EngineRequest:
+    task = Task.CSQA if i % 2 == 0 else Task.GSM8K
+    prompt = teacher_prompt(task=task, mode=GuidanceMode.CUTOFF, query=QUERIES[i % len(QUERIES)])
+    return EngineRequest(
+        prompt_ids=encode(lm, prompt),
+        sampler=SAMPLERS[i % len(SAMPLERS)],
+        max_new_tokens=max_new_tokens,
+        prompt=prompt,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _alone(lm: LoadedModel, request: EngineRequest) -> EngineResult:
+    (result,) = Engine(lm, max_batch=1).generate([request])
+    return result
+
+
+def test_rows_joining_and_leaving_mid_flight_generate_what_they_generate_alone(lm: LoadedModel) -> None:
+    """Staggered arrivals of different lengths and token limits, with and without the prefix cache."""
+    for prefix_cache in (None, PrefixCache(lm, texts=few_shot_prefixes())):
+        engine = Engine(lm, max_batch=3, prefix_cache=prefix_cache)
+        requests = [_request(lm, i, max_new_tokens=4 + 3 * i) for i in range(6)]
+        generations = []
+        for request in requests:  # one arrival per step: each joins a batch already running
+            generations.append(engine.submit(request))
+            engine.step()
+        while any(g.result is None for g in generations):
+            engine.step()
+            assert engine.running <= 3
+        for request, generation in zip(requests, generations, strict=True):
+            assert generation.result == _alone(lm, request)
+
+
+def test_a_finished_row_leaves_the_batch_at_once(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=4)
+    short = engine.submit(_request(lm, 1, max_new_tokens=2))
+    long = engine.submit(_request(lm, 2, max_new_tokens=30))
+    engine.step()
+    engine.step()
+    assert short.result is not None and short.result.token_count <= 2
+    assert engine.running == 1
+    while long.result is None:
+        engine.step()
+    assert long.result.finish_reason in {"length", "eos", "stop"}
+    assert engine.running == 0
+
+
+def test_cancel_and_deadline_stop_a_row_at_the_next_step(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=4)
+    cancelled = engine.submit(_request(lm, 0, max_new_tokens=50))
+    late = engine.submit(_request(lm, 1, max_new_tokens=50, deadline=time.time() + 3600))
+    other = engine.submit(_request(lm, 2, max_new_tokens=50))
+    engine.step()
+    cancelled.cancel()
+    engine.step()
+    assert cancelled.result is not None and cancelled.result.finish_reason == "cancelled"
+    object.__setattr__(late.request, "deadline", time.time() - 1)
+    engine.step()
+    assert late.result is not None and late.result.finish_reason == "deadline"
+    assert other.result is None and engine.running == 1
+
+
+def test_a_waiting_request_cancelled_before_it_starts_costs_no_forward_pass(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=1)
+    first = engine.submit(_request(lm, 0, max_new_tokens=3))
+    queued = engine.submit(_request(lm, 1, max_new_tokens=3, cancelled=lambda: True))
+    while first.result is None or queued.result is None:
+        engine.step()
+    assert queued.result.finish_reason == "cancelled"
+    assert queued.result.token_count == 0
+
+
+def test_deltas_stream_the_text_and_a_stop_string_ends_the_row(lm: LoadedModel) -> None:
+    prompt = student_prompt(task=Task.GSM8K, query="How many?", guidance="There are")
+    probe = Engine(lm).generate(
+        [EngineRequest(prompt_ids=encode(lm, prompt), max_new_tokens=12, prompt=prompt)]
+    )[0]
+    cut = next(i for i, char in enumerate(probe.text) if i >= 2 and not char.isspace())
+    stop = probe.text[cut]
+    engine = Engine(lm)
+    generation = engine.submit(
+        EngineRequest(prompt_ids=encode(lm, prompt), max_new_tokens=12, stop=(stop,), prompt=prompt)
+    )
+    while generation.result is None:
+        engine.step()
+    items = list(generation.events(timeout_s=0))
+    result = items[-1]
+    assert isinstance(result, EngineResult)
+    assert result.finish_reason == "stop"
+    assert "".join(i for i in items if isinstance(i, str)) == result.text == probe.text[: probe.text.index(stop)]
+
+
+def test_a_background_engine_serves_requests_submitted_from_other_threads(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=4)
+    engine.start()
+    try:
+        requests = [_request(lm, i) for i in range(4)]
+        generations = [engine.submit(r) for r in requests]
+        results = [list(g.events(timeout_s=60))[-1] for g in generations]
+    finally:
+        engine.stop()
+    for request, result in zip(requests, results, strict=True):
+        assert isinstance(result, EngineResult)
+        assert result.text == _alone(lm, request).text
