@@ -1,63 +1,23 @@
-"""Token-by-token decoding over a KV cache: batched for the teacher, streamed at batch 1 for a student.
+"""What decoding needs around the model: tokens in, text out, and the KV cache of shared prefixes.
 
 A `PrefixCache` keeps the KV cache of prompt prefixes every job shares (the few-shot exemplars), so
-a job pays only for the tokens after them.
+a job pays only for the tokens after them; a `TextTracker` turns a row's tokens into safe text deltas.
+The decode loop itself is `gkt.engine`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    DynamicCache,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import DynamicCache
 
 from gkt.errors import InvalidArgument
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import EchoModel, LoadedModel
 from gkt.prompts import teacher_prompt
-
-
-@dataclass(frozen=True, kw_only=True)
-class Sampler:
-    """How one row picks its next token; a row's own seed makes it independent of its batch-mates."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-
-class _RowSampler:
-    def __init__(self, sampler: Sampler) -> None:
-        self.greedy = sampler.temperature == 0.0
-        processors = LogitsProcessorList()
-        if sampler.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(sampler.repetition_penalty))
-        if not self.greedy:
-            processors.append(TemperatureLogitsWarper(sampler.temperature))
-            if sampler.top_k > 0:
-                processors.append(TopKLogitsWarper(sampler.top_k))
-            if sampler.top_p < 1.0:
-                processors.append(TopPLogitsWarper(sampler.top_p))
-        self.processors = processors
-        self.generator = torch.Generator().manual_seed(sampler.seed)
-
-    def choose(self, history: torch.Tensor, logits: torch.Tensor) -> int:
-        scores = self.processors(history, logits) if self.processors else logits  # type: ignore[arg-type]
-        if self.greedy:
-            return int(scores.argmax(-1))
-        probs = torch.softmax(scores, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 @dataclass(frozen=True)
@@ -183,116 +143,6 @@ def check_room(
         f"is {max_new_tokens}; the prompt is {prompt_tokens} tokens for {lm.name}, so its context of "
         f"{context} tokens leaves room for at most {context - prompt_tokens}",
     )
-
-
-@dataclass
-class _Prefill:
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    past: DynamicCache | None
-
-
-@torch.inference_mode()
-def decode_steps(
-    *,
-    lm: LoadedModel,
-    prompts: Sequence[str],
-    samplers: Sequence[Sampler],
-    prefix_cache: PrefixCache | None = None,
-    token_ids: Sequence[Sequence[int]] | None = None,
-) -> Iterator[list[int]]:
-    """Yield the next token of every row, one forward pass per step, until the caller stops.
-
-    Rows are left-padded into one batch; position ids follow the attention mask so a padded row
-    sees exactly the positions it would see alone. With a `prefix_cache`, a prefix every row
-    shares is not computed again. `token_ids`, when the caller has encoded the prompts already
-    (to check them against the context), saves encoding them again.
-    """
-    if isinstance(lm.model, EchoModel):
-        yield from lm.model.steps(prompts)
-        return
-    rows = [list(ids) for ids in token_ids] if token_ids is not None else [encode(lm, p) for p in prompts]
-    prefix = prefix_cache.match(rows) if prefix_cache is not None else None
-    lengths = [len(row) for row in rows]
-    if prefix is not None and max(lengths) - min(lengths) <= len(prefix.ids):
-        prefill = _after_prefix(lm, rows, prefix)
-    else:
-        prefill = _left_padded(lm, rows)
-    samplers_by_row = [_RowSampler(s) for s in samplers]
-    history = [torch.tensor([row], device=lm.device) for row in rows]
-    attention_mask, position_ids = prefill.attention_mask, prefill.position_ids
-    out = lm.model(
-        input_ids=prefill.input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        past_key_values=prefill.past,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    while True:
-        logits = out.logits[:, -1, :].float()
-        tokens = [row.choose(history[i], logits[i : i + 1]) for i, row in enumerate(samplers_by_row)]
-        yield tokens
-        next_ids = torch.tensor(tokens, device=lm.device).unsqueeze(-1)
-        history = [torch.cat([h, next_ids[i : i + 1]], dim=-1) for i, h in enumerate(history)]
-        attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
-        out = lm.model(
-            input_ids=next_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-
-
-def _left_padded(lm: LoadedModel, rows: list[list[int]]) -> _Prefill:
-    """Pad every row on the left to the longest; nothing is cached yet."""
-    width = max(len(row) for row in rows)
-    pad = lm.tokenizer.pad_token_id or 0
-    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=lm.device)
-    attention_mask = torch.tensor(
-        [[0] * (width - len(row)) + [1] * len(row) for row in rows], device=lm.device
-    )
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return _Prefill(input_ids, attention_mask, position_ids, None)
-
-
-def _after_prefix(lm: LoadedModel, rows: list[list[int]], prefix: _Prefix) -> _Prefill:
-    """Feed only what follows the cached prefix, keeping every row's padding on the far left.
-
-    A row with `k` fewer new tokens than the longest re-feeds its last `k` prefix tokens and sees
-    the cached prefix shifted right by `k` behind `k` masked slots. Padding then sits only before
-    the first real token, as in `_left_padded`, so sliding-window layers (which measure distance
-    in cache slots) see the same neighbours as without the cache.
-    """
-    size = len(prefix.ids)
-    width = max(len(row) for row in rows) - size
-    shifts = [width - (len(row) - size) for row in rows]
-    input_ids = torch.tensor([row[size - k :] for row, k in zip(rows, shifts, strict=True)], device=lm.device)
-    attention_mask = torch.tensor(
-        [[0] * k + [1] * len(row) for row, k in zip(rows, shifts, strict=True)], device=lm.device
-    )
-    position_ids = torch.stack(
-        [torch.arange(size - k, len(row), device=lm.device) for row, k in zip(rows, shifts, strict=True)]
-    )
-    past = DynamicCache(
-        ddp_cache_data=[(_shifted(keys, shifts), _shifted(values, shifts)) for keys, values in prefix.layers]
-    )
-    return _Prefill(input_ids, attention_mask, position_ids, past)
-
-
-def _shifted(states: torch.Tensor, shifts: list[int]) -> torch.Tensor:
-    """One row of cached states per shift, each moved right by its shift behind zeros."""
-    if not any(shifts):
-        return states.expand(len(shifts), -1, -1, -1)
-    size = states.shape[2]
-    rows = [
-        torch.cat([states.new_zeros(*states.shape[:2], k, states.shape[3]), states[:, :, : size - k]], dim=2)
-        for k in shifts
-    ]
-    return torch.cat(rows, dim=0)
 
 
 @dataclass

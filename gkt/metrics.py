@@ -79,11 +79,20 @@ STUDENT_TOKENS_PER_SECOND = Histogram(
     "gkt_student_tokens_per_second", "Generation speed per job: tokens ÷ student time.", buckets=_RATE
 )
 STUDENT_JOBS = Counter("gkt_student_jobs_total", "Student jobs finished, by outcome.", ["outcome"])
-STUDENT_BUSY = Gauge("gkt_student_busy_workers", "Workers running a job now.", multiprocess_mode="livesum")
+STUDENT_BUSY = Gauge(
+    "gkt_student_busy_workers", "Jobs running now (batch slots in use).", multiprocess_mode="livesum"
+)
 STUDENT_WORKERS = Gauge(
     "gkt_student_workers",
-    "Worker processes ready to run jobs (utilisation: busy ÷ this).",
+    "Batch slots ready to run jobs: GKT_STUDENT_MAX_BATCH per student process (utilisation: busy ÷ this).",
     multiprocess_mode="livesum",
+)
+STUDENT_BATCH_ROWS = Histogram(
+    "gkt_student_batch_rows", "Jobs decoded together, per engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+)
+STUDENT_TAKEOVERS = Counter(
+    "gkt_student_takeovers_total",
+    "Jobs sent again because the student running them stopped renewing its lease.",
 )
 
 

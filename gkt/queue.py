@@ -108,6 +108,15 @@ class Keys:
         """An API key's in-flight RPCs: a sorted set of lease ids scored by their deadline."""
         return f"{self.prefix}:leases:{key_id}"
 
+    def job_lease(self, job_id: str) -> str:
+        """The student running a job (its owner id), expiring unless renewed (`gkt.leases`)."""
+        return f"{self.prefix}:job-lease:{job_id}"
+
+    @property
+    def student_running(self) -> str:
+        """A hash: job id → the task arguments of each job a student has claimed and not released."""
+        return f"{self.prefix}:student:running"
+
 
 async def ensure_group(redis: AsyncRedis, *, keys: Keys) -> None:
     """Create the teachers' consumer group (and the stream) if they do not exist yet."""

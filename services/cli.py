@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("gateway", help="serve the gRPC API")
     commands.add_parser("teacher", help="run a teacher worker")
-    student = commands.add_parser("student", help="run a Celery student worker")
-    student.add_argument(
-        "--concurrency", type=int, default=None, help="worker processes (GKT_STUDENT_CONCURRENCY)"
+    student = commands.add_parser(
+        "student", help="run a Celery student worker (restarted if it dies; GKT_STUDENT_* settings)"
     )
+    student.add_argument("--name", default="student", help="Celery node name (the host is appended)")
     ask = commands.add_parser("ask", help="ask a running gateway a question")
     _add_ask_arguments(ask)
     commands.add_parser("demo", help="start the stack on the bundled models, ask three questions, stop")
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> None:
 
         teacher_main()
     elif args.command == "student":
-        _run_student(args.concurrency)
+        from services.student.__main__ import main as student_main
+
+        sys.exit(student_main(["--name", args.name]))
     elif args.command == "ask":
         sys.exit(_ask(args))
     elif args.command == "demo":
@@ -189,28 +191,6 @@ def _print_final(reply) -> None:
     print(
         f"timings  : queue {t.queue_wait_ms:.0f} ms | teacher {t.teacher_ms:.0f} ms (batch {t.teacher_batch_size}) | "
         f"student wait {t.student_wait_ms:.0f} ms | student {t.student_ms:.0f} ms | total {t.total_ms:.0f} ms"
-    )
-
-
-def _run_student(concurrency: int | None) -> None:
-    # Celery's prefork children each write metrics files; the parent serves their sum.
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="gkt-prometheus-"))
-    from services.student.celery_app import app, settings
-
-    app.worker_main(
-        argv=[
-            "worker",
-            "--queues",
-            "student",
-            "--concurrency",
-            str(concurrency or settings.student_concurrency),
-            "--prefetch-multiplier",
-            "1",
-            "--hostname",
-            f"student@{socket.gethostname()}",
-            "--loglevel",
-            settings.log_level,
-        ]
     )
 
 

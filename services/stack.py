@@ -207,11 +207,8 @@ def stop_detached(state_dir: Path, *, timeout_s: float = 30) -> list[str]:
 
 
 def _student_command(name: str) -> list[str]:
-    return [
-        sys.executable, "-m", "celery", "-A", "services.student.celery_app", "worker",
-        "-Q", "student", "--concurrency", "1", "--prefetch-multiplier", "1",
-        "--without-gossip", "--without-mingle", "--loglevel", "WARNING", "--hostname", f"{name}@%h",
-    ]  # fmt: skip
+    """A student worker under its restarting parent (`python -m services.student`)."""
+    return [sys.executable, "-m", "services.student", "--name", name]
 
 
 def _wait(check: object, *, timeout_s: float, what: str, stack: Stack, name: str | None = None) -> None:

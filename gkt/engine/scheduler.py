@@ -54,6 +54,8 @@ class EngineResult:
     token_count: int
     """Tokens that made the kept text (a stop string's tokens excluded)."""
     finish_reason: str
+    tokens: tuple[int, ...] = ()
+    """Every token generated, the end-of-sequence token included."""
     first_token_s: float = field(default=0.0, compare=False)
     """Seconds from joining the queue to the first token (not part of what was generated)."""
 
@@ -331,6 +333,7 @@ class Engine:
                 text=row.tracker.text,
                 token_count=row.tracker.token_count,
                 finish_reason=row.finish or "length",
+                tokens=tuple(row.history[len(row.seq.request.prompt_ids) :]),
                 first_token_s=row.first_token_s,
             )
         )

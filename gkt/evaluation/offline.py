@@ -1,9 +1,8 @@
 """The offline runner: the paper's setting in one process — a batched teacher, then students at batch 1.
 
 It drives the serving code itself rather than a copy of it: prompts from `gkt.prompts`, models from
-`gkt.models`, and every generation through the local teacher backend's `generate_sync` (the decode loop
-of `gkt.decoding`), with the teacher worker's projection (mode prompt, first N tokens, stripped). That is
-why this core module imports a service module: the numbers must measure the code that serves.
+`gkt.models`, and every generation through `gkt.engine` (the engine the students and the local teacher
+backend serve with), with the teacher worker's projection (mode prompt, first N tokens, stripped).
 """
 
 from __future__ import annotations
@@ -12,14 +11,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gkt.decoding import PrefixCache, encode, few_shot_prefixes
+from gkt.engine import Engine, EngineRequest, EngineResult, Sampler
 from gkt.evaluation.datasets import Example
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord
 from gkt.evaluation.scoring import score_example
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
-from services.teacher.backends.base import GenerationRequest, GenerationResult
-from services.teacher.backends.local import LocalBackend
 
 
 class OfflineRunner:
@@ -30,8 +29,8 @@ class OfflineRunner:
     ) -> None:
         self.plan = plan
         self._cache_dir, self._device, self._dtype = cache_dir, device, dtype
-        self._teacher: LocalBackend | None = None
-        self._student: LocalBackend | None = None
+        self._teacher: Engine | None = None
+        self._student: Engine | None = None
 
     def run_chunk(self, condition: Condition, examples: Sequence[Example]) -> list[ExampleRecord]:
         """One teacher batch for the chunk (unless the row has no teacher), then one student per example."""
@@ -63,11 +62,13 @@ class OfflineRunner:
 
     def _guidance(
         self, condition: Condition, examples: Sequence[Example]
-    ) -> tuple[list[GenerationResult], float]:
+    ) -> tuple[list[EngineResult], float]:
         if not condition.uses_teacher:
-            return [GenerationResult(text="", token_count=0, finish_reason="none") for _ in examples], 0.0
+            return [EngineResult(text="", token_count=0, finish_reason="none") for _ in examples], 0.0
+        teacher = self._engine("teacher")
         requests = [
-            GenerationRequest(
+            _request(
+                teacher.lm,
                 prompt=teacher_prompt(
                     task=self.plan.task,
                     mode=condition.mode,
@@ -75,21 +76,23 @@ class OfflineRunner:
                     exemplar_set=self.plan.exemplar_set,
                 ),
                 max_new_tokens=condition.guidance_tokens,
-                temperature=_given(self.plan.teacher_temperature),
-                top_p=_given(self.plan.teacher_top_p),
-                seed=self.plan.example_seed(example.index),
-                stop=(STOP_SEQUENCE,),
+                sampler=Sampler(
+                    temperature=_given(self.plan.teacher_temperature),
+                    top_p=_given(self.plan.teacher_top_p),
+                    seed=self.plan.example_seed(example.index),
+                ),
             )
             for example in examples
         ]
-        teacher = self._backend("teacher")
         started = time.perf_counter()
-        results = teacher.generate_sync(requests)
+        results = teacher.generate(requests)
         return results, time.perf_counter() - started
 
     def _complete(self, example: Example, guidance: str) -> tuple[str, int, float]:
         """The student's continuation at batch size 1, as a Celery student would run it."""
-        request = GenerationRequest(
+        student = self._engine("student")
+        request = _request(
+            student.lm,
             prompt=student_prompt(
                 task=self.plan.task,
                 query=example.query,
@@ -97,28 +100,43 @@ class OfflineRunner:
                 exemplar_set=self.plan.exemplar_set,
             ),
             max_new_tokens=self.plan.student_tokens,
-            temperature=self.plan.student_temperature,
-            top_p=self.plan.student_top_p,
-            seed=self.plan.example_seed(example.index),
-            stop=(STOP_SEQUENCE,),
+            sampler=Sampler(
+                temperature=self.plan.student_temperature,
+                top_p=self.plan.student_top_p,
+                seed=self.plan.example_seed(example.index),
+            ),
         )
-        student = self._backend("student")
         started = time.perf_counter()
-        (result,) = student.generate_sync([request])
+        (result,) = student.generate([request])
         seconds = time.perf_counter() - started
         # With no guidance the prompt ends at "A:", and the answer starts after the space the model writes.
         text = result.text if guidance else result.text.lstrip()
         return text, result.token_count, seconds
 
-    def _backend(self, role: str) -> LocalBackend:
+    def _engine(self, role: str) -> Engine:
         if role == "teacher":
-            self._teacher = self._teacher or LocalBackend.from_loaded(self._load(self.plan.teacher))
+            self._teacher = self._teacher or _engine(self._load(self.plan.teacher))
             return self._teacher
-        self._student = self._student or LocalBackend.from_loaded(self._load(self.plan.student))
+        self._student = self._student or _engine(self._load(self.plan.student))
         return self._student
 
     def _load(self, name: str) -> LoadedModel:
         return load_model(name=name, cache_dir=self._cache_dir, device=self._device, dtype=self._dtype)
+
+
+def _engine(lm: LoadedModel) -> Engine:
+    """An engine with the few-shot prefixes cached, as the serving workers build theirs."""
+    return Engine(lm, max_batch=256, prefix_cache=PrefixCache(lm, texts=few_shot_prefixes()))
+
+
+def _request(lm: LoadedModel, *, prompt: str, max_new_tokens: int, sampler: Sampler) -> EngineRequest:
+    return EngineRequest(
+        prompt_ids=encode(lm, prompt),
+        sampler=sampler,
+        max_new_tokens=max_new_tokens,
+        stop=(STOP_SEQUENCE,),
+        prompt=prompt,
+    )
 
 
 def _given(value: float | None) -> float:

@@ -1,19 +1,23 @@
-"""The student Celery app (module-level: Celery workers import it by name)."""
+"""The student Celery app (module-level: Celery workers import it by name).
+
+A worker runs a threads pool with one thread per batch slot: each thread holds one job and waits on
+the process's engine, which decodes all of them together (`services.student.runtime`).
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_shutdown
 
-from gkt import metrics, tracing
+from gkt import tracing
 from gkt.config import celery_broker
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from gkt.queue import STUDENT_QUEUE
+from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
+from services.student import runtime
 from services.student.settings import StudentSettings
 
 settings = StudentSettings()
@@ -21,19 +25,23 @@ settings = StudentSettings()
 app = Celery("gkt-student", include=["services.student.tasks"])
 app.conf.update(
     task_default_queue=STUDENT_QUEUE,
-    # A job is acknowledged only when it finished; a worker that dies puts it back.
+    worker_pool="threads",
+    worker_concurrency=settings.student_max_batch,
+    # A job is acknowledged only when it finished; a worker that dies leaves it unacknowledged, and
+    # its lease (gkt.leases) lets another student take it over long before the broker gives it back.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
-    task_time_limit=settings.student_task_time_limit_s,
-    task_soft_time_limit=settings.soft_time_limit_s,
     task_ignore_result=True,
-    # Unacknowledged tasks of a vanished worker come back after this long (it must outlast a job).
+    # Unacknowledged tasks of a vanished worker come back after this long (it must outlast a job);
+    # a returning task whose job was answered or taken over is dropped by its claim.
     broker_transport_options={"visibility_timeout": settings.student_task_time_limit_s + 60},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # A Redis blip must not abandon running jobs: they finish, publish once Redis is back, and their
+    # unacknowledgeable tasks return later only to be dropped by their claim.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     # rediss://: kombu needs the TLS options spelled out (None keeps a plain connection).
     **celery_broker(settings.redis_url),
 )
@@ -41,27 +49,21 @@ app.conf.update(
 log = logging.getLogger("gkt.student")
 
 
+def send_again(job_json: str, guidance_json: str) -> None:
+    """Queue a job whose student died (its lease expired) for another student."""
+    app.send_task(STUDENT_TASK, args=[job_json, guidance_json], queue=STUDENT_QUEUE)
+
+
 @worker_init.connect
 def _on_worker_init(**_: Any) -> None:
     configure_logging(level=settings.log_level, service="student")
     log.info("settings %s", settings.describe())
     serve_metrics(port=settings.student_metrics_port)
-
-
-@worker_process_init.connect
-def _on_process_init(**_: Any) -> None:
-    from services.student import tasks
-
-    configure_logging(level=settings.log_level, service="student")
-    # After the fork: an exporter's background thread does not survive one.
     tracing.configure(tracing.TracingSettings(), service="student")
-    tasks.prepare(settings)
-    metrics.STUDENT_WORKERS.inc()
+    # The model loads before the worker consumes: a task never waits for it.
+    runtime.install(runtime.StudentRuntime.start(settings, send_task=send_again))
 
 
-@worker_process_shutdown.connect
-def _on_process_shutdown(pid: int | None = None, **_: Any) -> None:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid or os.getpid())
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    runtime.stop_current()

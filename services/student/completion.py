@@ -1,40 +1,84 @@
-"""One student job: continue the teacher's guidance with the job's own sampling, streaming deltas."""
+"""One student job: claim it, continue the teacher's guidance on the shared engine, stream, publish.
+
+This is the logic of the Celery task, kept apart from Celery so it is tested without it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from gkt import metrics, tracing
 from gkt.answers import extract_answer
-from gkt.decoding import PrefixCache, Sampler, TextTracker, check_room, context_tokens, decode_steps, encode
+from gkt.decoding import check_room, encode
+from gkt.engine import Engine, EngineRequest, EngineResult, Generation, Sampler
 from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
-from gkt.models import LoadedModel
+from gkt.leases import Claim, Lease
 from gkt.prompts import STOP_SEQUENCE, student_prompt
 from gkt.queue import SyncEventPublisher
+from services.student.jobbook import JobBook, LeaseLost
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class JobLimits:
+    """How a student runs each job."""
+
+    max_attempts: int
+    time_limit_s: float
+    """Longest generation of one job, whatever its own deadline."""
+    stream_interval_s: float = 0.0
+    """Deltas are coalesced into one Redis round trip per this many seconds (0: one per token)."""
+
+
 def run_job(
     *,
-    lm: LoadedModel,
+    engine: Engine,
     job: Job,
     guidance: Guidance,
     publisher: SyncEventPublisher,
-    max_attempts: int,
-    prefix_cache: PrefixCache | None = None,
-    stream_interval_s: float = 0.0,
+    book: JobBook,
+    limits: JobLimits,
 ) -> None:
-    """Complete a job and publish its final event (or its error); safe to run again on redelivery."""
-    finished, attempt = publisher.begin(job.id)
-    if finished:
+    """Complete a job and publish its final event (or its error) exactly once; a redelivery of a job
+    that is answered, or running on another student, does nothing."""
+    claim, lease = book.claim(job, guidance)
+    if claim is Claim.ANSWERED:
         log.info("job already answered; redelivery ignored", extra={"job_id": job.id})
         return
-    if attempt > max_attempts:
-        message = f"the student failed {attempt - 1} times on this job; it was dead-lettered"
-        log.error("student job dead-lettered", extra={"job_id": job.id, "attempts": attempt - 1})
+    if claim is Claim.HELD or lease is None:
+        log.info("job running on another student; redelivery ignored", extra={"job_id": job.id})
+        return
+    try:
+        _run_claimed(
+            engine=engine,
+            job=job,
+            guidance=guidance,
+            publisher=publisher,
+            book=book,
+            lease=lease,
+            limits=limits,
+        )
+    finally:
+        book.release(lease)
+
+
+def _run_claimed(
+    *,
+    engine: Engine,
+    job: Job,
+    guidance: Guidance,
+    publisher: SyncEventPublisher,
+    book: JobBook,
+    lease: Lease,
+    limits: JobLimits,
+) -> None:
+    if lease.attempt > limits.max_attempts:
+        message = f"the student failed {lease.attempt - 1} times on this job; it was dead-lettered"
+        log.error("student job dead-lettered", extra={"job_id": job.id, "attempts": lease.attempt - 1})
         publisher.dead_letter(job, reason=message)
         metrics.STUDENT_JOBS.labels("dead_lettered").inc()
         publisher.publish_final(job.id, ErrorEvent(code="INTERNAL", message=message))
@@ -45,19 +89,28 @@ def run_job(
     metrics.STUDENT_BUSY.inc()
     try:
         with tracing.job_span(
-            "gkt.student.generate", traceparent=job.traceparent, attributes={"gkt.attempt": attempt}
+            "gkt.student.generate", traceparent=job.traceparent, attributes={"gkt.attempt": lease.attempt}
         ):
             completion, last_delta = complete(
-                lm=lm,
+                engine=engine,
                 job=job,
                 guidance=guidance,
                 publisher=publisher,
-                attempt=attempt,
-                prefix_cache=prefix_cache,
-                stream_interval_s=stream_interval_s,
+                book=book,
+                attempt=lease.attempt,
+                limits=limits,
             )
+    except LeaseLost:
+        log.warning("job taken over by another student; dropped here", extra={"job_id": job.id})
+        return
     except GktError as exc:
         _finish_with_error(publisher, job, exc)
+        return
+    except Exception as exc:  # a bug or a failed forward pass: the client hears at once, never a trace
+        log.exception("student job failed unexpectedly", extra={"job_id": job.id})
+        _finish_with_error(
+            publisher, job, GktError(f"the student failed ({type(exc).__name__}); retry later")
+        )
         return
     finally:
         metrics.STUDENT_BUSY.dec()
@@ -67,21 +120,20 @@ def run_job(
 
 def complete(
     *,
-    lm: LoadedModel,
+    engine: Engine,
     job: Job,
     guidance: Guidance,
     publisher: SyncEventPublisher,
-    attempt: int = 1,
-    prefix_cache: PrefixCache | None = None,
-    stream_interval_s: float = 0.0,
+    book: JobBook,
+    attempt: int,
+    limits: JobLimits,
 ) -> tuple[Completion, DeltaEvent | None]:
-    """Generate at batch size 1, checking cancellation and the deadline between tokens; return the
-    completion and its last delta, still to publish (with the final event, in one round trip).
+    """Generate on the engine beside other jobs, streaming deltas; return the completion and its last
+    delta, still to publish (with the final event, in one round trip).
 
     Deltas are coalesced: one Redis round trip (publish what is new, check the durable cancel mark) at
-    most every `stream_interval_s`, the first delta at once; 0 publishes after every token. A
-    cancellation heard on the channel (`SyncEventPublisher.watch_cancellations`) stops the job at the
-    next token without a round trip.
+    most every `stream_interval_s`, the first delta at once. A cancellation heard on the channel
+    (`SyncEventPublisher.watch_cancellations`) stops the row at the engine's next step.
     """
     started_at = time.time()
     started = time.perf_counter()
@@ -89,6 +141,9 @@ def complete(
         metrics.STUDENT_QUEUE_WAIT.observe(max(0.0, started_at - guidance.published_at))
     if job.expired(started_at):
         raise DeadlineExceeded("the deadline passed before a student started the job")
+    if publisher.cancelled(job.id):
+        raise Cancelled("the client cancelled the job before a student started it")
+    lm = engine.lm
     prompt = student_prompt(task=job.task, query=job.query, guidance=guidance.text)
     params = job.sampling
     prompt_ids = encode(lm, prompt)
@@ -98,76 +153,90 @@ def complete(
         max_new_tokens=params.max_new_tokens,
         length_field="sampling.max_new_tokens",
     )
-    tracker = TextTracker(
-        lm=lm,
-        stop=(STOP_SEQUENCE, *params.stop),
-        context=context_tokens(prompt_ids),
-        strip_leading=not guidance.text,
+    time_limit = started_at + limits.time_limit_s
+    generation = engine.submit(
+        EngineRequest(
+            prompt_ids=prompt_ids,
+            sampler=Sampler(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                repetition_penalty=params.repetition_penalty,
+                seed=params.seed,
+            ),
+            max_new_tokens=params.max_new_tokens,
+            stop=(STOP_SEQUENCE, *params.stop),
+            strip_leading=not guidance.text,
+            deadline=min(job.deadline, time_limit) if job.deadline is not None else time_limit,
+            cancelled=lambda: publisher.heard_cancel(job.id) or book.lost(job.id),
+            prompt=prompt,
+        )
     )
-    sampler = Sampler(
-        temperature=params.temperature,
-        top_p=params.top_p,
-        top_k=params.top_k,
-        repetition_penalty=params.repetition_penalty,
-        seed=params.seed,
-    )
-    finish = "length"
-    eos = lm.eos_token_ids
-    pending, last_sync = "", 0.0
-    steps = decode_steps(
-        lm=lm, prompts=[prompt], samplers=[sampler], prefix_cache=prefix_cache, token_ids=[prompt_ids]
-    )
-    for (token,) in steps:
-        if not tracker.tokens:
-            metrics.STUDENT_TTFT.observe(time.perf_counter() - started)
-        if token in eos:
-            finish = "eos"
-            break
-        pending += tracker.push(token)
-        if publisher.heard_cancel(job.id):  # no round trip: a listener thread heard it
-            raise Cancelled("the client cancelled the job")
-        if time.perf_counter() - last_sync >= stream_interval_s:
-            if _publish_delta(
-                publisher, job, pending, offset=tracker.emitted - len(pending), attempt=attempt
-            ):
-                raise Cancelled("the client cancelled the job")
-            pending, last_sync = "", time.perf_counter()
+    result = _stream(generation=generation, job=job, publisher=publisher, attempt=attempt, limits=limits)
+    if result.item is None:
+        raise AssertionError("the engine ended a generation without a result")
+    outcome = result.item
+    if outcome.finish_reason == "cancelled":
+        if book.lost(job.id):
+            raise LeaseLost(job.id)
+        raise Cancelled("the client cancelled the job")
+    if outcome.finish_reason == "deadline":
         if job.expired():
             raise DeadlineExceeded("the deadline passed during the student's generation")
-        if tracker.stopped:
-            finish = "stop"
-            break
-        if len(tracker.tokens) >= params.max_new_tokens:
-            break
-    rest = pending + tracker.flush()
-    last_delta = DeltaEvent(text=rest, offset=tracker.emitted - len(rest), attempt=attempt) if rest else None
+        raise DeadlineExceeded(f"the student's time limit ({limits.time_limit_s:.0f} s) passed")
     seconds = time.perf_counter() - started
+    metrics.STUDENT_TTFT.observe(outcome.first_token_s)
     metrics.STUDENT_JOB_DURATION.observe(seconds)
-    metrics.STUDENT_TOKENS.inc(len(tracker.tokens))
-    metrics.STUDENT_TOKENS_PER_JOB.observe(len(tracker.tokens))
+    metrics.STUDENT_TOKENS.inc(outcome.token_count)
+    metrics.STUDENT_TOKENS_PER_JOB.observe(outcome.token_count)
     if seconds > 0:
-        metrics.STUDENT_TOKENS_PER_SECOND.observe(len(tracker.tokens) / seconds)
-    text = guidance.text + tracker.text
+        metrics.STUDENT_TOKENS_PER_SECOND.observe(outcome.token_count / seconds)
+    text = guidance.text + outcome.text
     completion = Completion(
         text=text,
         guidance=guidance,
         answer=extract_answer(task=job.task, text=text) or "",
-        completion_tokens=len(tracker.tokens),
-        finish_reason=finish,
+        completion_tokens=outcome.token_count,
+        finish_reason=outcome.finish_reason,
         seed=params.seed,
         student_started_at=started_at,
         student_seconds=seconds,
     )
+    rest = result.pending
+    last_delta = DeltaEvent(text=rest, offset=result.published, attempt=attempt) if rest else None
     return completion, last_delta
 
 
-def _publish_delta(publisher: SyncEventPublisher, job: Job, delta: str, *, offset: int, attempt: int) -> bool:
-    """Publish a delta (if any) and return whether the client cancelled, in one round trip."""
-    if not delta:
-        return publisher.cancelled(job.id)
-    return publisher.publish(
-        job.id, DeltaEvent(text=delta, offset=offset, attempt=attempt), check_cancel=True
-    )
+@dataclass
+class _Streamed:
+    item: EngineResult | None = None
+    pending: str = ""
+    """Text made but not yet published."""
+    published: int = 0
+    """Characters published so far."""
+
+
+def _stream(
+    *, generation: Generation, job: Job, publisher: SyncEventPublisher, attempt: int, limits: JobLimits
+) -> _Streamed:
+    """Publish the generation's deltas as they come (coalesced), until its result arrives."""
+    state = _Streamed()
+    last_sync = 0.0
+    while state.item is None:
+        for item in generation.collect(timeout_s=1.0):
+            if isinstance(item, EngineResult):
+                state.item = item
+            else:
+                state.pending += item
+        if state.item is not None or not state.pending:
+            continue
+        if time.perf_counter() - last_sync >= limits.stream_interval_s:
+            delta = DeltaEvent(text=state.pending, offset=state.published, attempt=attempt)
+            if publisher.publish(job.id, delta, check_cancel=True):
+                generation.cancel()
+            state.published += len(state.pending)
+            state.pending, last_sync = "", time.perf_counter()
+    return state
 
 
 def _finish_with_error(publisher: SyncEventPublisher, job: Job, exc: GktError) -> None:

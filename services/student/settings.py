@@ -24,13 +24,23 @@ class StudentSettings(CommonSettings):
     student_task_time_limit_s: int = Field(
         default=300,
         ge=60,
-        description="Hard limit of one job; the soft limit (job fails cleanly) is 30 s less.",
+        description="Longest generation of one job: past it the job fails with DEADLINE_EXCEEDED.",
     )
     student_max_attempts: int = Field(
         default=3, ge=1, le=20, description="Deliveries of one job (worker deaths included) before it fails."
     )
-    student_concurrency: int = Field(
-        default=1, ge=1, le=64, description="Worker processes per `gkt student`."
+    student_max_batch: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="Jobs one student process decodes together (its Celery threads); 1 = one job at a time.",
+    )
+    student_lease_s: float = Field(
+        default=10.0,
+        ge=2.0,
+        le=300.0,
+        description="A running job's lease: renewed every quarter of it; when its student dies, another "
+        "takes the job over once it expires.",
     )
     student_metrics_port: int = Field(default=9103, ge=0, le=65535, description="Prometheus port (0 = off).")
     student_warmup: bool = Field(
@@ -48,7 +58,3 @@ class StudentSettings(CommonSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process (0 = default)."
     )
-
-    @property
-    def soft_time_limit_s(self) -> int:
-        return self.student_task_time_limit_s - 30

@@ -1,85 +1,17 @@
-"""The Celery task (thin): decode the job, run it, leave the logic to `completion`."""
+"""The Celery task (thin): decode the job, hand it to the process's runtime."""
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import time
-
-import torch
-from celery.exceptions import SoftTimeLimitExceeded
-
 from gkt import logs
-from gkt.decoding import PrefixCache, Sampler, decode_steps, few_shot_prefixes
-from gkt.jobs import ErrorEvent, Guidance, GuidanceMode, Job
-from gkt.models import LoadedModel, load_model
-from gkt.queue import STUDENT_TASK, Keys, SyncEventPublisher, connect
-from services.student.celery_app import app, settings
-from services.student.completion import run_job
-from services.student.settings import StudentSettings
-
-log = logging.getLogger(__name__)
-
-# One model and one Redis client per worker process, created after the fork.
-_state: dict[str, object] = {}
-_BEAT_EVERY_S = 5.0
-
-
-def prepare(student_settings: StudentSettings) -> tuple[LoadedModel, SyncEventPublisher]:
-    """Load the model (and warm it up) once per worker process."""
-    if "lm" not in _state:
-        if student_settings.torch_threads:
-            torch.set_num_threads(student_settings.torch_threads)
-        lm = load_model(
-            name=student_settings.student_model,
-            cache_dir=student_settings.model_cache_dir,
-            device=student_settings.student_device,
-            dtype=student_settings.student_dtype,
-        )
-        # Student prompts are task prompts: their shared prefixes are those of the `cutoff` mode.
-        reuse = student_settings.student_prefix_cache
-        texts = few_shot_prefixes(modes=[GuidanceMode.CUTOFF]) if reuse else []
-        prefixes = PrefixCache(lm, texts=texts)
-        if student_settings.student_warmup:
-            prefixes.warm()
-            steps = decode_steps(lm=lm, prompts=["Q: 1+1?\nA:"], samplers=[Sampler()])
-            next(steps)
-            next(steps)
-        _state["lm"] = lm
-        _state["prefixes"] = prefixes
-        _state["publisher"] = SyncEventPublisher(
-            connect(student_settings.redis_url),
-            keys=Keys(student_settings.key_prefix),
-            ttl_s=student_settings.job_ttl_s,
-        )
-        _state["publisher"].watch_cancellations()  # type: ignore[attr-defined]
-    publisher: SyncEventPublisher = _state["publisher"]  # type: ignore[assignment]
-    # The beat lives 60 s: one every few seconds suffices, not a Redis round trip per job.
-    if time.monotonic() - float(_state.get("beat_at", -_BEAT_EVERY_S)) >= _BEAT_EVERY_S:  # type: ignore[arg-type]
-        publisher.heartbeat(role="student", name=f"{socket.gethostname()}-{os.getpid()}")
-        _state["beat_at"] = time.monotonic()
-    return _state["lm"], _state["publisher"]  # type: ignore[return-value]
+from gkt.jobs import Guidance, Job
+from gkt.queue import STUDENT_TASK
+from services.student import runtime
+from services.student.celery_app import app
 
 
 @app.task(name=STUDENT_TASK)
 def complete(job_json: str, guidance_json: str) -> None:
     job = Job.model_validate_json(job_json)
     guidance = Guidance.model_validate_json(guidance_json)
-    lm, publisher = prepare(settings)
     with logs.job_context(**logs.job_fields(job)):
-        try:
-            run_job(
-                lm=lm,
-                job=job,
-                guidance=guidance,
-                publisher=publisher,
-                max_attempts=settings.student_max_attempts,
-                prefix_cache=_state["prefixes"],  # type: ignore[arg-type]
-                stream_interval_s=settings.student_stream_interval_ms / 1000,
-            )
-        except SoftTimeLimitExceeded:
-            log.warning("student job hit its time limit")
-            publisher.publish_final(
-                job.id, ErrorEvent(code="DEADLINE_EXCEEDED", message="the student's time limit passed")
-            )
+        runtime.current().run(job, guidance)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gkt.bench.stats import Sample, percentile, summarize
-from gkt.decoding import Sampler, TextTracker, decode_steps
+from gkt.decoding import encode
+from gkt.engine import Engine, EngineRequest
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import ECHO_MODEL, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
@@ -66,12 +67,15 @@ async def test_the_echo_teacher_returns_the_first_words_of_the_question_at_once(
 def test_the_echo_student_repeats_its_question_and_never_writes_a_stop_string(tmp_path: Path) -> None:
     lm = load_model(name=ECHO_MODEL, cache_dir=tmp_path)
     prompt = student_prompt(task=Task.GSM8K, query="How many?\nQ: not this line", guidance="Some")
-    tracker = TextTracker(lm=lm, stop=(STOP_SEQUENCE,))
-    steps = decode_steps(lm=lm, prompts=[prompt], samplers=[Sampler()])
-    for _ in range(len("not this line") * 3):
-        tracker.push(next(steps)[0])
-    assert tracker.text == "not this line" * 3
-    assert not tracker.stopped
+    request = EngineRequest(
+        prompt_ids=encode(lm, prompt),
+        max_new_tokens=len("not this line") * 3,
+        stop=(STOP_SEQUENCE,),
+        prompt=prompt,
+    )
+    (result,) = Engine(lm).generate([request])
+    assert result.text == "not this line" * 3
+    assert result.finish_reason == "length"
     assert lm.eos_token_ids == frozenset()
 
 

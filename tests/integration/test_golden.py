@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gkt.decoding import PrefixCache, Sampler, TextTracker, decode_steps, few_shot_prefixes
+from gkt.decoding import PrefixCache, encode, few_shot_prefixes
+from gkt.engine import Engine, EngineRequest
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import teacher_prompt
@@ -59,14 +60,14 @@ CACHE = Path(os.environ.get("GKT_MODEL_CACHE_DIR", Path.home() / ".cache" / "gkt
 @pytest.mark.parametrize("alias", sorted(GOLDEN))
 def test_bundled_model_greedy_continuation_matches_the_recording(alias: str) -> None:
     lm = load_model(name=alias, cache_dir=CACHE)
-    tracker = TextTracker(lm=lm, stop=())
-    for step, (token,) in enumerate(decode_steps(lm=lm, prompts=[PROMPT], samplers=[Sampler()])):
-        tracker.push(token)
-        if step == 19:
-            break
+    engine = Engine(lm)
+    generation = engine.submit(EngineRequest(prompt_ids=encode(lm, PROMPT), max_new_tokens=20, prompt=PROMPT))
+    while generation.result is None:
+        engine.step()
     text, tokens = GOLDEN[alias]
-    assert tracker.tokens == tokens
-    assert tracker.text == text
+    assert generation.result.finish_reason == "length"
+    assert generation.result.text == text
+    assert list(generation.result.tokens) == tokens
 
 
 CSQA_QUERIES = (
@@ -78,15 +79,9 @@ CSQA_QUERIES = (
 )
 
 
-def _greedy(lm: LoadedModel, prompts: list[str], cache: PrefixCache | None, n: int) -> list[list[int]]:
-    rows: list[list[int]] = [[] for _ in prompts]
-    steps = decode_steps(lm=lm, prompts=prompts, samplers=[Sampler()] * len(prompts), prefix_cache=cache)
-    for tokens in steps:
-        for row, token in zip(rows, tokens, strict=True):
-            row.append(token)
-        if len(rows[0]) == n:
-            return rows
-    raise AssertionError("unreachable")
+def _greedy(lm: LoadedModel, prompts: list[str], cache: PrefixCache | None, n: int) -> list[str]:
+    requests = [EngineRequest(prompt_ids=encode(lm, p), max_new_tokens=n, prompt=p) for p in prompts]
+    return [r.text for r in Engine(lm, prefix_cache=cache).generate(requests)]
 
 
 @pytest.mark.real_models
@@ -98,4 +93,4 @@ def test_prefix_reuse_decodes_the_same_greedy_tokens_on_the_bundled_models(alias
 
     assert _greedy(lm, prompts, cache, 10) == _greedy(lm, prompts, None, 10)
     assert _greedy(lm, prompts[2:], cache, 20) == _greedy(lm, prompts[2:], None, 20)
-    assert cache.hits == 2
+    assert cache.hits == 4

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gkt.decoding import PrefixCache, Sampler, decode_steps, few_shot_prefixes
+from gkt.decoding import PrefixCache, encode, few_shot_prefixes
+from gkt.engine import Engine, EngineRequest, Sampler
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import student_prompt, teacher_prompt
@@ -31,15 +32,13 @@ def lm(
 
 def _generate(
     lm: LoadedModel, prompts: list[str], samplers: list[Sampler], prefix_cache: PrefixCache | None
-) -> list[list[int]]:
-    rows: list[list[int]] = [[] for _ in prompts]
-    steps = decode_steps(lm=lm, prompts=prompts, samplers=samplers, prefix_cache=prefix_cache)
-    for tokens in steps:
-        for row, token in zip(rows, tokens, strict=True):
-            row.append(token)
-        if len(rows[0]) == STEPS:
-            return rows
-    raise AssertionError("unreachable")
+) -> list[str]:
+    """The text of each row after STEPS tokens, generated together on the engine."""
+    requests = [
+        EngineRequest(prompt_ids=encode(lm, p), sampler=s, max_new_tokens=STEPS, prompt=p)
+        for p, s in zip(prompts, samplers, strict=True)
+    ]
+    return [r.text for r in Engine(lm, prefix_cache=prefix_cache).generate(requests)]
 
 
 def test_a_padded_batch_decodes_the_same_tokens_with_and_without_the_prefix_cache(lm: LoadedModel) -> None:
@@ -49,7 +48,7 @@ def test_a_padded_batch_decodes_the_same_tokens_with_and_without_the_prefix_cach
 
     reused = _generate(lm, prompts, samplers, cache)
 
-    assert cache.hits == 1
+    assert cache.hits == 3
     assert reused == _generate(lm, prompts, samplers, None)
 
 
@@ -62,7 +61,7 @@ def test_a_student_prompt_alone_decodes_the_same_tokens_with_the_prefix_cache(lm
     assert cache.hits == 1
 
 
-def test_rows_that_share_no_prefix_fall_back_to_a_full_prefill(lm: LoadedModel) -> None:
+def test_rows_of_different_tasks_in_one_batch_each_reuse_their_own_prefix(lm: LoadedModel) -> None:
     prompts = [
         teacher_prompt(task=Task.CSQA, mode=GuidanceMode.CUTOFF, query=QUERIES[0]),
         teacher_prompt(task=Task.GSM8K, mode=GuidanceMode.CUTOFF, query="How many apples?"),
@@ -71,7 +70,7 @@ def test_rows_that_share_no_prefix_fall_back_to_a_full_prefill(lm: LoadedModel) 
 
     reused = _generate(lm, prompts, [Sampler(), Sampler()], cache)
 
-    assert (cache.hits, cache.misses) == (0, 1)
+    assert (cache.hits, cache.misses) == (2, 0)
     assert reused == _generate(lm, prompts, [Sampler(), Sampler()], None)
 
 
@@ -84,3 +83,11 @@ def test_the_longest_shared_prefix_wins_and_old_entries_are_evicted(lm: LoadedMo
     assert _generate(lm, [plain], [Sampler()], cache) == _generate(lm, [plain], [Sampler()], None)
     assert cache.hits == 2
     assert len(cache._computed) == 1
+
+
+def test_a_prompt_without_a_known_prefix_is_prefilled_whole(lm: LoadedModel) -> None:
+    prompt = "Q: What is the capital of France?\nA:"
+    cache = PrefixCache(lm, texts=few_shot_prefixes())
+
+    assert _generate(lm, [prompt], [Sampler()], cache) == _generate(lm, [prompt], [Sampler()], None)
+    assert (cache.hits, cache.misses) == (0, 1)

@@ -1,17 +1,21 @@
-"""A student job against a real Redis: deltas, final answer, stop strings, cancellation, redelivery."""
+"""A student job against a real Redis: deltas, final answer, cancellation, redelivery, leases, failures."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from redis import Redis
 
+from gkt import leases
+from gkt.engine import Engine, EngineRequest, Generation
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
 from gkt.models import LoadedModel, load_model
 from gkt.queue import AnyEvent, Keys, SyncEventPublisher
-from services.student.completion import run_job
+from services.student.completion import JobLimits, run_job
+from services.student.jobbook import JobBook
 from tests.events import job_events
 
 KEYS = Keys("stest")
@@ -28,6 +32,28 @@ def publisher(redis: Redis) -> SyncEventPublisher:
     return SyncEventPublisher(redis, keys=KEYS, ttl_s=600)
 
 
+@pytest.fixture
+def engine(lm: LoadedModel) -> Iterator[Engine]:
+    engine = Engine(lm, max_batch=4)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def book(redis: Redis) -> JobBook:
+    return JobBook(redis, keys=KEYS, owner="test-student", lease_s=5, ttl_s=600)
+
+
+LIMITS = JobLimits(max_attempts=3, time_limit_s=60)
+
+
+def _run(
+    job: Job, engine: Engine, publisher: SyncEventPublisher, book: JobBook, limits: JobLimits = LIMITS
+) -> None:
+    run_job(engine=engine, job=job, guidance=GUIDANCE, publisher=publisher, book=book, limits=limits)
+
+
 def _events(redis: Redis, job: Job) -> list[AnyEvent]:
     return [event for _, event in job_events(redis, KEYS, job.id)]
 
@@ -38,10 +64,10 @@ def _job(**sampling: object) -> Job:
 
 
 def test_deltas_add_up_to_the_final_text_which_continues_the_guidance(
-    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
     job = _job()
-    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    _run(job, engine, publisher, book)
     events = _events(redis, job)
     final = events[-1]
     assert isinstance(final, FinalEvent)
@@ -52,29 +78,29 @@ def test_deltas_add_up_to_the_final_text_which_continues_the_guidance(
 
 
 def test_a_redelivered_job_that_was_answered_is_not_answered_twice(
-    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
     job = _job()
-    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    _run(job, engine, publisher, book)
     first = len(_events(redis, job))
-    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    _run(job, engine, publisher, book)
     assert len(_events(redis, job)) == first
     assert sum(isinstance(e, FinalEvent) for e in _events(redis, job)) == 1
 
 
-def test_a_cancelled_job_stops_after_one_token(
-    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+def test_a_job_cancelled_before_it_starts_costs_no_generation(
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
     job = _job(max_new_tokens=200, temperature=1.0)
     redis.set(KEYS.cancelled(job.id), "1")
-    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    _run(job, engine, publisher, book)
     events = _events(redis, job)
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
-    assert sum(isinstance(e, DeltaEvent) for e in events) <= 1
+    assert not any(isinstance(e, DeltaEvent) for e in events)
 
 
 def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_without_a_round_trip(
-    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
     # Only the channel carries this cancellation (no durable mark), and deltas would be synced once an
     # hour: the job can only stop early by hearing it between two tokens.
@@ -86,9 +112,7 @@ def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_wit
         redis.publish(KEYS.cancellations, job.id)
         while not publisher.heard_cancel(job.id):
             time.sleep(0.01)
-        run_job(
-            lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3, stream_interval_s=3600
-        )
+        _run(job, engine, publisher, book, JobLimits(max_attempts=3, time_limit_s=60, stream_interval_s=3600))
     finally:
         publisher.stop_watching()
     events = _events(redis, job)
@@ -97,25 +121,101 @@ def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_wit
 
 
 def test_a_job_past_its_attempts_fails_with_an_error(
-    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
     job = _job()
     redis.set(KEYS.attempts(job.id), 3)
-    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    _run(job, engine, publisher, book)
     events = _events(redis, job)
     assert len(events) == 1 and isinstance(events[0], ErrorEvent) and events[0].code == "INTERNAL"
 
 
 def test_a_prompt_and_length_beyond_the_models_context_answer_invalid_argument_naming_the_field(
-    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
-    assert lm.context_window == 4096  # the tiny student's
+    assert engine.lm.context_window == 4096  # the tiny student's
     # "x " is two tokens of the tiny vocabulary: 1,500 of them leave room for a few hundred more.
     too_much = _job(max_new_tokens=2000).model_copy(update={"query": "x " * 1500})
     too_long = _job().model_copy(update={"query": "x " * 2500})
     for job, field in ((too_much, "sampling.max_new_tokens"), (too_long, "query")):
-        run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+        _run(job, engine, publisher, book)
         (event,) = _events(redis, job)
         assert isinstance(event, ErrorEvent)
         assert (event.code, event.field) == ("INVALID_ARGUMENT", field)
         assert "4096 tokens" in event.message
+
+
+def test_jobs_running_together_stream_what_each_streams_alone(
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
+) -> None:
+    import threading
+
+    jobs = [_job(seed=s, max_new_tokens=8 + 2 * s, temperature=0.0 if s % 2 else 0.9) for s in range(4)]
+    threads = [threading.Thread(target=_run, args=(job, engine, publisher, book)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    together = [_events(redis, job)[-1] for job in jobs]
+    redis.flushdb()
+    alone_engine = Engine(engine.lm, max_batch=1)
+    alone_engine.start()
+    try:
+        for job in jobs:
+            _run(job, alone_engine, publisher, book)
+    finally:
+        alone_engine.stop()
+    for job, final in zip(jobs, together, strict=True):
+        alone = _events(redis, job)[-1]
+        assert isinstance(final, FinalEvent) and isinstance(alone, FinalEvent)
+        assert final.completion.text == alone.completion.text
+
+
+def test_a_redelivery_while_another_student_holds_the_lease_does_nothing(
+    redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
+) -> None:
+    job = _job()
+    other = JobBook(redis, keys=KEYS, owner="other-student", lease_s=30, ttl_s=600)
+    claim, lease = other.claim(job, GUIDANCE)
+    assert claim is leases.Claim.RUN and lease is not None
+    _run(job, engine, publisher, book)
+    assert _events(redis, job) == []
+    other.release(lease)
+    _run(job, engine, publisher, book)
+    assert isinstance(_events(redis, job)[-1], FinalEvent)
+
+
+def test_a_dead_students_job_is_swept_once_and_its_late_renewal_learns_it_was_taken_over(
+    redis: Redis,
+) -> None:
+    job = _job()
+    dead = JobBook(redis, keys=KEYS, owner="dead-student", lease_s=2, ttl_s=600)
+    _, lease = dead.claim(job, GUIDANCE)
+    assert lease is not None and leases.running(redis, keys=KEYS) == 1
+    assert leases.sweep(redis, keys=KEYS) == []  # its lease is alive
+    redis.delete(KEYS.job_lease(job.id))  # as if it expired: the student stopped renewing
+    orphans = leases.sweep(redis, keys=KEYS)
+    assert [Job.model_validate_json(o.job_json).id for o in orphans] == [job.id]
+    assert Guidance.model_validate_json(orphans[0].guidance_json) == GUIDANCE
+    assert leases.sweep(redis, keys=KEYS) == []  # exactly one sweeper gets it
+    taker = JobBook(redis, keys=KEYS, owner="taker", lease_s=30, ttl_s=600)
+    claim, taken = taker.claim(job, GUIDANCE)
+    assert claim is leases.Claim.RUN and taken is not None and taken.attempt == 2
+    assert [lost.job_id for lost in dead.renew()] == [job.id]
+    assert dead.lost(job.id)
+    assert taker.renew() == []
+
+
+def test_an_unexpected_failure_answers_internal_at_once(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel, book: JobBook
+) -> None:
+    class Broken(Engine):
+        def submit(self, request: EngineRequest) -> Generation:
+            raise RuntimeError("boom")
+
+    job = _job()
+    _run(job, Broken(lm), publisher, book)
+    (event,) = _events(redis, job)
+    assert isinstance(event, ErrorEvent) and event.code == "INTERNAL"
+    assert "RuntimeError" in event.message and "boom" not in event.message
+    assert leases.running(redis, keys=KEYS) == 0

@@ -11,6 +11,7 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from gkt.engine import Engine
 from gkt.jobs import Guidance, Job
 from gkt.models import LoadedModel, load_model
 from gkt.queue import Keys, SyncEventPublisher, ensure_group
@@ -19,7 +20,8 @@ from gkt.v1 import guidance_pb2_grpc
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from services.stack import free_port
-from services.student.completion import run_job
+from services.student.completion import JobLimits, run_job
+from services.student.jobbook import JobBook
 from services.teacher.backends.local import LocalBackend
 from services.teacher.batching import collect_batch
 from services.teacher.settings import TeacherSettings
@@ -85,10 +87,24 @@ async def test_one_jobs_spans_share_one_trace_under_the_gateways_span(
         )
         await teacher.process(batch)
         ((job, guidance),) = dispatched
-        publisher = SyncEventPublisher(Redis.from_url(redis_url), keys=KEYS, ttl_s=600)
-        await asyncio.to_thread(
-            run_job, lm=student, job=job, guidance=guidance, publisher=publisher, max_attempts=3
-        )
+        sync_redis = Redis.from_url(redis_url)
+        publisher = SyncEventPublisher(sync_redis, keys=KEYS, ttl_s=600)
+        book = JobBook(sync_redis, keys=KEYS, owner="s1", lease_s=10, ttl_s=600)
+        engine = Engine(student)
+        engine.start()
+        try:
+            await asyncio.to_thread(
+                lambda: run_job(
+                    engine=engine,
+                    job=job,
+                    guidance=guidance,
+                    publisher=publisher,
+                    book=book,
+                    limits=JobLimits(max_attempts=3, time_limit_s=60),
+                )
+            )
+        finally:
+            engine.stop()
         reply = await call
     await aredis.aclose()
 

@@ -1,13 +1,12 @@
-"""The decode loop and text tracking, on tiny random models (no sockets)."""
+"""Text tracking and the shared few-shot prefixes, on tiny random models (no sockets)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from gkt.decoding import Sampler, TextTracker, _left_padded, decode_steps, few_shot_prefixes
+from gkt.decoding import TextTracker, few_shot_prefixes
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import exemplar_block, teacher_prompt
@@ -21,32 +20,6 @@ def lm(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
 def _tokens(lm: LoadedModel, text: str) -> list[int]:
     ids: list[int] = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids
-
-
-def _generate(lm: LoadedModel, prompts: list[str], samplers: list[Sampler], n: int) -> list[list[int]]:
-    rows: list[list[int]] = [[] for _ in prompts]
-    for step, tokens in enumerate(decode_steps(lm=lm, prompts=prompts, samplers=samplers)):
-        for row, token in zip(rows, tokens, strict=True):
-            row.append(token)
-        if step + 1 == n:
-            return rows
-    raise AssertionError("unreachable")
-
-
-def test_a_row_generates_the_same_tokens_alone_and_left_padded_in_a_batch(lm: LoadedModel) -> None:
-    prompt = "Q: How many trees are in the grove?\nA:"
-    alone = _generate(lm, [prompt], [Sampler()], 12)[0]
-    batch = _generate(lm, ["Q: x\nA:", prompt, "Q: " + "a long question " * 8 + "\nA:"], [Sampler()] * 3, 12)
-    assert batch[1] == alone
-
-
-def test_sampling_follows_each_rows_seed_not_its_batch_mates(lm: LoadedModel) -> None:
-    prompt = "Q: Name a colour.\nA:"
-    hot = Sampler(temperature=1.2, seed=11)
-    alone = _generate(lm, [prompt], [hot], 10)[0]
-    batch = _generate(lm, [prompt, prompt], [Sampler(temperature=1.2, seed=99), hot], 10)
-    assert batch[1] == alone
-    assert batch[0] != alone
 
 
 def test_tracker_cuts_at_the_first_stop_string_and_never_streams_part_of_it(lm: LoadedModel) -> None:
@@ -96,16 +69,3 @@ def test_every_few_shot_prompt_starts_with_one_of_the_shared_prefixes() -> None:
     assert few_shot_prefixes(modes=[GuidanceMode.CUTOFF]) == [
         exemplar_block(task=t) for t in Task if t != Task.FREEFORM
     ]
-
-
-def test_left_padding_by_hand_matches_the_tokenizers_own(lm: LoadedModel) -> None:
-    prompts = ["Q: x\nA:", "Q: How many trees are in the grove?\nA:"]
-    tokenizer: Any = lm.tokenizer
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    rows = [list(tokenizer(p)["input_ids"]) for p in prompts]
-
-    padded = _left_padded(lm, rows)
-
-    assert padded.input_ids.tolist() == batch["input_ids"].tolist()
-    assert padded.attention_mask.tolist() == batch["attention_mask"].tolist()
-    assert padded.past is None

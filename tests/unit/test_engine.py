@@ -126,7 +126,9 @@ def test_deltas_stream_the_text_and_a_stop_string_ends_the_row(lm: LoadedModel) 
     result = items[-1]
     assert isinstance(result, EngineResult)
     assert result.finish_reason == "stop"
-    assert "".join(i for i in items if isinstance(i, str)) == result.text == probe.text[: probe.text.index(stop)]
+    assert (
+        "".join(i for i in items if isinstance(i, str)) == result.text == probe.text[: probe.text.index(stop)]
+    )
 
 
 def test_a_background_engine_serves_requests_submitted_from_other_threads(lm: LoadedModel) -> None:

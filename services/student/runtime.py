@@ -1,0 +1,162 @@
+"""A student process's state, built once at start: the model's engine, the Redis publisher, the jobs it
+holds, and the timer that keeps its heartbeat and its jobs' leases fresh and takes over orphaned jobs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from gkt import leases, metrics
+from gkt.decoding import PrefixCache, encode, few_shot_prefixes
+from gkt.engine import Engine, EngineRequest
+from gkt.jobs import Guidance, GuidanceMode, Job
+from gkt.models import load_model
+from gkt.queue import Keys, SyncEventPublisher, connect
+from services.student.completion import JobLimits, run_job
+from services.student.jobbook import JobBook
+from services.student.settings import StudentSettings
+
+log = logging.getLogger(__name__)
+
+SendTask = Callable[[str, str], None]
+"""Sends a student task (job JSON, guidance JSON) to the queue: how orphaned jobs are sent again."""
+
+_BEAT_EVERY_S = 5.0
+
+
+class StudentRuntime:
+    """One per student process; task threads call `run`, a timer thread keeps the process's promises."""
+
+    def __init__(
+        self,
+        *,
+        settings: StudentSettings,
+        engine: Engine,
+        publisher: SyncEventPublisher,
+        book: JobBook,
+        name: str,
+        send_task: SendTask,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.publisher = publisher
+        self.book = book
+        self.name = name
+        self.limits = JobLimits(
+            max_attempts=settings.student_max_attempts,
+            time_limit_s=settings.student_task_time_limit_s,
+            stream_interval_s=settings.student_stream_interval_ms / 1000,
+        )
+        self._send_task = send_task
+        self._stopping = threading.Event()
+        self._timer = threading.Thread(target=self._keep_alive, name="gkt-student-timer", daemon=True)
+
+    @classmethod
+    def start(cls, settings: StudentSettings, *, send_task: SendTask) -> StudentRuntime:
+        """Load the model, warm it, start the engine and the timer; the first heartbeat says ready."""
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        lm = load_model(
+            name=settings.student_model,
+            cache_dir=settings.model_cache_dir,
+            device=settings.student_device,
+            dtype=settings.student_dtype,
+        )
+        # Student prompts are task prompts: their shared prefixes are those of the `cutoff` mode.
+        texts = few_shot_prefixes(modes=[GuidanceMode.CUTOFF]) if settings.student_prefix_cache else []
+        prefixes = PrefixCache(lm, texts=texts)
+        engine = Engine(
+            lm,
+            max_batch=settings.student_max_batch,
+            prefix_cache=prefixes,
+            on_step=metrics.STUDENT_BATCH_ROWS.observe,
+        )
+        if settings.student_warmup:
+            prefixes.warm()
+            engine.generate([EngineRequest(prompt_ids=encode(lm, "Q: 1+1?\nA:"), max_new_tokens=2)])
+        engine.start()
+        keys = Keys(settings.key_prefix)
+        redis = connect(settings.redis_url)
+        publisher = SyncEventPublisher(redis, keys=keys, ttl_s=settings.job_ttl_s)
+        publisher.watch_cancellations()
+        name = f"{socket.gethostname()}-{os.getpid()}"
+        book = JobBook(
+            redis, keys=keys, owner=name, lease_s=settings.student_lease_s, ttl_s=settings.job_ttl_s
+        )
+        runtime = cls(
+            settings=settings, engine=engine, publisher=publisher, book=book, name=name, send_task=send_task
+        )
+        runtime.publisher.heartbeat(role="student", name=name)
+        runtime._timer.start()
+        metrics.STUDENT_WORKERS.set(settings.student_max_batch)
+        log.info("student ready", extra={"max_batch": settings.student_max_batch})
+        return runtime
+
+    def run(self, job: Job, guidance: Guidance) -> None:
+        run_job(
+            engine=self.engine,
+            job=job,
+            guidance=guidance,
+            publisher=self.publisher,
+            book=self.book,
+            limits=self.limits,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.engine.stop()
+        self.publisher.stop_watching()
+
+    def _keep_alive(self) -> None:
+        """Every quarter lease: renew the leases of held jobs and take over orphaned ones; every few
+        seconds: the heartbeat, whether or not jobs arrive. A Redis outage is logged and outlived."""
+        every_s = self.settings.student_lease_s / 4
+        last_beat = 0.0
+        while not self._stopping.wait(every_s):
+            try:
+                for lease in self.book.renew():
+                    log.warning(
+                        "lease lost: another student took the job over", extra={"job_id": lease.job_id}
+                    )
+                self._take_over_orphans()
+                now = time.monotonic()
+                if now - last_beat >= _BEAT_EVERY_S:
+                    self.publisher.heartbeat(role="student", name=self.name)
+                    last_beat = now
+            except Exception as exc:
+                log.warning("student timer: %s", exc)
+
+    def _take_over_orphans(self) -> None:
+        for orphan in leases.sweep(self.publisher.redis, keys=self.publisher.keys):
+            job = Job.model_validate_json(orphan.job_json)
+            log.warning(
+                "job's student stopped renewing its lease; sending it again", extra={"job_id": job.id}
+            )
+            metrics.STUDENT_TAKEOVERS.inc()
+            self._send_task(orphan.job_json, orphan.guidance_json)
+
+
+_current: StudentRuntime | None = None
+
+
+def install(runtime: StudentRuntime) -> None:
+    """Make `runtime` the process's (the Celery task finds it with `current()`)."""
+    global _current
+    _current = runtime
+
+
+def current() -> StudentRuntime:
+    if _current is None:
+        raise RuntimeError("the student runtime was not started (the worker_init signal builds it)")
+    return _current
+
+
+def stop_current() -> None:
+    if _current is not None:
+        _current.stop()
