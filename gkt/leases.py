@@ -1,11 +1,15 @@
-"""Job leases: which student runs which job, renewed while it runs, so a dead student's jobs are taken over.
+"""Job leases: no student job is lost, whether its task or its student dies.
 
-A student claims a job before generating it: the claim fails when the job is answered already or
-another student holds its lease. While the job runs, its student renews the lease every few seconds;
-the job's payload sits in the `running` hash until the student releases it. A student that dies
-stops renewing: once its lease expires, any other student's sweeper takes the payload (atomically, so
-exactly one does) and sends the job again. A student that missed renewals long enough for its lease
-to be taken learns so at its next renewal and drops the job without publishing.
+1. The teacher records each job it sends to the students (`record_dispatched`), before sending it.
+2. A student claims a job before generating it: the claim fails when the job is answered already or
+   another student holds its lease; it moves the job from `dispatched` to `running`.
+3. While the job runs, its student renews the lease every few seconds, and releases it at the end.
+4. Any student's sweeper (`sweep`) takes, atomically so that exactly one does, the jobs to send again:
+   running jobs whose lease expired (their student died), and dispatched jobs nobody claimed within
+   the redelivery time while the task queue is empty (their task was lost: a Redis list pop is
+   destructive, so a worker killed while the pop's reply is on the wire takes the task with it).
+A student that missed renewals long enough for its lease to be taken learns so at its next renewal
+and drops the job without publishing. A job sent twice is run once: the second claim fails.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from enum import Enum
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from gkt.queue import Keys
 
-# KEYS: final, lease, attempts, running. ARGV: owner, lease ms, payload, job id, ttl s.
+# KEYS: final, lease, attempts, running, dispatched, dispatched-at. ARGV: owner, lease ms, payload, job id, ttl s.
 _CLAIM = """
+redis.call('HDEL', KEYS[5], ARGV[4])
+redis.call('ZREM', KEYS[6], ARGV[4])
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end
 local holder = redis.call('GET', KEYS[2])
 if holder and holder ~= ARGV[1] then return {-1, 0} end
@@ -52,7 +59,8 @@ if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
-# KEYS: running. ARGV: the lease key prefix (job id appended). Takes every orphaned payload.
+# KEYS: running, dispatched, dispatched-at, the task queue. ARGV: the lease key prefix and the final
+# key prefix (job id appended), the newest dispatch time to send again, the oldest worth keeping.
 _SWEEP = """
 local taken = {}
 local entries = redis.call('HGETALL', KEYS[1])
@@ -61,6 +69,19 @@ for i = 1, #entries, 2 do
   if redis.call('EXISTS', ARGV[1] .. job_id) == 0 then
     redis.call('HDEL', KEYS[1], job_id)
     table.insert(taken, payload)
+  end
+end
+local stale = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[3], 'LIMIT', 0, 100)
+local queue_empty = redis.call('LLEN', KEYS[4]) == 0
+for _, job_id in ipairs(stale) do
+  local answered = redis.call('EXISTS', ARGV[2] .. job_id) == 1
+  local running = redis.call('EXISTS', ARGV[1] .. job_id) == 1
+  local expired = tonumber(redis.call('ZSCORE', KEYS[3], job_id)) < tonumber(ARGV[4])
+  if answered or running or expired or queue_empty then
+    local payload = redis.call('HGET', KEYS[2], job_id)
+    redis.call('HDEL', KEYS[2], job_id)
+    redis.call('ZREM', KEYS[3], job_id)
+    if payload and not (answered or running or expired) then table.insert(taken, payload) end
   end
 end
 return taken
@@ -93,9 +114,18 @@ def claim(
     redis: Redis, *, keys: Keys, job_id: str, owner: str, payload: Orphan, lease_s: float, ttl_s: int
 ) -> tuple[Claim, Lease | None]:
     """Take the job's lease (and count this delivery), unless it is answered or held by another."""
-    body = json.dumps({"job": payload.job_json, "guidance": payload.guidance_json})
-    script_keys = [keys.final(job_id), keys.job_lease(job_id), keys.attempts(job_id), keys.student_running]
-    status, attempt = redis.eval(_CLAIM, 4, *script_keys, owner, int(lease_s * 1000), body, job_id, ttl_s)
+    body = _body(payload)
+    script_keys = [
+        keys.final(job_id),
+        keys.job_lease(job_id),
+        keys.attempts(job_id),
+        keys.student_running,
+        keys.student_dispatched,
+        keys.student_dispatched_at,
+    ]
+    status, attempt = redis.eval(
+        _CLAIM, len(script_keys), *script_keys, owner, int(lease_s * 1000), body, job_id, ttl_s
+    )
     if status == 0:
         return Claim.ANSWERED, None
     if status == -1:
@@ -119,9 +149,32 @@ def release(redis: Redis, *, keys: Keys, lease: Lease) -> None:
     redis.eval(_RELEASE, 2, keys.student_running, keys.job_lease(lease.job_id), lease.job_id, lease.owner)
 
 
-def sweep(redis: Redis, *, keys: Keys) -> list[Orphan]:
-    """Take the payloads of running jobs whose lease expired; each is returned to exactly one caller."""
-    taken: Any = redis.eval(_SWEEP, 1, keys.student_running, keys.job_lease(""))
+async def record_dispatched(
+    redis: AsyncRedis, *, keys: Keys, payloads: Sequence[tuple[str, Orphan]], at: float
+) -> None:
+    """Remember jobs about to be sent to the students (job id, task arguments) until one claims each."""
+    if not payloads:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hset(keys.student_dispatched, mapping={job_id: _body(p) for job_id, p in payloads})
+        pipe.zadd(keys.student_dispatched_at, {job_id: at for job_id, _ in payloads})
+        await pipe.execute()
+
+
+def sweep(
+    redis: Redis, *, keys: Keys, queue: str, now: float, redelivery_s: float, ttl_s: float
+) -> list[Orphan]:
+    """Take the jobs to send again (see the module's docstring); each is returned to exactly one caller."""
+    script_keys = [keys.student_running, keys.student_dispatched, keys.student_dispatched_at, queue]
+    taken: Any = redis.eval(
+        _SWEEP,
+        len(script_keys),
+        *script_keys,
+        keys.job_lease(""),
+        keys.final(""),
+        now - redelivery_s,
+        now - ttl_s,
+    )
     orphans = []
     for body in taken:
         payload = json.loads(body)
@@ -132,3 +185,7 @@ def sweep(redis: Redis, *, keys: Keys) -> list[Orphan]:
 def running(redis: Redis, *, keys: Keys) -> int:
     """Jobs some student is running now (or ran until it died, not yet swept)."""
     return int(redis.hlen(keys.student_running))
+
+
+def _body(payload: Orphan) -> str:
+    return json.dumps({"job": payload.job_json, "guidance": payload.guidance_json})

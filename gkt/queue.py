@@ -117,6 +117,16 @@ class Keys:
         """A hash: job id → the task arguments of each job a student has claimed and not released."""
         return f"{self.prefix}:student:running"
 
+    @property
+    def student_dispatched(self) -> str:
+        """A hash: job id → the task arguments of each job sent to the students and not yet claimed."""
+        return f"{self.prefix}:student:dispatched"
+
+    @property
+    def student_dispatched_at(self) -> str:
+        """A sorted set: the jobs of `student_dispatched`, scored by when they were sent (epoch seconds)."""
+        return f"{self.prefix}:student:dispatched-at"
+
 
 async def ensure_group(redis: AsyncRedis, *, keys: Keys) -> None:
     """Create the teachers' consumer group (and the stream) if they do not exist yet."""

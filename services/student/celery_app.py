@@ -33,9 +33,14 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
-    # Unacknowledged tasks of a vanished worker come back after this long (it must outlast a job);
-    # a returning task whose job was answered or taken over is dropped by its claim.
-    broker_transport_options={"visibility_timeout": settings.student_task_time_limit_s + 60},
+    # Unacknowledged tasks come back after this long, checked every 2 s: a task whose worker died
+    # before claiming its job is run again; one whose job is running or answered is dropped by its claim
+    # (a running job is covered by its lease, so this need not outlast a job).
+    broker_transport_options={
+        "visibility_timeout": settings.student_redelivery_s,
+        "unacked_restore_interval": 2,
+        "unacked_restore_throttle": 1,
+    },
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,

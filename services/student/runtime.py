@@ -17,7 +17,7 @@ from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import Guidance, GuidanceMode, Job
 from gkt.models import load_model
-from gkt.queue import Keys, SyncEventPublisher, connect
+from gkt.queue import STUDENT_QUEUE, Keys, SyncEventPublisher, connect
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from services.student.settings import StudentSettings
@@ -133,7 +133,15 @@ class StudentRuntime:
                 log.warning("student timer: %s", exc)
 
     def _take_over_orphans(self) -> None:
-        for orphan in leases.sweep(self.publisher.redis, keys=self.publisher.keys):
+        orphans = leases.sweep(
+            self.publisher.redis,
+            keys=self.publisher.keys,
+            queue=STUDENT_QUEUE,
+            now=time.time(),
+            redelivery_s=self.settings.student_redelivery_s,
+            ttl_s=self.settings.job_ttl_s,
+        )
+        for orphan in orphans:
             job = Job.model_validate_json(orphan.job_json)
             log.warning(
                 "job's student stopped renewing its lease; sending it again", extra={"job_id": job.id}

@@ -35,6 +35,13 @@ class StudentSettings(CommonSettings):
         le=256,
         description="Jobs one student process decodes together (its Celery threads); 1 = one job at a time.",
     )
+    student_redelivery_s: int = Field(
+        default=15,
+        ge=5,
+        le=3600,
+        description="A task a worker took from the queue but never started (it died first) returns to the "
+        "queue after this long; a returning task whose job is running or answered is dropped by its claim.",
+    )
     student_lease_s: float = Field(
         default=10.0,
         ge=2.0,

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gkt import logs, metrics, tracing
+from gkt import leases, logs, metrics, tracing
 from gkt.answers import extract_answer
 from gkt.jobs import (
     Completion,
@@ -143,6 +143,19 @@ class TeacherWorker:
             else:
                 students.append((job, guidance))
         await publish_events(self.redis, keys=self.keys, events=outbox, ttl_s=self.settings.job_ttl_s)
+        # Recorded before they are sent: a task lost on its way is sent again by the students' sweepers.
+        await leases.record_dispatched(
+            self.redis,
+            keys=self.keys,
+            payloads=[
+                (
+                    job.id,
+                    leases.Orphan(job_json=job.model_dump_json(), guidance_json=guidance.model_dump_json()),
+                )
+                for job, guidance in students
+            ],
+            at=time.time(),
+        )
         # Celery sends block on a round trip each: off the event loop, and side by side.
         await asyncio.gather(*(asyncio.to_thread(self.dispatch, job, guidance) for job, guidance in students))
         metrics.TEACHER_JOBS.labels("dispatched").inc(len(students))

@@ -192,18 +192,46 @@ def test_a_dead_students_job_is_swept_once_and_its_late_renewal_learns_it_was_ta
     dead = JobBook(redis, keys=KEYS, owner="dead-student", lease_s=2, ttl_s=600)
     _, lease = dead.claim(job, GUIDANCE)
     assert lease is not None and leases.running(redis, keys=KEYS) == 1
-    assert leases.sweep(redis, keys=KEYS) == []  # its lease is alive
+    assert _sweep(redis) == []  # its lease is alive
     redis.delete(KEYS.job_lease(job.id))  # as if it expired: the student stopped renewing
-    orphans = leases.sweep(redis, keys=KEYS)
+    orphans = _sweep(redis)
     assert [Job.model_validate_json(o.job_json).id for o in orphans] == [job.id]
     assert Guidance.model_validate_json(orphans[0].guidance_json) == GUIDANCE
-    assert leases.sweep(redis, keys=KEYS) == []  # exactly one sweeper gets it
+    assert _sweep(redis) == []  # exactly one sweeper gets it
     taker = JobBook(redis, keys=KEYS, owner="taker", lease_s=30, ttl_s=600)
     claim, taken = taker.claim(job, GUIDANCE)
     assert claim is leases.Claim.RUN and taken is not None and taken.attempt == 2
     assert [lost.job_id for lost in dead.renew()] == [job.id]
     assert dead.lost(job.id)
     assert taker.renew() == []
+
+
+def _sweep(redis: Redis, *, now: float | None = None, queue: str = "stest-queue") -> list[leases.Orphan]:
+    return leases.sweep(redis, keys=KEYS, queue=queue, now=now or time.time(), redelivery_s=20, ttl_s=600)
+
+
+async def test_a_dispatched_task_nobody_claimed_is_sent_again_only_once_the_queue_is_empty(
+    redis: Redis, redis_url: str
+) -> None:
+    from redis.asyncio import Redis as AsyncRedis
+
+    job, other = _job(), _job()
+    payload = leases.Orphan(job_json=job.model_dump_json(), guidance_json=GUIDANCE.model_dump_json())
+    other_payload = leases.Orphan(job_json=other.model_dump_json(), guidance_json=GUIDANCE.model_dump_json())
+    aredis = AsyncRedis.from_url(redis_url)
+    await leases.record_dispatched(
+        aredis, keys=KEYS, payloads=[(job.id, payload), (other.id, other_payload)], at=1000.0
+    )
+    await aredis.aclose()
+    assert _sweep(redis, now=1010.0) == []  # not yet overdue
+    redis.rpush("stest-queue", "a task still waiting")
+    assert _sweep(redis, now=1030.0) == []  # overdue, but it may be the task still waiting in the queue
+    redis.delete("stest-queue")
+    # the other job was claimed (and so is no longer waiting for a student): only the first is sent again
+    book = JobBook(redis, keys=KEYS, owner="s", lease_s=30, ttl_s=600)
+    book.claim(other, GUIDANCE)
+    assert _sweep(redis, now=1030.0) == [payload]
+    assert _sweep(redis, now=1030.0) == []
 
 
 def test_an_unexpected_failure_answers_internal_at_once(
