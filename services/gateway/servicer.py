@@ -11,7 +11,7 @@ from gkt.errors import JobFailed
 from gkt.jobs import DeltaEvent, FinalEvent, GuidanceEvent, GuidanceMode, Job, JobKind
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.gateway import convert
+from services.gateway import convert, tenancy
 from services.gateway.service import GatewayService
 from services.gateway.settings import GatewaySettings
 
@@ -27,7 +27,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
         job = convert.to_job(
             request, kind=JobKind.GENERATE, settings=self.settings, timeout_s=context.time_remaining()
         )
-        async for accepted, event in self.service.run(job):
+        async for accepted, event in self.service.run(job, tenant=tenancy.current()):
             if isinstance(event, FinalEvent):
                 return convert.generate_response(
                     accepted, event.completion, now=time.time(), degraded=_degraded(job, accepted)
@@ -40,7 +40,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
         job = convert.to_job(
             request, kind=JobKind.GENERATE, settings=self.settings, timeout_s=context.time_remaining()
         )
-        async for accepted, event in self.service.run(job):
+        async for accepted, event in self.service.run(job, tenant=tenancy.current()):
             if isinstance(event, GuidanceEvent):
                 yield pb.GenerateStreamResponse(guidance=convert.guidance_update(event.guidance))
             elif isinstance(event, DeltaEvent):
@@ -56,7 +56,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
         job = convert.to_job(
             request, kind=JobKind.GUIDE, settings=self.settings, timeout_s=context.time_remaining()
         )
-        async for accepted, event in self.service.run(job):
+        async for accepted, event in self.service.run(job, tenant=tenancy.current()):
             if isinstance(event, FinalEvent):
                 return convert.guide_response(accepted, event.completion.guidance, now=time.time())
         raise JobFailed("INTERNAL", "the job ended without guidance")

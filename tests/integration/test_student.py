@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from redis import Redis
 
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
@@ -71,6 +72,22 @@ def test_a_cancelled_job_stops_after_one_token(
     events = _events(redis, job)
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
     assert sum(isinstance(e, DeltaEvent) for e in events) <= 1
+
+
+def test_a_job_cancelled_while_it_was_queued_is_never_generated(
+    redis: Redis, publisher: SyncEventPublisher, lm: LoadedModel
+) -> None:
+    def first_tokens() -> float:
+        return REGISTRY.get_sample_value("gkt_student_time_to_first_token_seconds_count") or 0.0
+
+    job = _job(max_new_tokens=200)
+    redis.set(KEYS.cancelled(job.id), "1")
+    before = first_tokens()
+    run_job(lm=lm, job=job, guidance=GUIDANCE, publisher=publisher, max_attempts=3)
+    events = _events(redis, job)
+    assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
+    assert not any(isinstance(e, DeltaEvent) for e in events)
+    assert first_tokens() == before  # not one token was decoded
 
 
 def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_without_a_round_trip(
