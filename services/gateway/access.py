@@ -14,7 +14,7 @@ import logging
 import math
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,12 +198,15 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return admitted
 
     def _stream(
-        self, behaviour: Callable[..., AsyncIterator[Any]], key: ApiKey
-    ) -> Callable[..., AsyncIterator[Any]]:
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        self, behaviour: Callable[..., AsyncGenerator[Any, None]], key: ApiKey
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
             lease = await self._admit(request, context, key)
-            async with self.limiter.holding(key.key_id, lease, ttl_s=self.settings.gateway_lease_ttl_s):
-                async for reply in behaviour(request, context):
+            async with (
+                self.limiter.holding(key.key_id, lease, ttl_s=self.settings.gateway_lease_ttl_s),
+                contextlib.aclosing(behaviour(request, context)) as replies,
+            ):
+                async for reply in replies:
                     yield reply
 
         return admitted
@@ -269,7 +272,7 @@ def _rebuilt(
     handler: grpc.RpcMethodHandler,
     *,
     unary: Callable[..., Awaitable[Any]] | None,
-    stream: Callable[..., AsyncIterator[Any]] | None,
+    stream: Callable[..., AsyncGenerator[Any, None]] | None,
     parse: Callable[[bytes], Any],
 ) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour and request parser replaced (the reply serializer kept)."""
@@ -284,10 +287,10 @@ def _rebuilt(
     return handler
 
 
-def _streamed(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _streamed(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., AsyncGenerator[Any, None]]:
     """A streaming form of a behaviour that always raises."""
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
         await behaviour(request, context)
         yield  # never reached: `behaviour` raises
 

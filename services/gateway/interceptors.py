@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -190,15 +190,18 @@ class _Call:
 
         return wrapper
 
-    def stream(self, behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    def stream(
+        self, behaviour: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
             started = time.perf_counter()
             metrics.GATEWAY_IN_FLIGHT.labels(self.rpc).inc()
             code = grpc.StatusCode.OK
             try:
                 with self._scope(request):
-                    async for reply in behaviour(request, context):
-                        yield reply
+                    async with contextlib.aclosing(behaviour(request, context)) as replies:
+                        async for reply in replies:
+                            yield reply
             except BaseException:
                 code = _final_code(context)
                 raise
@@ -270,11 +273,14 @@ def _wrap_unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Await
     return wrapper
 
 
-def _wrap_stream(behaviour: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _wrap_stream(
+    behaviour: Callable[..., AsyncGenerator[Any, None]],
+) -> Callable[..., AsyncGenerator[Any, None]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
         try:
-            async for reply in behaviour(request, context):
-                yield reply
+            async with contextlib.aclosing(behaviour(request, context)) as replies:
+                async for reply in replies:
+                    yield reply
         except Exception as exc:
             code, message = _status_of(exc)
             await _abort(exc, code, message, context)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -52,7 +52,7 @@ class GatewayService:
         self._take_slot = redis.register_script(TAKE_SLOT)
         self._was_degraded = False
 
-    async def run(self, job: Job, *, tenant: Tenant) -> AsyncIterator[tuple[Job, AnyEvent]]:
+    async def run(self, job: Job, *, tenant: Tenant) -> AsyncGenerator[tuple[Job, AnyEvent], None]:
         """Submit `job` (or attach to the tenant's job of the same request_id) and yield its events to the
         last.
 
