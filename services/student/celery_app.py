@@ -45,7 +45,7 @@ log = logging.getLogger("gkt.student")
 def _on_worker_init(**_: Any) -> None:
     configure_logging(level=settings.log_level, service="student")
     log.info("settings %s", settings.describe())
-    serve_metrics(port=settings.student_metrics_port)
+    serve_metrics(port=settings.student_metrics_port, addr=settings.metrics_addr)
 
 
 @worker_process_init.connect
