@@ -36,6 +36,12 @@ class CommonSettings(BaseSettings):
     )
     key_prefix: str = Field(default="gkt", description="Prefix of every Redis key.", pattern=r"^[\w.-]+$")
     job_ttl_s: int = Field(default=3600, ge=10, le=7 * 86400, description="Lifetime of a job's keys.")
+    metrics_addr: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address the Prometheus /metrics port listens on: loopback unless a scraper elsewhere "
+        "needs it (Kubernetes pods set 0.0.0.0).",
+    )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "gkt" / "models",

@@ -96,8 +96,9 @@ STUDENT_TAKEOVERS = Counter(
 )
 
 
-def serve_metrics(*, port: int) -> None:
-    """Expose /metrics on `port` (0 = off); in multiprocess mode, aggregate every process's files."""
+def serve_metrics(*, port: int, addr: str = "127.0.0.1") -> None:
+    """Expose /metrics on `addr`:`port` (port 0 = off); in multiprocess mode, aggregate every process's
+    files."""
     if port == 0:
         return
     if multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -106,6 +107,6 @@ def serve_metrics(*, port: int) -> None:
             stale.unlink()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        start_http_server(port, registry=registry)
+        start_http_server(port, addr=addr, registry=registry)
     else:
-        start_http_server(port)
+        start_http_server(port, addr=addr)

@@ -40,6 +40,19 @@ end
 return 0
 """
 
+# A bounded set of expiring members (ZSET scored by expiry, Redis's clock): returns 1 when ARGV[3] was
+# added, 0 when the set holds ARGV[1] members that have not expired. A member lives ARGV[2] ms.
+TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
 
 def connect(url: str) -> Redis:
     return Redis.from_url(
@@ -84,8 +97,13 @@ class Keys:
     def cancelled(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
-    def request(self, request_id: str) -> str:
-        return f"{self.prefix}:request:{request_id}"
+    def request(self, tenant: str, request_id: str) -> str:
+        """A request id's job, within its tenant: the same id from another API key is another request."""
+        return f"{self.prefix}:request:{tenant}:{request_id}"
+
+    def queued(self, tenant: str) -> str:
+        """A tenant's jobs waiting for a teacher: a sorted set of job ids scored by their deadline."""
+        return f"{self.prefix}:queued:{tenant}"
 
     def heartbeat(self, role: str, name: str) -> str:
         return f"{self.prefix}:heartbeat:{role}:{name}"
@@ -157,10 +175,22 @@ def teacher_capacity(paces: dict[Any, Any], *, now: float) -> float:
     return capacity
 
 
-async def enqueue_job(redis: AsyncRedis, *, keys: Keys, job: Job) -> str:
-    """Add a job to the query stream; returns its stream entry id."""
-    entry_id: Any = await redis.xadd(keys.queries, {"job": job.model_dump_json()})
+async def enqueue_job(redis: AsyncRedis, *, keys: Keys, job: Job, tenant: str = "") -> str:
+    """Add a job to the query stream; returns its stream entry id. `tenant` travels beside the job, so
+    the teacher that takes it can free the tenant's queue slot (`Keys.queued`)."""
+    entry_id: Any = await redis.xadd(keys.queries, {"job": job.model_dump_json(), "tenant": tenant})
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def cancelled_jobs(redis: AsyncRedis, *, keys: Keys, job_ids: Sequence[str]) -> set[str]:
+    """Which of these jobs carry the durable cancel mark, in one round trip."""
+    if not job_ids:
+        return set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.exists(keys.cancelled(job_id))
+        marks = await pipe.execute()
+    return {job_id for job_id, mark in zip(job_ids, marks, strict=True) if mark}
 
 
 async def publish_event(redis: AsyncRedis, *, keys: Keys, job_id: str, event: AnyEvent, ttl_s: int) -> None:

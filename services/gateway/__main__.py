@@ -21,7 +21,7 @@ async def serve(settings: GatewaySettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    serve_metrics(port=settings.gateway_metrics_port)
+    serve_metrics(port=settings.gateway_metrics_port, addr=settings.metrics_addr)
     await gateway.start()
     await stopping.wait()
     log.info("gateway draining")

@@ -1,17 +1,20 @@
 """Who may call the API and how much: API keys, per-key rate and concurrency limits, undecodable requests.
 
 Limits live in Redis, so they hold across gateway replicas: the rate is a GCRA bucket updated by one
-Lua script against Redis's own clock, and each RPC in flight holds a lease that expires at the RPC's
-deadline, so a gateway that dies leaks no concurrency.
+Lua script against Redis's own clock, and each RPC in flight holds a lease that its gateway renews while
+the RPC runs and releases when it ends, so a gateway that dies leaks no concurrency for longer than one
+lease TTL. A caller without a valid key is refused before its request is parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +24,10 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from redis.asyncio import Redis
 
 from gkt import logs, metrics
-from gkt.errors import InvalidArgument, ResourceExhausted
-from gkt.queue import Keys
+from gkt.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from gkt.queue import TAKE_SLOT, Keys
 from gkt.v1 import guidance_pb2
+from services.gateway import tenancy
 from services.gateway.auth import ANONYMOUS, ApiKey, ApiKeys
 from services.gateway.settings import GatewaySettings
 
@@ -46,17 +50,17 @@ if allow_at > now then return math.ceil(allow_at - now) end
 redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1)
 return 0
 """
-# Returns 1 when the lease was taken, 0 when the key has `limit` leases that have not expired.
-_LEASE = """
+# Pushes a lease's expiry to now + ARGV[1] ms (re-adding it if it lapsed: its RPC is still running).
+_RENEW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-local ttl = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+local ttl = tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 """
+_FAILED_PEERS_KEPT = 10_000
+"""Peers whose failed authentications are counted (the least recent are forgotten first)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class Limits:
     rate_per_s: float
     burst: int
     max_concurrent: int
+    max_queued: int
 
     @classmethod
     def of(cls, key: ApiKey, settings: GatewaySettings) -> Limits:
@@ -75,7 +80,13 @@ class Limits:
         concurrent = (
             key.max_concurrent if key.max_concurrent is not None else settings.gateway_key_max_concurrent
         )
-        return cls(rate_per_s=rate, burst=burst or max(1, math.ceil(rate)), max_concurrent=concurrent)
+        queued = key.max_queued if key.max_queued is not None else settings.gateway_key_max_queued
+        return cls(
+            rate_per_s=rate,
+            burst=burst or max(1, math.ceil(rate)),
+            max_concurrent=concurrent,
+            max_queued=queued,
+        )
 
 
 class Limiter:
@@ -85,7 +96,8 @@ class Limiter:
         self.keys = keys
         self.redis = redis
         self._gcra = redis.register_script(_GCRA)
-        self._lease = redis.register_script(_LEASE)
+        self._lease = redis.register_script(TAKE_SLOT)
+        self._renew = redis.register_script(_RENEW)
 
     async def take(self, key_id: str, *, rate_per_s: float, burst: int) -> float:
         """Spend one request of the key's rate: 0 if allowed, else the seconds until one would be."""
@@ -99,11 +111,36 @@ class Limiter:
         taken = await self._lease(keys=[self.keys.leases(key_id)], args=[limit, ttl_ms, lease])
         return lease if int(taken) else None
 
+    async def renew(self, key_id: str, lease: str, *, ttl_s: float) -> None:
+        """Keep a lease of a running RPC for another `ttl_s`."""
+        await self._renew(keys=[self.keys.leases(key_id)], args=[max(1, math.ceil(ttl_s * 1000)), lease])
+
     async def release(self, key_id: str, lease: str) -> None:
         try:
             await self.redis.zrem(self.keys.leases(key_id), lease)
-        except Exception:  # Redis gone: the lease expires at the RPC's deadline instead
+        except Exception:  # Redis gone: the lease expires one TTL after its last renewal instead
             log.warning("could not release a concurrency lease", extra={"key_name": key_id})
+
+    @contextlib.asynccontextmanager
+    async def holding(self, key_id: str, lease: str | None, *, ttl_s: float) -> AsyncIterator[None]:
+        """Renew `lease` every third of its TTL while the block runs; release it when the block ends."""
+        if lease is None:
+            yield
+            return
+        renewing = asyncio.create_task(self._keep(key_id, lease, ttl_s=ttl_s))
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await asyncio.shield(self.release(key_id, lease))
+
+    async def _keep(self, key_id: str, lease: str, *, ttl_s: float) -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                await self.renew(key_id, lease, ttl_s=ttl_s)
+            except Exception:  # Redis gone for now: the next renewal re-adds the lease
+                log.warning("could not renew a concurrency lease", extra={"key_name": key_id})
 
 
 @dataclass(frozen=True)
@@ -123,6 +160,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         self.settings = settings
         self.api_keys = api_keys
         self.limiter = limiter
+        self._failures: OrderedDict[str, int] = OrderedDict()
+        """Failed authentications per peer address (host, without the port)."""
 
     async def intercept_service(
         self,
@@ -133,65 +172,73 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(_PREFIX):
             return handler
+        # 1) who is calling: decided from the metadata alone, so a stranger's request is never parsed
+        try:
+            key = (
+                self.api_keys.check(handler_call_details.invocation_metadata) if self.api_keys else ANONYMOUS
+            )
+        except Unauthenticated as refusal:
+            return _rebuilt(
+                handler, unary=self._refused(refusal), stream=_streamed(self._refused(refusal)), parse=_unread
+            )
         request_type = _SERVICE.methods_by_name[method.removeprefix(_PREFIX)].input_type
-        deserializer = _tolerant(handler.request_deserializer, request_type)
-        metadata = handler_call_details.invocation_metadata
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, metadata),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, metadata),
-                request_deserializer=deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return _rebuilt(
+            handler,
+            unary=self._unary(handler.unary_unary, key) if handler.unary_unary else None,
+            stream=self._stream(handler.unary_stream, key) if handler.unary_stream else None,
+            parse=_tolerant(handler.request_deserializer, request_type),
+        )
 
-    def _unary(
-        self, behaviour: Callable[..., Awaitable[Any]], metadata: Any
-    ) -> Callable[..., Awaitable[Any]]:
+    def _unary(self, behaviour: Callable[..., Awaitable[Any]], key: ApiKey) -> Callable[..., Awaitable[Any]]:
         async def admitted(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            key, lease = await self._admit(request, context, metadata)
-            try:
+            lease = await self._admit(request, context, key)
+            async with self.limiter.holding(key.key_id, lease, ttl_s=self.settings.gateway_lease_ttl_s):
                 return await behaviour(request, context)
-            finally:
-                if lease:
-                    await asyncio.shield(self.limiter.release(key.key_id, lease))
 
         return admitted
 
     def _stream(
-        self, behaviour: Callable[..., AsyncIterator[Any]], metadata: Any
-    ) -> Callable[..., AsyncIterator[Any]]:
-        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            key, lease = await self._admit(request, context, metadata)
-            try:
-                async for reply in behaviour(request, context):
+        self, behaviour: Callable[..., AsyncGenerator[Any, None]], key: ApiKey
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        async def admitted(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+            lease = await self._admit(request, context, key)
+            async with (
+                self.limiter.holding(key.key_id, lease, ttl_s=self.settings.gateway_lease_ttl_s),
+                contextlib.aclosing(behaviour(request, context)) as replies,
+            ):
+                async for reply in replies:
                     yield reply
-            finally:
-                if lease:
-                    await asyncio.shield(self.limiter.release(key.key_id, lease))
 
         return admitted
 
-    async def _admit(
-        self, request: Any, context: grpc.aio.ServicerContext, metadata: Any
-    ) -> tuple[ApiKey, str | None]:
-        """1) who is calling, 2) is the request readable, 3) within the key's rate, 4) and concurrency."""
-        key = ANONYMOUS
+    def _refused(self, refusal: Unauthenticated) -> Callable[..., Awaitable[Any]]:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            peer = _host(context.peer())
+            self._failures[peer] = self._failures.pop(peer, 0) + 1
+            while len(self._failures) > _FAILED_PEERS_KEPT:
+                self._failures.popitem(last=False)
+            metrics.GATEWAY_REJECTED.labels("unauthenticated").inc()
+            log.warning(
+                "authentication failed",
+                extra={
+                    "key_id": "unknown",
+                    "peer": peer,
+                    "peer_failures": self._failures[peer],
+                    "reason": refusal.message,
+                },
+            )
+            raise refusal
+
+        return refuse
+
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext, key: ApiKey) -> str | None:
+        """2) is the request readable, 3) within the key's rate, 4) and concurrency; returns the lease."""
         if self.api_keys is not None:
-            try:
-                key = self.api_keys.check(metadata)
-            except Exception:
-                metrics.GATEWAY_REJECTED.labels("unauthenticated").inc()
-                raise
             logs.bind(key_name=key.name)
         if isinstance(request, Undecodable):
             raise InvalidArgument(request.field, "could not be decoded (strings must be UTF-8)")
         limits = Limits.of(key, self.settings)
+        tenancy.enter(tenancy.Tenant(id=key.key_id, name=key.name, max_queued=limits.max_queued))
         if limits.rate_per_s > 0:
             wait_s = await self.limiter.take(key.key_id, rate_per_s=limits.rate_per_s, burst=limits.burst)
             if wait_s > 0:
@@ -205,10 +252,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                     retry_after_s=wait_s,
                 )
         if limits.max_concurrent <= 0:
-            return key, None
-        remaining = context.time_remaining()
-        ttl_s = remaining if remaining is not None else self.settings.gateway_default_timeout_s
-        lease = await self.limiter.acquire(key.key_id, limit=limits.max_concurrent, ttl_s=ttl_s)
+            return None
+        lease = await self.limiter.acquire(
+            key.key_id, limit=limits.max_concurrent, ttl_s=self.settings.gateway_lease_ttl_s
+        )
         if lease is None:
             metrics.GATEWAY_REJECTED.labels("concurrency_limited").inc()
             _refuse(
@@ -218,7 +265,45 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 subject="concurrency",
                 retry_after_s=None,
             )
-        return key, lease
+        return lease
+
+
+def _rebuilt(
+    handler: grpc.RpcMethodHandler,
+    *,
+    unary: Callable[..., Awaitable[Any]] | None,
+    stream: Callable[..., AsyncGenerator[Any, None]] | None,
+    parse: Callable[[bytes], Any],
+) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour and request parser replaced (the reply serializer kept)."""
+    if handler.unary_unary and unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=parse, response_serializer=handler.response_serializer
+        )
+    if handler.unary_stream and stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=parse, response_serializer=handler.response_serializer
+        )
+    return handler
+
+
+def _streamed(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., AsyncGenerator[Any, None]]:
+    """A streaming form of a behaviour that always raises."""
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+        await behaviour(request, context)
+        yield  # never reached: `behaviour` raises
+
+    return stream
+
+
+def _unread(data: bytes) -> None:
+    """The parser of a refused caller's request: its bytes are dropped unparsed."""
+
+
+def _host(peer: str) -> str:
+    """The address of a gRPC peer without its port: `ipv4:10.0.0.7:5123` → `ipv4:10.0.0.7`."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
 def _refuse(

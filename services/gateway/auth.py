@@ -1,8 +1,9 @@
 """API keys: `authorization: Bearer <key>` metadata checked against a file of SHA-256 hashes.
 
 A line of the keys file is `sha256:<hex>` optionally followed by the key's name and its own limits,
-`sha256:<hex> name=team-a rate=5/s burst=10 concurrency=4`; limits a line leaves out take the
-gateway's defaults (`GKT_GATEWAY_KEY_*`).
+`sha256:<hex> name=team-a rate=5/s burst=10 concurrency=4 queued=20`; limits a line leaves out take the
+gateway's defaults (`GKT_GATEWAY_KEY_*`). Errors in the file name the line and the option, never the
+text found there: a raw key pasted by mistake must not reach the logs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ApiKey:
     rate_per_s: float | None = None
     burst: int | None = None
     max_concurrent: int | None = None
+    max_queued: int | None = None
 
     @property
     def key_id(self) -> str:
@@ -46,8 +48,8 @@ ANONYMOUS = ApiKey(digest="anonymous", name="anonymous")
 
 
 class ApiKeys:
-    """The accepted keys, read once from a file: one `sha256:<hex> [name=… rate=… burst=… concurrency=…]`
-    per line, `#` comments."""
+    """The accepted keys, read once from a file: one
+    `sha256:<hex> [name=… rate=… burst=… concurrency=… queued=…]` per line, `#` comments."""
 
     def __init__(self, keys: tuple[ApiKey, ...]) -> None:
         self._keys = keys
@@ -87,40 +89,47 @@ class ApiKeys:
         return found
 
 
+_OPTIONS = ("name", "rate", "burst", "concurrency", "queued")
+
+
 def _parse_line(line: str) -> ApiKey:
     first, *options = line.split()
     digest = first.removeprefix("sha256:")
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise ValueError("expected 'sha256:<64 hex digits>' (make one with `gkt hash-key`)")
+        raise ValueError(
+            "the first word is not 'sha256:<64 lowercase hex digits>' (a raw key? store only "
+            "`gkt hash-key`'s output)"
+        )
     values: dict[str, str] = {}
-    for option in options:
+    for position, option in enumerate(options, start=2):
         name, sep, value = option.partition("=")
-        if not sep or name not in ("name", "rate", "burst", "concurrency") or name in values:
+        if not sep or name not in _OPTIONS or name in values:
             raise ValueError(
-                f"unknown or repeated option {option!r}: expected name=, rate=, burst=, concurrency="
+                f"word {position} is not one of {', '.join(o + '=' for o in _OPTIONS)} (or repeats one)"
             )
         values[name] = value
     name = values.get("name", digest[:8])
-    if not _NAME.match(name):
-        raise ValueError(f"name {name!r}: 1–64 letters, digits, '.', '_' or '-'")
+    if not _NAME.fullmatch(name):
+        raise ValueError("name=: 1–64 letters, digits, '.', '_' or '-'")
     return ApiKey(
         digest=digest,
         name=name,
         rate_per_s=parse_rate(values["rate"]) if "rate" in values else None,
         burst=_count("burst", values["burst"]) if "burst" in values else None,
         max_concurrent=_count("concurrency", values["concurrency"]) if "concurrency" in values else None,
+        max_queued=_count("queued", values["queued"]) if "queued" in values else None,
     )
 
 
 def parse_rate(text: str) -> float:
     """Requests per second from `5`, `5/s`, `300/m` or `1000/h`; 0 means unlimited."""
-    match = _RATE.match(text)
+    match = _RATE.fullmatch(text)
     if match is None:
-        raise ValueError(f"rate {text!r}: expected a number with an optional /s, /m or /h")
+        raise ValueError("rate=: expected a number with an optional /s, /m or /h")
     return float(match["count"]) / _SECONDS_PER[match["unit"] or "s"]
 
 
 def _count(option: str, text: str) -> int:
     if not text.isdigit():
-        raise ValueError(f"{option} {text!r}: expected a whole number (0 = unlimited)")
+        raise ValueError(f"{option}=: expected a whole number (0 = unlimited)")
     return int(text)

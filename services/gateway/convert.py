@@ -35,7 +35,7 @@ TASK_DEFAULTS: dict[Task, tuple[int, int]] = {
     Task.AQUA: (20, 100),
     Task.FREEFORM: (20, 256),
 }
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def to_job(
@@ -58,7 +58,7 @@ def to_job(
     if request.task not in _TASKS:
         raise InvalidArgument("task", f"unknown value {request.task}")
     task = _TASKS[request.task]
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidArgument("request_id", "1–128 characters of letters, digits and . _ : -")
     guidance_tokens, student_tokens = TASK_DEFAULTS[task]
     sampling = SamplingParams(max_new_tokens=student_tokens, seed=secrets.randbits(63))

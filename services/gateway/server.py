@@ -13,7 +13,12 @@ from gkt.queue import Keys, connect_async
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
 from services.gateway.access import AccessInterceptor, Limiter
 from services.gateway.auth import ApiKeys
-from services.gateway.interceptors import ErrorMappingInterceptor, MetricsInterceptor
+from services.gateway.interceptors import (
+    DEADLINE_SLACK_S,
+    DeadlineInterceptor,
+    ErrorMappingInterceptor,
+    MetricsInterceptor,
+)
 from services.gateway.service import GatewayService
 from services.gateway.servicer import GuidanceServicer
 from services.gateway.settings import GatewaySettings
@@ -38,9 +43,16 @@ class Gateway:
             api_keys=api_keys,
             limiter=Limiter(redis=self.redis, keys=Keys(settings.key_prefix)),
         )
-        # Outermost first. Metrics record the status the error mapping chose, and the error mapping
-        # maps what access control raises, so refusals are counted by their status code too.
-        self.server = grpc.aio.server(interceptors=[MetricsInterceptor(), ErrorMappingInterceptor(), access])
+        # Outermost first. The deadline is outside everything, so a call stuck writing to a client that
+        # does not read is cut too. Metrics record the status the error mapping chose, and the error
+        # mapping maps what access control raises, so refusals are counted by their status code too.
+        interceptors = [
+            DeadlineInterceptor(default_timeout_s=settings.gateway_default_timeout_s),
+            MetricsInterceptor(),
+            ErrorMappingInterceptor(),
+            access,
+        ]
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
         guidance_pb2_grpc.add_GuidanceServiceServicer_to_server(
             GuidanceServicer(service=self.service, settings=settings), self.server
         )
@@ -60,7 +72,7 @@ class Gateway:
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if settings.gateway_health_addr:
-            self.health_server = grpc.aio.server()
+            self.health_server = grpc.aio.server(options=server_options(settings))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
             self.health_port = self.health_server.add_insecure_port(settings.gateway_health_addr)
         self._sampler: asyncio.Task[None] | None = None
@@ -97,6 +109,23 @@ class Gateway:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+
+def server_options(settings: GatewaySettings) -> list[tuple[str, int]]:
+    """gRPC core's limits: request size (checked before a request is parsed), RPCs per connection, and how
+    long a connection may stay idle or open."""
+    age_ms = int(settings.gateway_max_connection_age_s * 1000)
+    return [
+        ("grpc.max_receive_message_length", settings.max_request_bytes),
+        ("grpc.max_concurrent_streams", settings.gateway_max_concurrent_streams),
+        ("grpc.max_connection_idle_ms", int(settings.gateway_max_connection_idle_s * 1000)),
+        ("grpc.max_connection_age_ms", age_ms),
+        # the RPCs still open on an aged connection end by their deadline anyway
+        (
+            "grpc.max_connection_age_grace_ms",
+            int((settings.gateway_default_timeout_s + DEADLINE_SLACK_S) * 1000),
+        ),
+    ]
 
 
 def _listen(server: grpc.aio.Server, settings: GatewaySettings) -> int:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -27,6 +27,7 @@ from gkt.jobs import (
 )
 from gkt.queue import (
     STUDENT_QUEUE,
+    TAKE_SLOT,
     AnyEvent,
     Keys,
     enqueue_job,
@@ -35,6 +36,7 @@ from gkt.queue import (
     teacher_capacity,
 )
 from services.gateway.settings import GatewaySettings
+from services.gateway.tenancy import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +49,18 @@ class GatewayService:
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
         self._celery = student_client(broker_url=settings.redis_url)
+        self._take_slot = redis.register_script(TAKE_SLOT)
         self._was_degraded = False
 
-    async def run(self, job: Job) -> AsyncIterator[tuple[Job, AnyEvent]]:
-        """Submit `job` (or attach to the job of the same request_id) and yield its events to the last.
+    async def run(self, job: Job, *, tenant: Tenant) -> AsyncGenerator[tuple[Job, AnyEvent], None]:
+        """Submit `job` (or attach to the tenant's job of the same request_id) and yield its events to the
+        last.
 
-        If the caller goes away first (cancel, disconnect, deadline), the job is cancelled so its
-        student stops generating.
+        If the call that submitted the job goes away first (cancel, disconnect, deadline), the job is
+        cancelled, so that no teacher or student spends time on it; a call that only attached to the job
+        leaves it running for the caller that submitted it.
         """
-        job = await self.submit(job)
+        job, created = await self.submit(job, tenant=tenant)
         logs.bind(**logs.job_fields(job))
         finished = False
         try:
@@ -63,10 +68,12 @@ class GatewayService:
                 finished = isinstance(event, FinalEvent | ErrorEvent)
                 yield job, event
         finally:
-            if not finished:
+            if created and not finished:
                 await asyncio.shield(self._cancel(job))
 
-    async def submit(self, job: Job) -> Job:
+    async def submit(self, job: Job, *, tenant: Tenant) -> tuple[Job, bool]:
+        """Admit and enqueue `job`. Returns the job to follow and whether this call created it; False when
+        the tenant sent the same request_id before (another tenant's ids are never seen)."""
         degraded = await self.degraded()
         if degraded:
             job = _student_only(job)
@@ -85,21 +92,27 @@ class GatewayService:
             )
         if tracing.enabled() and not job.traceparent:
             job = job.model_copy(update={"traceparent": tracing.current_traceparent()})
+        # Students take degraded jobs straight from Celery's queue: only the teachers' queue has slots.
+        holds_slot = not degraded and tenant.max_queued > 0
+        if holds_slot:
+            await self._take_queue_slot(job, tenant=tenant)
         if job.request_id:
             earlier: Any = await self.redis.set(
-                self.keys.request(job.request_id),
+                self.keys.request(tenant.id, job.request_id),
                 job.model_dump_json(),
                 nx=True,
                 ex=self.settings.job_ttl_s,
                 get=True,
             )
             if earlier is not None:
+                if holds_slot:
+                    await self.redis.zrem(self.keys.queued(tenant.id), job.id)
                 log.info("request_id seen before: attaching to its job", extra={"request_id": job.request_id})
-                return Job.model_validate_json(earlier)
+                return Job.model_validate_json(earlier), False
         if degraded:
             await self._dispatch_student(job)
         else:
-            await enqueue_job(self.redis, keys=self.keys, job=job)
+            await enqueue_job(self.redis, keys=self.keys, job=job, tenant=tenant.id)
         log.info(
             "job enqueued",
             extra={
@@ -109,7 +122,24 @@ class GatewayService:
                 "degraded": degraded,
             },
         )
-        return job
+        return job, True
+
+    async def _take_queue_slot(self, job: Job, *, tenant: Tenant) -> None:
+        """Count the job among its tenant's jobs waiting for a teacher, or refuse it when the tenant has
+        `max_queued` already. The teacher that takes the job frees the slot; a job nobody takes frees it at
+        its deadline, when no teacher would generate it any more."""
+        ttl_s = max(
+            1.0, (job.deadline or time.time() + self.settings.gateway_default_timeout_s) - time.time()
+        )
+        taken = await self._take_slot(
+            keys=[self.keys.queued(tenant.id)], args=[tenant.max_queued, math.ceil(ttl_s * 1000), job.id]
+        )
+        if not int(taken):
+            metrics.GATEWAY_REJECTED.labels("key_queue_full").inc()
+            raise ResourceExhausted(
+                f"API key {tenant.name!r} already has {tenant.max_queued} jobs waiting for a teacher "
+                "(cancelled ones included, until a teacher drops them); retry later"
+            )
 
     def _admit_by_wait(self, job: Job, *, depth: int, paces: dict[Any, Any]) -> None:
         """Refuse a job whose deadline will pass before the teachers reach it.

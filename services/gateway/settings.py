@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 
 from gkt.config import CommonSettings
 
+_FIELD_HEADER_BYTES = 4
+"""A string field's tag and length prefix, at most (lengths below 2 MiB)."""
+_OTHER_FIELDS_BYTES = 512
+"""request_id (128 characters of ASCII), task, guidance and the numeric sampling fields, with headers."""
+
 
 class GatewaySettings(CommonSettings):
     """Where the gateway listens, whom it admits, what it accepts, and when it pushes back."""
@@ -28,6 +33,39 @@ class GatewaySettings(CommonSettings):
     )
     gateway_key_max_concurrent: int = Field(
         default=0, ge=0, description="RPCs each API key may have in flight at once (0 = unlimited)."
+    )
+    gateway_key_max_queued: int = Field(
+        default=100,
+        ge=0,
+        description="Jobs each API key may have waiting for a teacher at once, cancelled ones included until "
+        "a teacher drops them (0 = unlimited): one tenant's burst cannot fill the whole queue.",
+    )
+    gateway_lease_ttl_s: float = Field(
+        default=30.0,
+        ge=0.3,
+        le=3600,
+        description="Lifetime of a concurrency lease, renewed every third of it while its RPC runs: how long "
+        "the leases of a gateway that died keep counting.",
+    )
+    gateway_max_request_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Largest request message accepted, refused (RESOURCE_EXHAUSTED) before it is parsed; "
+        "0 = the longest valid request under the query and stop limits.",
+    )
+    gateway_max_concurrent_streams: int = Field(
+        default=100, ge=1, description="Concurrent RPCs one client connection may carry."
+    )
+    gateway_max_connection_idle_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="A connection without an RPC for this long is closed (clients reconnect when needed).",
+    )
+    gateway_max_connection_age_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="A connection this old is asked to close; its RPCs then get gateway_default_timeout_s "
+        "to finish (spreads clients over replicas as they scale).",
     )
     gateway_health_addr: str = Field(
         default="",
@@ -82,6 +120,30 @@ class GatewaySettings(CommonSettings):
     )
     gateway_max_stop_sequences: int = Field(default=8, ge=0, description="Most stop strings per request.")
     gateway_max_stop_chars: int = Field(default=64, ge=1, description="Longest stop string.")
+
+    @property
+    def longest_valid_request_bytes(self) -> int:
+        """An upper bound of a valid request's size: every string at its longest in 4-byte UTF-8."""
+        stops = self.gateway_max_stop_sequences * (4 * self.gateway_max_stop_chars + _FIELD_HEADER_BYTES)
+        return 4 * self.gateway_max_query_chars + _FIELD_HEADER_BYTES + stops + _OTHER_FIELDS_BYTES
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.gateway_max_request_bytes or self.longest_valid_request_bytes
+
+    @model_validator(mode="after")
+    def _room_for_a_valid_request(self) -> GatewaySettings:
+        if (
+            self.gateway_max_request_bytes
+            and self.gateway_max_request_bytes < self.longest_valid_request_bytes
+        ):
+            raise ValueError(
+                f"gateway_max_request_bytes={self.gateway_max_request_bytes} would refuse valid requests of "
+                f"up to {self.longest_valid_request_bytes} bytes (gateway_max_query_chars="
+                f"{self.gateway_max_query_chars}, gateway_max_stop_sequences={self.gateway_max_stop_sequences}, "
+                f"gateway_max_stop_chars={self.gateway_max_stop_chars}); raise it or set 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_files_come_together(self) -> GatewaySettings:

@@ -141,7 +141,7 @@ def complete(
         metrics.STUDENT_QUEUE_WAIT.observe(max(0.0, started_at - guidance.published_at))
     if job.expired(started_at):
         raise DeadlineExceeded("the deadline passed before a student started the job")
-    if publisher.cancelled(job.id):
+    if publisher.heard_cancel(job.id) or publisher.cancelled(job.id):
         raise Cancelled("the client cancelled the job before a student started it")
     lm = engine.lm
     prompt = student_prompt(task=job.task, query=job.query, guidance=guidance.text)

@@ -37,7 +37,7 @@ async def serve(settings: TeacherSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    serve_metrics(port=settings.teacher_metrics_port)
+    serve_metrics(port=settings.teacher_metrics_port, addr=settings.metrics_addr)
     try:
         await worker.run()
     finally:

@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Delivery:
-    """A job as read from the query stream; `entry_id` is what gets acknowledged."""
+    """A job as read from the query stream; `entry_id` is what gets acknowledged, `tenant` whose queue slot
+    the job holds ("" for none)."""
 
     entry_id: str
     job: Job
     dequeued_at: float
+    tenant: str = ""
 
 
 async def collect_batch(
@@ -96,7 +98,12 @@ def _parse(entries: list[Any], batch: list[Delivery], broken: list[str]) -> None
         entry = _text(entry_id)
         try:
             batch.append(
-                Delivery(entry_id=entry, job=Job.model_validate_json(fields[b"job"]), dequeued_at=now)
+                Delivery(
+                    entry_id=entry,
+                    job=Job.model_validate_json(fields[b"job"]),
+                    dequeued_at=now,
+                    tenant=_text(fields.get(b"tenant", b"")),
+                )
             )
         except (KeyError, ValidationError, TypeError):
             log.error("unreadable query entry dropped", extra={"entry_id": entry})

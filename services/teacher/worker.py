@@ -1,4 +1,5 @@
-"""The teacher loop: collect a batch, generate guidance, publish it and dispatch students, then ack."""
+"""The teacher loop: collect a batch, drop what expired or was cancelled, generate guidance, publish it
+and dispatch students, then ack."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from gkt.queue import (
     TEACHER_GROUP,
     AnyEvent,
     Keys,
+    cancelled_jobs,
     ensure_group,
     publish_events,
     publish_final,
@@ -102,6 +104,7 @@ class TeacherWorker:
         live = [d for d in batch if not d.job.expired()]
         for expired in (d for d in batch if d.job.expired()):
             await self._fail(expired.job, "DEADLINE_EXCEEDED", "the deadline passed while the job was queued")
+        live = await self._drop_cancelled(live)
 
         # 2) generate: one backend call for every job that needs the teacher
         needs_teacher = [d for d in live if d.job.guidance.mode != GuidanceMode.NONE]
@@ -167,7 +170,24 @@ class TeacherWorker:
         pace = teacher_pace(
             batch_s=self._batch_s, max_batch_size=self.settings.teacher_max_batch_size, at=time.time()
         )
-        await self._ack([d.entry_id for d in batch], pace=pace)
+        await self._ack([d.entry_id for d in batch], pace=pace, taken=batch)
+
+    async def _drop_cancelled(self, deliveries: list[Delivery]) -> list[Delivery]:
+        """Jobs whose caller went away while they were queued end here, ungenerated (one round trip to
+        check, one to answer them): a tenant that opens and cancels calls costs the teachers nothing."""
+        cancelled = await cancelled_jobs(self.redis, keys=self.keys, job_ids=[d.job.id for d in deliveries])
+        if not cancelled:
+            return deliveries
+        event = ErrorEvent(code="CANCELLED", message="the client cancelled the job before a teacher took it")
+        await publish_events(
+            self.redis,
+            keys=self.keys,
+            events=[(job_id, event) for job_id in cancelled],
+            ttl_s=self.settings.job_ttl_s,
+        )
+        metrics.TEACHER_JOBS.labels("cancelled").inc(len(cancelled))
+        log.info("cancelled jobs dropped before generation", extra={"jobs": len(cancelled)})
+        return [d for d in deliveries if d.job.id not in cancelled]
 
     def _request(self, job: Job) -> GenerationRequest:
         return GenerationRequest(
@@ -225,7 +245,7 @@ class TeacherWorker:
                 approximate=True,
             )
             await self._fail(delivery.job, "INTERNAL", f"the job failed {count} times and was dead-lettered")
-            await self._ack([delivery.entry_id])
+            await self._ack([delivery.entry_id], taken=[delivery])
         return keep
 
     async def _fail(self, job: Job, code: str, message: str, *, field: str = "") -> None:
@@ -239,12 +259,18 @@ class TeacherWorker:
             ttl_s=self.settings.job_ttl_s,
         )
 
-    async def _ack(self, entry_ids: list[str], *, pace: str | None = None) -> None:
+    async def _ack(
+        self, entry_ids: list[str], *, pace: str | None = None, taken: Sequence[Delivery] = ()
+    ) -> None:
+        """Acknowledge and delete entries, and free the tenants' queue slots of the jobs `taken` off it."""
         if not entry_ids:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.keys.queries, TEACHER_GROUP, *entry_ids)
             pipe.xdel(self.keys.queries, *entry_ids)
+            for delivery in taken:
+                if delivery.tenant:
+                    pipe.zrem(self.keys.queued(delivery.tenant), delivery.job.id)
             if pace is not None:
                 pipe.hset(self.keys.teacher_pace, self.settings.teacher_name, pace)
                 pipe.expire(self.keys.teacher_pace, _READ_MARK_TTL_S)

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,8 +22,9 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from redis import Redis
 
+from gkt.jobs import DeltaEvent, Guidance, GuidanceEvent, Job
 from gkt.logs import JsonFormatter
-from gkt.queue import Keys, connect_async
+from gkt.queue import AnyEvent, Keys, connect_async, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.gateway.access import Limiter
@@ -163,6 +165,63 @@ async def test_leases_of_a_gateway_that_died_expire_at_the_request_deadline(
         assert 0 < redis.pttl(Keys().leases("k1")) <= 300  # nothing outlives the last deadline
     finally:
         await client.aclose()
+
+
+async def test_stalled_readers_keep_their_leases_and_end_at_the_servers_default_deadline(
+    redis_url: str, redis: Redis, tmp_path: Path
+) -> None:
+    """Two streams whose client sets no deadline and never reads, under a limit of 2 concurrent calls.
+
+    Their jobs' events are published as a student would, far more than gRPC buffers, so the gateway
+    waits in flow control; the leases (TTL 0.6 s) must outlive several TTLs, and the server must end
+    both calls at its default deadline all the same.
+    """
+    settings = _settings(
+        redis_url,
+        gateway_api_keys_file=_keys_file(tmp_path, "concurrency=2"),
+        gateway_lease_ttl_s=0.6,
+        gateway_default_timeout_s=4,
+    )
+    gateway = await _start(settings)
+    leases = Keys().leases(_key_id("team-a-key"))
+    publisher = connect_async(redis_url)
+    try:
+        async with grpc.aio.insecure_channel(settings.gateway_addr) as channel:
+            stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
+            stalled = [
+                stub.GenerateStream(pb.GenerateRequest(query=f"stalled {i}"), metadata=BEARER)
+                for i in range(2)
+            ]
+            await _until(lambda: redis.xlen(Keys().queries) == 2)
+            entries: Any = redis.xrange(Keys().queries)
+            guidance = Guidance(text="", token_count=0)
+            for _, fields in entries:
+                job = Job.model_validate_json(fields[b"job"])
+                deltas: list[tuple[str, AnyEvent]] = [
+                    (job.id, DeltaEvent(text="x" * 65_536, offset=65_536 * i)) for i in range(300)
+                ]
+                await publish_events(
+                    publisher,
+                    keys=Keys(),
+                    events=[(job.id, GuidanceEvent(guidance=guidance)), *deltas],
+                    ttl_s=60,
+                )
+            await asyncio.sleep(2)  # three lease TTLs
+            refused = await _status(settings.gateway_addr)
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # both leases were renewed
+            await _until(lambda: redis.zcard(leases) == 0, timeout_s=20)  # released when the calls ended
+            for call in stalled:
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    async for _ in call:
+                        pass
+                assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "call's deadline (4 s)" in (
+                    ended.value.details() or ""
+                )  # cut while it waited to write
+            assert (await _status(settings.gateway_addr)).code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await publisher.aclose()
+        await gateway.stop()
 
 
 async def test_without_a_keys_file_every_caller_shares_the_default_budget(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -68,12 +69,21 @@ def test_a_malformed_keys_file_is_refused_with_its_line(tmp_path: Path) -> None:
 
 def test_a_keys_line_may_name_the_key_and_set_its_own_limits(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
-    keys.write_text(f"{hash_key('a')} name=team-a rate=300/m burst=10 concurrency=4\n{hash_key('b')}\n")
+    keys.write_text(
+        f"{hash_key('a')} name=team-a rate=300/m burst=10 concurrency=4 queued=7\n{hash_key('b')}\n"
+    )
     api_keys = ApiKeys.from_file(keys)
     team_a = api_keys.check((("authorization", "Bearer a"),))
-    assert (team_a.name, team_a.rate_per_s, team_a.burst, team_a.max_concurrent) == ("team-a", 5.0, 10, 4)
+    assert (team_a.name, team_a.rate_per_s, team_a.burst, team_a.max_concurrent, team_a.max_queued) == (
+        "team-a",
+        5.0,
+        10,
+        4,
+        7,
+    )
     plain = api_keys.check((("authorization", "Bearer b"),))
-    assert (plain.rate_per_s, plain.burst, plain.max_concurrent) == (None, None, None)  # gateway defaults
+    # gateway defaults
+    assert (plain.rate_per_s, plain.burst, plain.max_concurrent, plain.max_queued) == (None, None, None, None)
 
 
 @pytest.mark.parametrize("options", ["rate=fast", "burst=-1", "colour=red", "name=a b=c", "rate=1 rate=2"])
@@ -82,3 +92,39 @@ def test_a_bad_option_on_a_keys_line_is_refused_with_its_line(tmp_path: Path, op
     keys.write_text(f"# keys\n{hash_key('a')} {options}\n")
     with pytest.raises(ValueError, match="keys:2"):
         ApiKeys.from_file(keys)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "raw-secret-4471",
+        f"{hash_key('a')} raw-secret-4471",
+        f"{hash_key('a')} name=raw-secret-4471!",
+        f"{hash_key('a')} rate=raw-secret-4471",
+        f"{hash_key('a')} queued=raw-secret-4471",
+    ],
+    ids=["instead-of-a-hash", "after-a-hash", "as-a-name", "as-a-rate", "as-a-count"],
+)
+def test_a_raw_key_pasted_into_the_keys_file_is_never_echoed(tmp_path: Path, line: str) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"{line}\n")
+    with pytest.raises(ValueError, match="keys:1") as refused:
+        ApiKeys.from_file(keys)
+    assert "raw-secret-4471" not in str(refused.value)
+
+
+async def test_failed_authentications_are_logged_and_counted_per_peer_without_the_key(
+    gateway: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="services.gateway.access")
+    for _ in range(2):
+        await _generate(gateway, (("authorization", "Bearer guessed-key-5521"),))
+    await _generate(gateway, None)
+    failures = [r for r in caplog.records if r.getMessage() == "authentication failed"]
+    assert [(r.key_id, r.peer, r.peer_failures) for r in failures] == [  # type: ignore[attr-defined]
+        ("unknown", "ipv4:127.0.0.1", 1),
+        ("unknown", "ipv4:127.0.0.1", 2),
+        ("unknown", "ipv4:127.0.0.1", 3),
+    ]
+    assert "unknown API key" in failures[0].reason  # type: ignore[attr-defined]
+    assert "guessed-key-5521" not in caplog.text and all("guessed" not in str(vars(r)) for r in failures)

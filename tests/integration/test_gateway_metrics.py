@@ -1,18 +1,24 @@
-"""The gateway's queue gauges against a real Redis: depth, and the age of the oldest job."""
+"""The gateway's queue gauges against a real Redis (depth, and the age of the oldest job), and where
+/metrics listens."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
+import urllib.request
 
+import pytest
 from prometheus_client import REGISTRY
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import Job
+from gkt.metrics import serve_metrics
 from gkt.queue import Keys, enqueue_job
 from services.gateway.service import GatewayService
 from services.gateway.settings import GatewaySettings
+from services.stack import free_port
 
 KEYS = Keys("gmetrics")
 
@@ -46,3 +52,14 @@ async def test_the_sampler_reports_depth_and_the_oldest_jobs_age(redis_url: str,
     await _sample(redis_url)
     assert REGISTRY.get_sample_value("gkt_gateway_oldest_job_age_seconds") == 0
     assert REGISTRY.get_sample_value("gkt_gateway_queue_depth") == 0
+
+
+def test_metrics_listen_on_loopback_only_unless_told_otherwise() -> None:
+    settings = GatewaySettings(gateway_metrics_port=free_port())
+    port = settings.gateway_metrics_port
+    serve_metrics(port=port, addr=settings.metrics_addr)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        assert reply.status == 200
+    # another address of this host (all of 127/8 is this host on Linux) is not served
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()

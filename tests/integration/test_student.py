@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from redis import Redis
 
 from gkt import leases
@@ -88,15 +89,20 @@ def test_a_redelivered_job_that_was_answered_is_not_answered_twice(
     assert sum(isinstance(e, FinalEvent) for e in _events(redis, job)) == 1
 
 
-def test_a_job_cancelled_before_it_starts_costs_no_generation(
+def test_a_job_cancelled_while_it_was_queued_is_never_generated(
     redis: Redis, publisher: SyncEventPublisher, engine: Engine, book: JobBook
 ) -> None:
-    job = _job(max_new_tokens=200, temperature=1.0)
+    def first_tokens() -> float:
+        return REGISTRY.get_sample_value("gkt_student_time_to_first_token_seconds_count") or 0.0
+
+    job = _job(max_new_tokens=200)
     redis.set(KEYS.cancelled(job.id), "1")
+    before = first_tokens()
     _run(job, engine, publisher, book)
     events = _events(redis, job)
     assert isinstance(events[-1], ErrorEvent) and events[-1].code == "CANCELLED"
     assert not any(isinstance(e, DeltaEvent) for e in events)
+    assert first_tokens() == before  # not one token was decoded
 
 
 def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_without_a_round_trip(

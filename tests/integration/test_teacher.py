@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,7 @@ from gkt.models import load_model
 from gkt.prompts import teacher_prompt
 from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events, teacher_capacity
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
+from services.teacher.backends.echo import EchoBackend
 from services.teacher.backends.local import LocalBackend
 from services.teacher.batching import claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
@@ -178,3 +179,43 @@ async def test_a_prompt_beyond_the_models_context_fails_alone_naming_the_field(b
     assert isinstance(too_much, BackendError)
     assert (too_much.code, too_much.field) == ("INVALID_ARGUMENT", "guidance.max_guidance_tokens")
     assert "is 2000" in too_much.message and "room for at most" in too_much.message
+
+
+async def test_cancelled_jobs_are_answered_cancelled_ungenerated_and_free_their_tenants_slots(
+    aredis: AsyncRedis,
+) -> None:
+    prompts: list[str] = []
+
+    class Recording(EchoBackend):
+        async def generate_batch(
+            self, requests: Sequence[GenerationRequest]
+        ) -> list[GenerationResult | BackendError]:
+            prompts.extend(r.prompt for r in requests)
+            return await super().generate_batch(requests)
+
+    worker = TeacherWorker(
+        settings=TeacherSettings(key_prefix=KEYS.prefix),
+        redis=aredis,
+        backend=Recording(),
+        dispatch=lambda job, guidance: None,
+    )
+    kept, cancelled = (
+        _job("kept question", kind=JobKind.GUIDE),
+        _job("cancelled question", kind=JobKind.GUIDE),
+    )
+    for job in (kept, cancelled):
+        await aredis.zadd(KEYS.queued("tenant-1"), {job.id: time.time() * 1000 + 60_000})
+        await enqueue_job(aredis, keys=KEYS, job=job, tenant="tenant-1")
+    await aredis.set(KEYS.cancelled(cancelled.id), "1")
+    batch, _ = await collect_batch(
+        aredis, keys=KEYS, consumer="t1", max_batch_size=8, max_wait_ms=50, block_ms=100
+    )
+    assert {d.tenant for d in batch} == {"tenant-1"}
+    await worker.process(batch)
+
+    assert len(prompts) == 1 and "kept question" in prompts[0]
+    events = await read_events(aredis, keys=KEYS, job_id=cancelled.id, after="0-0", block_ms=100)
+    last = events[-1][1]
+    assert isinstance(last, ErrorEvent) and last.code == "CANCELLED"
+    assert await aredis.zcard(KEYS.queued("tenant-1")) == 0  # both slots freed with the ack
+    assert await aredis.xlen(KEYS.queries) == 0

@@ -113,3 +113,14 @@ def test_a_prompt_longer_than_the_character_bound_names_the_query() -> None:
             timeout_s=1,
         )
     assert caught.value.field == "query"
+
+
+@pytest.mark.parametrize("request_id", ["order-42\n", "order 42", "a" * 129, "ordre-42\u00e9"])
+def test_a_request_id_must_match_the_pattern_in_full(request_id: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        _job(pb.GenerateRequest(query="q", request_id=request_id))
+    assert refused.value.field == "request_id"
+    assert (
+        _job(pb.GenerateRequest(query="q", request_id="order-42:retry.1_a")).request_id
+        == "order-42:retry.1_a"
+    )
