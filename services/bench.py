@@ -5,6 +5,8 @@ Scenarios (`--scenarios`, all by default):
             next to a bare Redis-stream round trip and a bare Celery task round trip
   batching  teacher guidance throughput under load / an offline batched generate at the same batch size
   student   a student job's time / a bare `model.generate` of the same prompt and length
+  student-capacity  the bundled student under load (GSM8K prompts, 40 guidance words from the echo
+            teacher), at GKT_STUDENT_MAX_BATCH and at 1, same jobs, one stack after the other
   gkt       GKT vs teacher alone vs student alone, wall-clock, on the bundled models
 Each starts its own stack (private Redis on a free port) unless `--addr` names a running gateway,
 in which case only the sweep runs, against that gateway.
@@ -37,7 +39,7 @@ from gkt.bench.stats import Sample, summarize
 from gkt.jobs import Task
 from services.stack import Stack, free_port
 
-SCENARIOS = ("overhead", "batching", "student", "gkt")
+SCENARIOS = ("overhead", "batching", "student", "student-capacity", "gkt")
 _QUIET = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
 _TIMEOUT_S = 600.0
 
@@ -60,6 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--student-jobs", type=int, default=8, help="student: jobs measured")
     parser.add_argument("--questions", type=int, default=24, help="gkt: CSQA questions per run")
+    parser.add_argument(
+        "--capacity-concurrency", default="1,4,8,16", help="student-capacity: clients per level"
+    )
+    parser.add_argument(
+        "--capacity-max-batch", type=int, default=16, help="student-capacity: GKT_STUDENT_MAX_BATCH measured"
+    )
+    parser.add_argument("--capacity-tokens", type=int, default=32, help="student-capacity: tokens per job")
     parser.add_argument("--guidance-tokens", type=int, default=10, help="gkt and batching: guidance tokens")
     parser.add_argument(
         "--no-prefix-cache", action="store_true", help="real stacks: turn prefix KV reuse off"
@@ -90,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         results["overhead"] = asyncio.run(_sweep_only(args))
     elif "overhead" in chosen:
         results["overhead"] = _overhead(args, state / "echo")
-    real = [s for s in chosen if s != "overhead"]
+    if "student-capacity" in chosen and not args.addr:
+        results["student_capacity"] = _student_capacity(args, state / "capacity")
+    real = [s for s in chosen if s not in ("overhead", "student-capacity")]
     if real and not args.addr:
         results.update(_real_scenarios(args, real, state / "real"))
     results["meta"]["load_average_at_end"] = os.getloadavg()
@@ -194,6 +205,82 @@ def _overhead_summary(sweep: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         | {"concurrency": first["gkt"]["concurrency"]},
         "saturation_rps": {system: max(r["throughput_rps"] for r in runs) for system, runs in sweep.items()},
     }
+
+
+def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
+    """The same jobs at each concurrency, on a student decoding up to `--capacity-max-batch` jobs
+    together, then on one decoding one at a time; the teacher is the echo backend, so the student is
+    what is measured."""
+    from gkt.evaluation.datasets import load_dataset, resolve_data_dir
+    from gkt.v1 import guidance_pb2 as pb
+
+    gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
+    queries = [example.query for example in gsm8k.examples]
+    levels = concurrency_levels(args.capacity_concurrency)
+
+    def request(index: int) -> Any:
+        return pb.GenerateRequest(
+            query=queries[index % len(queries)],
+            task=pb.TASK_GSM8K,
+            guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=40),
+            sampling=pb.SamplingParams(
+                temperature=0.8, top_p=0.95, max_new_tokens=args.capacity_tokens, seed=index + 1
+            ),
+        )
+
+    sizes = {"batched": args.capacity_max_batch, "batch_1": 1}
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label in sizes}
+    with contextlib.ExitStack() as stacks:
+        # Both stacks run at once and each level is measured on one right after the other, so a change
+        # in the machine's load touches both sides of every ratio alike.
+        running = {
+            label: stacks.enter_context(
+                running_stack(
+                    state / label,
+                    {
+                        "GKT_TEACHER_BACKEND": "echo-benchmark-only",
+                        "GKT_TEACHER_MAX_WAIT_MS": "0",
+                        "GKT_STUDENT_MAX_BATCH": str(size),
+                        "GKT_STUDENT_STREAM_INTERVAL_MS": str(args.stream_interval_ms),
+                        "GKT_TORCH_THREADS": str(args.torch_threads),
+                        "GKT_LOG_LEVEL": "WARNING",
+                    },
+                    students=1,
+                )
+            )
+            for label, size in sizes.items()
+        }
+        for level in levels:
+            for label, stack in running.items():
+                samples, wall = _run_on(
+                    stack, request, concurrency=level, requests=max(4, 2 * level), warmup=0,
+                    label=f"student-capacity max batch {sizes[label]} x{level}",
+                )  # fmt: skip
+                summary = summarize(samples, wall_s=wall, concurrency=level)
+                summary["tokens_per_s"] = sum(s.tokens for s in samples if s.ok) / wall
+                runs[label].append(summary)
+    batched, alone = runs["batched"], runs["batch_1"]
+    return {
+        "max_batch": args.capacity_max_batch,
+        "tokens_per_job": args.capacity_tokens,
+        "runs": runs,
+        "tokens_per_s_ratio": {
+            str(b["concurrency"]): b["tokens_per_s"] / a["tokens_per_s"]
+            for b, a in zip(batched, alone, strict=True)
+        },
+        "tokens_per_s_ratio_at_16": _at(
+            levels, 16, [b["tokens_per_s"] / a["tokens_per_s"] for b, a in zip(batched, alone, strict=True)]
+        ),
+        "p50_ratio_at_1": _at(
+            levels,
+            1,
+            [b["latency_ms"]["p50"] / a["latency_ms"]["p50"] for b, a in zip(batched, alone, strict=True)],
+        ),
+    }
+
+
+def _at(levels: list[int], level: int, values: list[float]) -> float | None:
+    return values[levels.index(level)] if level in levels else None
 
 
 def _real_scenarios(args: argparse.Namespace, chosen: list[str], state: Path) -> dict[str, Any]:
@@ -383,6 +470,7 @@ def _gkt(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dict[str
     results["ratios"] = {name: results[name]["wall_s"] / alone for name in runs} | {
         "gkt_vs_teacher": results["gkt"]["wall_s"] / results["teacher_alone"]["wall_s"]
     }
+    results["speed_up_vs_teacher"] = results["teacher_alone"]["wall_s"] / results["gkt"]["wall_s"]
     return results
 
 

@@ -12,9 +12,19 @@ SYSTEMS = {"gkt": "GKT, echo models", "redis_floor": "bare Redis stream", "celer
 
 
 def write_report(results: Mapping[str, Any], directory: Path) -> list[Path]:
-    """Write `results.json`, `results.md` and one PNG per plot into `directory`; returns the paths."""
+    """Write `results.json`, `results.md` and one PNG per plot into `directory`; returns the paths.
+
+    A run of some scenarios replaces those in an existing `results.json` and keeps the others, each
+    scenario carrying the `meta` (command, machine, date, load) of the run that measured it.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     data, table = directory / "results.json", directory / "results.md"
+    earlier = json.loads(data.read_text()) if data.exists() else {}
+    meta = results.get("meta", {})
+    results = {
+        **earlier,
+        **{k: {**v, "meta": meta} if isinstance(v, dict) and k != "meta" else v for k, v in results.items()},
+    }
     data.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     plots = _plots(results, directory)
     table.write_text(markdown(results, plots=[p.name for p in plots]))
@@ -61,6 +71,8 @@ def markdown(results: Mapping[str, Any], *, plots: list[str] | None = None) -> s
             f"| **ratio** (job / generate) | **{s['ratio']:.3f}** |",
             "",
         ]
+    if "student_capacity" in results:
+        lines += _student_capacity(results["student_capacity"])
     if "gkt" in results:
         g = results["gkt"]
         lines += [
@@ -72,7 +84,12 @@ def markdown(results: Mapping[str, Any], *, plots: list[str] | None = None) -> s
         ]
         for name in ("student_alone", "teacher_alone", "gkt"):
             lines.append(f"| {name.replace('_', ' ')} | {g[name]['wall_s']:.1f} | {g['ratios'][name]:.2f}x |")
-        lines += ["", f"GKT / teacher alone: **{g['ratios']['gkt_vs_teacher']:.2f}x**.", ""]
+        lines += [
+            "",
+            f"GKT / teacher alone: **{g['ratios']['gkt_vs_teacher']:.2f}x** the time "
+            f"(Speed Up {g['teacher_alone']['wall_s'] / g['gkt']['wall_s']:.2f}x).",
+            "",
+        ]
     lines += [f"![{name}]({name})" for name in plots or []]
     return "\n".join(lines) + "\n"
 
@@ -114,6 +131,28 @@ def _overhead(o: Mapping[str, Any]) -> list[str]:
     lines += ["", "Teacher batch sizes (jobs per size):", ""]
     for r in o["sweep"].get("gkt", []):
         lines.append(f"- concurrency {r['concurrency']}: {r['batch_sizes']}")
+    return [*lines, ""]
+
+
+def _student_capacity(c: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"## Student capacity (bundled student, GSM8K, {c['tokens_per_job']} tokens per job, sampled)",
+        "",
+        f"Tokens/s at concurrency 16, max batch {c['max_batch']} / max batch 1: "
+        f"**{_f(c['tokens_per_s_ratio_at_16'])}x**; p50 latency at concurrency 1, same ratio: "
+        f"**{_f(c['p50_ratio_at_1'])}x**.",
+        "",
+        "| max batch | concurrency | jobs/s | tokens/s | p50 ms | p99 ms | mean student wait ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, runs in c["runs"].items():
+        size = c["max_batch"] if label == "batched" else 1
+        for r in runs:
+            lines.append(
+                f"| {size} | {r['concurrency']} | {r['throughput_rps']:.2f} | {r['tokens_per_s']:.1f} "
+                f"| {r['latency_ms']['p50']:.0f} | {r['latency_ms']['p99']:.0f} "
+                f"| {_f(r['stage_mean_ms'].get('student_wait_ms'))} |"
+            )
     return [*lines, ""]
 
 
