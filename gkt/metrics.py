@@ -7,7 +7,6 @@ or free text. docs/observability.md describes each metric; k8s/monitoring/ uses 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
@@ -101,10 +100,9 @@ def serve_metrics(*, port: int, addr: str = "127.0.0.1") -> None:
     files."""
     if port == 0:
         return
-    if multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Files of an earlier run (a restarted container keeps its emptyDir) would be summed in.
-        for stale in Path(multiproc_dir).glob("*.db"):
-            stale.unlink()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # The directory is emptied before each worker starts (`python -m services.student`), never here:
+        # this process's own files are already in it.
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         start_http_server(port, addr=addr, registry=registry)

@@ -95,15 +95,19 @@ def markdown(results: Mapping[str, Any], *, plots: list[str] | None = None) -> s
 
 
 def _overhead(o: Mapping[str, Any]) -> list[str]:
-    u = o["unloaded"]
-    lines = [
-        "## Orchestration overhead (echo backends: zero-cost models)",
-        "",
-        f"Unloaded p50: GKT {u['gkt_p50_ms']:.2f} ms, bare Redis stream {u['redis_floor_p50_ms']:.2f} ms, "
-        f"bare Celery task {u['celery_floor_p50_ms']:.2f} ms. "
-        f"Saturation: GKT {o['saturation_rps']['gkt']:.0f} jobs/s, Celery floor "
-        f"{o['saturation_rps']['celery_floor']:.0f} tasks/s, Redis floor {o['saturation_rps']['redis_floor']:.0f} round trips/s.",
-        "",
+    u = o.get("unloaded")
+    lines = ["## Orchestration overhead (echo backends: zero-cost models)", ""]
+    if u is None:  # `--addr`: a running gateway's sweep, without the floors
+        lines += [f"Saturation: {o['saturation_rps']['gkt']:.0f} jobs/s.", ""]
+    else:
+        lines += [
+            f"Unloaded p50: GKT {u['gkt_p50_ms']:.2f} ms, bare Redis stream {u['redis_floor_p50_ms']:.2f} ms, "
+            f"bare Celery task {u['celery_floor_p50_ms']:.2f} ms. "
+            f"Saturation: GKT {o['saturation_rps']['gkt']:.0f} jobs/s, Celery floor "
+            f"{o['saturation_rps']['celery_floor']:.0f} tasks/s, Redis floor {o['saturation_rps']['redis_floor']:.0f} round trips/s.",
+            "",
+        ]
+    lines += [
         "| system | concurrency | jobs/s | p50 ms | p90 ms | p99 ms | TTFT p50 ms | mean batch |",
         "|---|---|---|---|---|---|---|---|",
     ]

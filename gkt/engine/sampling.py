@@ -1,4 +1,10 @@
-"""Per-row sampling: each row picks its next token with its own settings and its own seeded generator."""
+"""Per-row sampling: each row picks its next token with its own settings and its own seeded generator.
+
+Sampling works on the few hundred most likely tokens rather than sorting the whole vocabulary for
+every row at every step: the nucleus (top-p) is found among them whenever they hold its mass, which at
+ordinary temperatures they do, and a full sort decides otherwise. A row's choice depends only on its
+own logits, settings and generator, never on its batch-mates.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+
+CANDIDATES = 256
+"""Most likely tokens looked at first for top-p (a full sort only when they hold too little mass)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,29 +29,50 @@ class Sampler:
 
 
 class RowSampler:
-    """The processors and the random generator of one row, built once when the row joins a batch."""
+    """One row's settings and random generator, built once when the row joins a batch.
+
+    The order is the usual one: repetition penalty, temperature, top-k, then top-p; temperature 0 is
+    greedy (the penalty still applies).
+    """
 
     def __init__(self, sampler: Sampler) -> None:
+        self.settings = sampler
         self.greedy = sampler.temperature == 0.0
-        processors = LogitsProcessorList()
         self.needs_history = sampler.repetition_penalty != 1.0
-        if self.needs_history:
-            processors.append(RepetitionPenaltyLogitsProcessor(sampler.repetition_penalty))
-        if not self.greedy:
-            processors.append(TemperatureLogitsWarper(sampler.temperature))
-            if sampler.top_k > 0:
-                processors.append(TopKLogitsWarper(sampler.top_k))
-            if sampler.top_p < 1.0:
-                processors.append(TopPLogitsWarper(sampler.top_p))
-        self.processors = processors
         self.generator = torch.Generator().manual_seed(sampler.seed)
 
     def choose(self, history: Sequence[int], logits: torch.Tensor) -> int:
         """The next token from one row's logits (shape [1, vocab]); `history`: the row's tokens so far."""
-        if self.processors:
-            ids = torch.tensor([list(history) if self.needs_history else [0]], device=logits.device)
-            logits = self.processors(ids, logits)  # type: ignore[arg-type]
+        scores = logits[0].float()
+        if self.needs_history:
+            scores = _penalized(scores, history, self.settings.repetition_penalty)
         if self.greedy:
-            return int(logits.argmax(-1))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+            return int(scores.argmax())
+        scores = scores / self.settings.temperature
+        top_k, top_p = self.settings.top_k, self.settings.top_p
+        if top_k > 0:
+            values, indices = torch.topk(scores, min(top_k, scores.numel()))
+            probs = torch.softmax(values, dim=0)
+        elif top_p < 1.0:
+            values, indices = torch.topk(scores, min(CANDIDATES, scores.numel()))
+            probs = torch.exp(values - torch.logsumexp(scores, dim=0))
+            if probs.sum() < top_p:  # a flat distribution: the nucleus reaches beyond the candidates
+                values, indices = torch.sort(scores, descending=True)
+                probs = torch.softmax(values, dim=0)
+        else:
+            return int(torch.multinomial(torch.softmax(scores, dim=0).cpu(), 1, generator=self.generator))
+        if top_p < 1.0:
+            keep = torch.cumsum(probs, dim=0) - probs < top_p  # the most likely token is always kept
+            probs, indices = probs[keep], indices[keep]
+        choice = torch.multinomial(probs.cpu(), 1, generator=self.generator)
+        return int(indices[int(choice)])
+
+
+def _penalized(scores: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    """Tokens already seen made less likely: positive logits divided by `penalty`, negative ones
+    multiplied by it."""
+    seen = torch.tensor(sorted(set(history)), dtype=torch.long, device=scores.device)
+    picked = scores.index_select(0, seen)
+    scores = scores.clone()
+    scores[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return scores

@@ -203,8 +203,10 @@ class Engine:
     def step(self) -> None:
         """One scheduling step: 1) admit waiting requests, 2) one forward pass for the batch,
         3) sample each row's next token, 4) retire the rows that finished."""
+        decoded = 0
         try:
             self._admit()
+            decoded = len(self._rows)
             if self._rows:
                 logits = self._forward()
                 for i, row in enumerate(self._rows):
@@ -214,8 +216,8 @@ class Engine:
         except Exception as exc:
             log.exception("generation step failed")
             self._fail_all(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
-        if self._on_step is not None:
-            self._on_step(len(self._rows))
+        if self._on_step is not None and decoded:
+            self._on_step(decoded)
 
     # 1) admission -------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -228,20 +230,21 @@ class Engine:
             if self._stopped(row):
                 self._finish(row)
                 continue
-            first = self._prefill(row)
+            first, layers = self._prefill(row)
             self._take(row, first)
             if row.finish is None:
+                if layers is not None:
+                    self._batch.add(layers)
                 self._rows.append(row)
-            else:
+            else:  # finished at its first token: it never joins the batch
                 self._finish(row)
 
     @torch.inference_mode()
-    def _prefill(self, row: _Row) -> int:
-        """Compute the row's prompt alone (after any cached prefix), add it to the batch, and return its
-        first token."""
+    def _prefill(self, row: _Row) -> tuple[int, Layers | None]:
+        """Compute the row's prompt alone (after any cached prefix): its first token and its cache."""
         ids = list(row.seq.request.prompt_ids)
         if self._echo:
-            return self._echo_token(row, 0)
+            return self._echo_token(row, 0), None
         model: Any = self.lm.model
         device = self.lm.device
         prefix = self.prefix_cache.match([ids]) if self.prefix_cache is not None else None
@@ -257,8 +260,7 @@ class Engine:
             logits_to_keep=1,
         )
         layers: Layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self._batch.add(layers)
-        return row.sampler.choose(row.history, out.logits[:, -1, :].float())
+        return row.sampler.choose(row.history, out.logits[:, -1, :].float()), layers
 
     # 2) the forward pass ------------------------------------------------------------------------
     @torch.inference_mode()

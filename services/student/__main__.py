@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 from gkt.logs import configure_logging
@@ -54,9 +55,9 @@ def supervise(command: list[str]) -> int:
     backoff = 1.0
     while True:
         started = time.monotonic()
+        _clear_metrics()
         child = subprocess.Popen(command)
         status = child.wait()
-        _forget_metrics(child.pid)
         if stopping:
             return status
         ran_s = time.monotonic() - started
@@ -73,12 +74,13 @@ def supervise(command: list[str]) -> int:
         backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
 
-def _forget_metrics(pid: int) -> None:
-    """A dead worker's live gauges must not be summed in (it could not say so itself)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)
+def _clear_metrics() -> None:
+    """Start each worker with an empty metrics directory: a dead worker's files (or those of an earlier
+    run of a restarted container) must not be summed into the new one's."""
+    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for stale in Path(directory).glob("*.db"):
+            stale.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

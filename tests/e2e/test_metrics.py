@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.stack import Stack
+from services.student.settings import StudentSettings
 
 TIMEOUT = 60
 Samples = list[tuple[str, dict[str, str], float]]
@@ -182,4 +183,6 @@ def test_queue_gauges_and_worker_count_are_exported(idle_stack: Stack) -> None:
     names = {name for name, _, _ in gateway.samples}
     assert {"gkt_gateway_queue_depth", "gkt_gateway_oldest_job_age_seconds"} <= names
     assert gateway.value("gkt_gateway_queue_depth") == 0  # idle: nothing waits for a teacher
-    assert students.value("gkt_student_workers") == 2  # two `gkt student` processes, one worker each
+    # two student processes, each with GKT_STUDENT_MAX_BATCH batch slots
+    slots = StudentSettings.model_fields["student_max_batch"].default
+    assert students.value("gkt_student_workers") == 2 * slots

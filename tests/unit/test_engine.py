@@ -143,3 +143,17 @@ def test_a_background_engine_serves_requests_submitted_from_other_threads(lm: Lo
     for request, result in zip(requests, results, strict=True):
         assert isinstance(result, EngineResult)
         assert result.text == _alone(lm, request).text
+
+
+def test_a_row_that_ends_at_its_first_token_never_joins_the_batch(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=4)
+    steps: list[int] = []
+    engine._on_step = steps.append
+    running = engine.submit(_request(lm, 0, max_new_tokens=6))
+    engine.step()
+    one = engine.submit(_request(lm, 1, max_new_tokens=1))  # done at its first token, in admission
+    while running.result is None:
+        engine.step()
+    assert one.result is not None and one.result.token_count <= 1
+    assert running.result == _alone(lm, _request(lm, 0, max_new_tokens=6))
+    assert steps and set(steps) == {1}  # one row decoded per step: the finished one never took a slot
