@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
 from gkt import metrics, tracing
 from gkt.config import celery_broker
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from gkt.queue import STUDENT_QUEUE
+from gkt.queue import STUDENT_QUEUE, Keys, connect
+from services.student.heartbeat import Heartbeat
 from services.student.settings import StudentSettings
 
 settings = StudentSettings()
@@ -39,6 +47,8 @@ app.conf.update(
 )
 
 log = logging.getLogger("gkt.student")
+# This worker process's heartbeat (set after the fork, once its model is loaded).
+_heartbeat: Heartbeat | None = None
 
 
 @worker_init.connect
@@ -57,10 +67,29 @@ def _on_process_init(**_: Any) -> None:
     tracing.configure(tracing.TracingSettings(), service="student")
     tasks.prepare(settings)
     metrics.STUDENT_WORKERS.inc()
+    # From a timer, not from jobs: an idle student must not vanish from readiness checks and status.
+    global _heartbeat
+    key = Keys(settings.key_prefix).heartbeat("student", f"{socket.gethostname()}-{os.getpid()}")
+    _heartbeat = Heartbeat(redis=connect(settings.redis_url), key=key)
+    _heartbeat.start()
+
+
+@task_prerun.connect
+def _on_task_start(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.busy += 1
+
+
+@task_postrun.connect
+def _on_task_end(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.busy -= 1
 
 
 @worker_process_shutdown.connect
 def _on_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import time
 
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
@@ -23,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # One model and one Redis client per worker process, created after the fork.
 _state: dict[str, object] = {}
-_BEAT_EVERY_S = 5.0
 
 
 def prepare(student_settings: StudentSettings) -> tuple[LoadedModel, SyncEventPublisher]:
@@ -54,11 +50,6 @@ def prepare(student_settings: StudentSettings) -> tuple[LoadedModel, SyncEventPu
             ttl_s=student_settings.job_ttl_s,
         )
         _state["publisher"].watch_cancellations()  # type: ignore[attr-defined]
-    publisher: SyncEventPublisher = _state["publisher"]  # type: ignore[assignment]
-    # The beat lives 60 s: one every few seconds suffices, not a Redis round trip per job.
-    if time.monotonic() - float(_state.get("beat_at", -_BEAT_EVERY_S)) >= _BEAT_EVERY_S:  # type: ignore[arg-type]
-        publisher.heartbeat(role="student", name=f"{socket.gethostname()}-{os.getpid()}")
-        _state["beat_at"] = time.monotonic()
     return _state["lm"], _state["publisher"]  # type: ignore[return-value]
 
 
