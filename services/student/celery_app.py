@@ -77,13 +77,13 @@ def _on_process_init(**_: Any) -> None:
 @task_prerun.connect
 def _on_task_start(**_: Any) -> None:
     if _heartbeat is not None:
-        _heartbeat.busy += 1
+        _heartbeat.job_started()
 
 
 @task_postrun.connect
 def _on_task_end(**_: Any) -> None:
     if _heartbeat is not None:
-        _heartbeat.busy -= 1
+        _heartbeat.job_finished()
 
 
 @worker_process_shutdown.connect

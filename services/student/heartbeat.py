@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Writes `key` every `every_s` seconds from a daemon thread, with how many jobs run now (`busy`)."""
+    """Writes `key` every `every_s` seconds from a daemon thread, with how many jobs run now, and at once
+    when that changes (from the thread too: a job never waits for the write)."""
 
     def __init__(
         self, *, redis: Redis, key: str, capacity: int = 1, every_s: float = HEARTBEAT_EVERY_S
@@ -27,15 +28,27 @@ class Heartbeat:
         self.busy = 0
         self._every_s = every_s
         self._stopping = threading.Event()
+        self._changed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gkt-heartbeat", daemon=True)
 
     def start(self) -> None:
         self.beat()
         self._thread.start()
 
+    def job_started(self) -> None:
+        self.busy += 1
+        self._changed.set()
+
+    def job_finished(self) -> None:
+        self.busy -= 1
+        self._changed.set()
+
     def stop(self) -> None:
         """Stop beating and remove the key, so the student is gone from the status at once."""
         self._stopping.set()
+        self._changed.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)  # a beat in flight must not land after the delete
         with contextlib.suppress(RedisError):
             self.redis.delete(self.key)
 
@@ -44,7 +57,11 @@ class Heartbeat:
         self.redis.set(self.key, value, ex=HEARTBEAT_TTL_S)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self._every_s):
+        while True:
+            self._changed.wait(self._every_s)
+            self._changed.clear()
+            if self._stopping.is_set():
+                return
             try:
                 self.beat()
             except RedisError as exc:  # Redis is away: the next beat tries again

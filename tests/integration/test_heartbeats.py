@@ -37,8 +37,10 @@ def test_a_student_heartbeat_is_rewritten_while_idle_and_says_how_busy_it_is(red
         assert (busy, capacity) == (0, 1) and abs(at - time.time()) < 60
         redis.delete(key)  # as if it had expired: no job runs, yet it comes back
         _poll(lambda: redis.exists(key))
-        heartbeat.busy = 1
+        heartbeat.job_started()
         _poll(lambda: parse_heartbeat(redis.get(key) or b"0")[1] == 1)
+        heartbeat.job_finished()
+        _poll(lambda: parse_heartbeat(redis.get(key) or b"0")[1] == 0)
         assert 0 < (redis.ttl(key) or 0) <= 60
     finally:
         heartbeat.stop()
