@@ -7,6 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+from gkt.client import (
+    DEFAULT_GATEWAY_ADDR,
+    ConnectionOptionError,
+    GatewayConnection,
+    add_connection_arguments,
+)
 from gkt.config import CommonSettings
 from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.evaluate import Runner, evaluate, report
@@ -19,7 +25,8 @@ from gkt.prompts import ExemplarSet
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None = None) -> None:
+    """The options of `gkt eval`; `default_addr`: the gateway of live runs (default: $GKT_GATEWAY_ADDR)."""
     parser.add_argument(
         "runner",
         nargs="?",
@@ -28,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="offline: library calls in this process (batched teacher, students at batch 1); "
         "live: every question through a running gateway over gRPC",
     )
-    parser.add_argument("--dataset", choices=[t.value for t in DATASETS], default=Task.CSQA.value)
+    parser.add_argument(
+        "--dataset",
+        choices=[t.value for t in DATASETS],
+        default=Task.CSQA.value,
+        help="the dataset to evaluate on (default: csqa)",
+    )
     parser.add_argument(
         "--guidance",
         default=GuidanceMode.CUTOFF.value,
@@ -67,9 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=10, help="offline: teacher batch size (paper: 10-32)"
     )
     parser.add_argument("--concurrency", type=int, default=8, help="live: requests in flight at once")
-    parser.add_argument(
-        "--addr", default=os.environ.get("GKT_GATEWAY_ADDR", "127.0.0.1:50051"), help="live: gateway"
-    )
     parser.add_argument("--timeout", type=float, default=600.0, help="live: deadline per request in seconds")
     parser.add_argument("--device", default="cpu", help="offline: torch device")
     parser.add_argument("--dtype", default="float32", help="offline: float32, bfloat16 or float16")
@@ -79,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report-only",
         action="store_true",
         help="write the report from the records already in --out; run nothing",
+    )
+    add_connection_arguments(
+        parser,
+        default_addr=default_addr or os.environ.get("GKT_GATEWAY_ADDR", DEFAULT_GATEWAY_ADDR),
+        title="live: connecting to the gateway",
     )
 
 
@@ -96,7 +110,11 @@ def run(args: argparse.Namespace) -> int:
         summary = report(plan=plan, dataset=dataset, store=store)
         print(markdown_table(summary))
         return 0
-    runner = _runner(args, plan)
+    try:
+        runner = _runner(args, plan)
+    except ConnectionOptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = evaluate(
             plan=plan,
@@ -164,10 +182,9 @@ def _runner(args: argparse.Namespace, plan: EvalPlan) -> Runner:
 
         return LiveRunner(
             plan=plan,
-            addr=args.addr,
+            connection=GatewayConnection.from_args(args),
             concurrency=args.concurrency,
             timeout_s=args.timeout,
-            api_key=os.environ.get("GKT_API_KEY"),
         )
     import torch
 
