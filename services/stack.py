@@ -16,11 +16,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import Redis
 
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.queue import Keys
 
 
@@ -52,14 +54,21 @@ class Stack:
     """Give each process a free /metrics port instead of the configured ones (tests)."""
     metrics_ports: dict[str, int] = field(default_factory=dict)
     """The /metrics port of each process that serves one (teacher, student-0…, gateway), set by start()."""
+    pick_free_ports: bool = False
+    """A port left to its default (gateway 50051, metrics 9101-9103) that is in use is replaced by a free one;
+    without this, or for a port set explicitly, a port in use stops the start with a message naming its
+    variable (`gkt up`: two stacks on one machine)."""
+    private_redis: bool = False
+    """True when start() started Redis itself."""
 
     def start(self, *, timeout_s: float = 600) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         try:
+            self.gateway_addr = self._gateway_address()
             if self.redis_url is None:
                 self.redis_url = self._start_redis()
-            self.gateway_addr = self.gateway_addr or os.environ.get("GKT_GATEWAY_ADDR") or "127.0.0.1:50051"
+                self.private_redis = True
             env = self._service_env()
             if self.teacher:
                 teacher_env = self._metrics_env(env, "teacher", "GKT_TEACHER_METRICS_PORT", 9102)
@@ -79,6 +88,8 @@ class Stack:
                         "pids": {n: p.pid for n, p in self.processes.items()},
                         "gateway": self.gateway_addr,
                         "metrics_ports": self.metrics_ports,
+                        # `gkt status` reads it; a Redis of the user's own is theirs to name.
+                        "redis": self.redis_url if self.private_redis else None,
                     }
                 )
             )
@@ -121,6 +132,18 @@ class Stack:
         _wait(lambda: Redis.from_url(url).ping(), timeout_s=10, what="redis", stack=self, name="redis")
         return url
 
+    def _gateway_address(self) -> str:
+        explicit = self.gateway_addr or os.environ.get("GKT_GATEWAY_ADDR")
+        addr = explicit or DEFAULT_GATEWAY_ADDR
+        host, _, port = addr.rpartition(":")
+        if port_free(int(port), host=host.strip("[]") or "0.0.0.0"):
+            return addr
+        if self.pick_free_ports and not explicit:
+            return f"{host}:{free_port()}"
+        raise StackError(
+            f"the gateway's port {port} is in use: set GKT_GATEWAY_ADDR to a free address (e.g. {host}:{free_port()})"
+        )
+
     def _service_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
@@ -144,8 +167,14 @@ class Stack:
         port = int(env.get(variable, default))
         if port:
             port += offset
-        if self.free_metrics_ports:
+        taken = bool(port) and not port_free(port)
+        replaceable = self.pick_free_ports and variable not in os.environ and variable not in self.env
+        if self.free_metrics_ports or (taken and replaceable):
             port = free_port()
+        elif taken:
+            raise StackError(
+                f"port {port} for the {name}'s metrics is in use: set {variable} to a free port, or 0 for none"
+            )
         if port:
             self.metrics_ports[name] = port
         return {**env, variable: str(port)}
@@ -181,6 +210,28 @@ class Stack:
             stack=self,
             name="gateway",
         )
+
+
+def port_free(port: int, *, host: str = "0.0.0.0") -> bool:
+    """True when nothing listens on `port` (a socket lingering after a close does not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def read_detached(state_dir: Path) -> dict[str, Any] | None:
+    """The record of the stack `detach=True` started in `state_dir`, while its gateway runs; else None."""
+    record = state_dir / "stack.json"
+    try:
+        stack: dict[str, Any] = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    gateway = stack.get("pids", {}).get("gateway")
+    return stack if gateway and _alive(gateway) else None
 
 
 def gateway_serving(addr: str) -> bool:
