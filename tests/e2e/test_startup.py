@@ -24,7 +24,7 @@ def test_a_teacher_ready_long_after_its_students_still_makes_the_stack_ready(
     stack = Stack(
         state_dir=tmp_path,
         env=env,
-        redis_url=redis_url.rsplit("/", 1)[0] + "/2",
+        redis_url=redis_url.rsplit("/", 1)[0] + "/3",  # its own database: the Celery queue name is shared
         students=1,
         gateway_addr=f"127.0.0.1:{free_port()}",
     )

@@ -113,7 +113,13 @@ def test_status_reports_workers_and_queues_and_fails_without_students(redis_url:
     redis.xadd(keys.queries, {"job": "{}"})
     redis.xadd(keys.dead_letters, {"job": "{}", "reason": "test"})
     redis.rpush("student", "task-1", "task-2")
-    env = {"GKT_REDIS_URL": redis_url, "GKT_KEY_PREFIX": "status"}
+    try:
+        _check_status(redis, keys=keys, env={"GKT_REDIS_URL": redis_url, "GKT_KEY_PREFIX": "status"}, now=now)
+    finally:
+        redis.delete("student")  # no Celery worker of another test may take these
+
+
+def _check_status(redis: Redis, *, keys: Keys, env: dict[str, str], now: float) -> None:
 
     alone = gkt("status", env=env)
     assert alone.returncode == 1 and "no student is alive" in alone.stdout
