@@ -248,7 +248,7 @@ def _up() -> int:
         state_dir=STATE_DIR, redis_url=os.environ.get("GKT_REDIS_URL"), detach=True, pick_free_ports=True
     )
     try:
-        stack.start()
+        stack.start(progress=True)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -43,7 +43,7 @@ def run() -> int:
         )
     started = time.monotonic()
     try:
-        stack.start()
+        stack.start(progress=True)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

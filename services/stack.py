@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from redis import Redis
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.queue import Keys
+from services.startup import READY, ProgressLines, last_message, worker_phase
 
 
 class StackError(RuntimeError):
-    """A process of the stack failed to start; the message includes the tail of its log."""
+    """The stack did not start: one line naming the process, what it was doing, and its log file."""
 
 
 def free_port() -> int:
@@ -61,7 +63,8 @@ class Stack:
     private_redis: bool = False
     """True when start() started Redis itself."""
 
-    def start(self, *, timeout_s: float = 600) -> None:
+    def start(self, *, timeout_s: float = 600, progress: bool = False) -> None:
+        """Start every process and wait until the stack serves; `progress`: show what each worker does."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         try:
@@ -77,7 +80,7 @@ class Stack:
                 self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i))
             gateway_env = self._metrics_env(env, "gateway", "GKT_GATEWAY_METRICS_PORT", 9101)
             self._spawn("gateway", [sys.executable, "-m", "services.gateway"], gateway_env)
-            self._wait_ready(timeout_s=timeout_s)
+            self._wait_ready(timeout_s=timeout_s, progress=progress)
         except BaseException:
             self.stop()
             raise
@@ -118,8 +121,11 @@ class Stack:
         self._spawn(name, command, env)
 
     def log(self, name: str) -> str:
-        path = self.state_dir / "logs" / f"{name}.log"
+        path = self.log_path(name)
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
 
     def _start_redis(self) -> str:
         binary = shutil.which("redis-server")
@@ -129,7 +135,12 @@ class Stack:
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self._spawn("redis", [*command, "--dir", str(self.state_dir)], dict(os.environ))
         url = f"redis://127.0.0.1:{port}/0"
-        _wait(lambda: Redis.from_url(url).ping(), timeout_s=10, what="redis", stack=self, name="redis")
+        _wait(
+            lambda: Redis.from_url(url).ping(),
+            timeout_s=10,
+            stack=self,
+            stuck=lambda: f"redis-server does not answer at {url} (log {self.log_path('redis')})",
+        )
         return url
 
     def _gateway_address(self) -> str:
@@ -191,24 +202,36 @@ class Stack:
             start_new_session=True,
         )
 
-    def _wait_ready(self, *, timeout_s: float) -> None:
+    def _wait_ready(self, *, timeout_s: float, progress: bool) -> None:
+        """Until every worker has a heartbeat and the gateway serves; `progress`: a line per worker."""
         redis = Redis.from_url(self.redis_url or "")
         keys = Keys(self.env.get("GKT_KEY_PREFIX", os.environ.get("GKT_KEY_PREFIX", "gkt")))
+        workers = [name for name in self.processes if name not in ("redis", "gateway")]
+        lines = ProgressLines(workers) if progress else None
 
         def workers_up() -> bool:
             teachers = list(redis.scan_iter(match=keys.heartbeat("teacher", "*")))
             students = list(redis.scan_iter(match=keys.heartbeat("student", "*")))
-            return (bool(teachers) or not self.teacher) and len(students) >= self.students
+            up = (bool(teachers) or not self.teacher) and len(students) >= self.students
+            if lines is not None:
+                lines.show({n: READY if up else worker_phase(self.log(n)) for n in workers})
+            return up
 
-        _wait(
-            workers_up, timeout_s=timeout_s, what="teacher and student workers (loading models)", stack=self
-        )
+        def stuck_workers() -> str:
+            phases = {n: worker_phase(self.log(n)) for n in workers}
+            waiting = [n for n in workers if phases[n] != READY]
+            if not waiting:
+                return "the workers logged that they were ready, but no heartbeat of theirs is in Redis"
+            return "; ".join(f"{n} was {phases[n]} (log {self.log_path(n)})" for n in waiting)
+
+        _wait(workers_up, timeout_s=timeout_s, stack=self, stuck=stuck_workers)
         _wait(
             lambda: gateway_serving(self.gateway_addr or ""),
             timeout_s=60,
-            what="gateway",
             stack=self,
-            name="gateway",
+            stuck=lambda: (
+                f"the gateway does not serve at {self.gateway_addr} (log {self.log_path('gateway')})"
+            ),
         )
 
 
@@ -265,22 +288,25 @@ def _student_command(name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _wait(check: object, *, timeout_s: float, what: str, stack: Stack, name: str | None = None) -> None:
+def _wait(check: Callable[[], object], *, timeout_s: float, stack: Stack, stuck: Callable[[], str]) -> None:
+    """Until `check()` is true; a process of the stack that exits, or the deadline, is one StackError line."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for proc_name, process in stack.processes.items():
+        for name, process in stack.processes.items():
             if process.poll() is not None:
+                log = stack.log(name)
+                doing = "starting" if name in ("redis", "gateway") else worker_phase(log)
                 raise StackError(
-                    f"{proc_name} exited with {process.returncode}:\n{stack.log(proc_name)[-3000:]}"
+                    f"{name} exited with status {process.returncode} while {doing}: "
+                    f"{last_message(log) or 'no message'} (log {stack.log_path(name)})"
                 )
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except Exception:  # not up yet
             pass
         time.sleep(0.2)
-    logs = "\n".join(f"--- {n}\n{stack.log(n)[-2000:]}" for n in ([name] if name else stack.processes))
-    raise StackError(f"{what} not ready after {timeout_s:.0f} s\n{logs}")
+    raise StackError(f"not ready after {timeout_s:.0f} s: {stuck()}")
 
 
 def _terminate(pid: int) -> None:

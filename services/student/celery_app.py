@@ -72,6 +72,7 @@ def _on_process_init(**_: Any) -> None:
     key = Keys(settings.key_prefix).heartbeat("student", f"{socket.gethostname()}-{os.getpid()}")
     _heartbeat = Heartbeat(redis=connect(settings.redis_url), key=key)
     _heartbeat.start()
+    log.info("student ready", extra={"heartbeat": key})
 
 
 @task_prerun.connect

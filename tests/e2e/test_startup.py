@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -39,3 +42,21 @@ def test_a_teacher_ready_long_after_its_students_still_makes_the_stack_ready(
         assert reply.guidance and reply.text.startswith(reply.guidance)
     finally:
         stack.stop()
+
+
+def test_a_worker_that_fails_to_start_is_named_in_one_line_with_its_log(
+    tiny_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, student = tiny_models
+    env = {**os.environ, "GKT_STATE_DIR": str(tmp_path / "state"), "GKT_TEACHER_MODEL": str(tmp_path / "no-model"),
+           "GKT_STUDENT_MODEL": str(student), "GKT_GATEWAY_ADDR": f"127.0.0.1:{free_port()}",
+           **{name: "0" for name in ("GKT_GATEWAY_METRICS_PORT", "GKT_TEACHER_METRICS_PORT", "GKT_STUDENT_METRICS_PORT")}}  # fmt: skip
+    env.pop("GKT_REDIS_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "up"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: teacher exited with status 1 while loading the model: ")
+    assert f"(log {tmp_path / 'state' / 'logs' / 'teacher.log'})" in result.stderr
+    assert not (tmp_path / "state" / "stack.json").exists()  # everything it started is stopped again
