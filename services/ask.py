@@ -5,19 +5,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from gkt.arguments import UINT32_MAX, UINT64_MAX, real_number, whole_number
 from gkt.client import CONNECTION_ENV_HELP, ConnectionOptionError, GatewayConnection, add_connection_arguments
 
 TASKS = ("freeform", "gsm8k", "csqa", "aqua")
 MODES = ("cutoff", "concise", "hint", "none", "full")
 UNREACHABLE_HINT = "is the stack up? `make up`, or `--addr`"
 ENV_HELP = CONNECTION_ENV_HELP
-_UINT32_MAX = 2**32 - 1
-_UINT64_MAX = 2**64 - 1
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None:
@@ -37,31 +35,33 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
         "full (teacher alone) (default: cutoff)",
     )
     parser.add_argument(
-        "--guidance-tokens", type=_whole(1, _UINT32_MAX), metavar="N", help="N, the guidance length in "
+        "--guidance-tokens", type=whole_number(1, UINT32_MAX), metavar="N", help="N, the guidance length in "
         "teacher tokens (default: the task's, e.g. 40 for gsm8k)"
     )  # fmt: skip
     parser.add_argument(
-        "--max-new-tokens", type=_whole(1, _UINT32_MAX), metavar="N",
+        "--max-new-tokens", type=whole_number(1, UINT32_MAX), metavar="N",
         help="most tokens the student adds (default: the task's)",
     )  # fmt: skip
     parser.add_argument(
         "--temperature",
-        type=_real(0.0, math.inf),
+        type=real_number(0.0, math.inf),
         help="student sampling temperature, 0 = greedy (default 0.8)",
     )
     parser.add_argument(
         "--top-p",
-        type=_real(0.0, 1.0, open_low=True),
+        type=real_number(0.0, 1.0, open_low=True),
         help="student nucleus sampling, in (0, 1] (default 0.95)",
     )
     parser.add_argument(
-        "--seed", type=_whole(0, _UINT64_MAX), help="student seed, for a repeatable answer (default: random)"
+        "--seed",
+        type=whole_number(0, UINT64_MAX),
+        help="student seed, for a repeatable answer (default: random)",
     )
     parser.add_argument(
         "--stream", action="store_true", help="print the guidance, then the student's text as it is written"
     )
     parser.add_argument(
-        "--timeout", type=_real(0.0, math.inf, open_low=True), default=300.0, metavar="SECONDS",
+        "--timeout", type=real_number(0.0, math.inf, open_low=True), default=300.0, metavar="SECONDS",
         help="deadline of the request (default: 300)",
     )  # fmt: skip
     add_connection_arguments(parser, default_addr=default_addr)
@@ -168,33 +168,3 @@ def _reachable(channel: grpc.Channel) -> bool:
     except grpc.FutureTimeoutError:
         return False
     return True
-
-
-def _whole(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}; got {value}")
-        return value
-
-    return parse
-
-
-def _real(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
-        above_low = value > low if open_low else value >= low
-        if not (above_low and value <= high):
-            bound = f"> {low:g}" if open_low else f">= {low:g}"
-            raise argparse.ArgumentTypeError(
-                f"must be {bound}" + (f" and <= {high:g}" if high != math.inf else "") + f"; got {text}"
-            )
-        return value
-
-    return parse

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from gkt.arguments import whole_number
 from gkt.client import DEFAULT_GATEWAY_ADDR
 
 if TYPE_CHECKING:
@@ -60,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     command("teacher", "run a teacher worker (python -m services.teacher)", env=_settings_help("teacher"))
     student = command("student", "run a Celery student worker", env=_settings_help("student"))
     student.add_argument(
-        "--concurrency", type=int, default=None, help="worker processes (default: $GKT_STUDENT_CONCURRENCY)"
+        "--concurrency",
+        type=whole_number(1, 64),
+        default=None,
+        help="worker processes (default: $GKT_STUDENT_CONCURRENCY)",
     )
     default_addr = _default_gateway_addr()
     ask.add_arguments(

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from gkt.arguments import UINT32_MAX, real_number, whole_number
 from gkt.client import (
     DEFAULT_GATEWAY_ADDR,
     ConnectionOptionError,
@@ -50,12 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         "--guidance-tokens",
         help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N)",
     )
-    parser.add_argument("--student-tokens", type=int, help="student max new tokens (default: the paper's)")
+    parser.add_argument(
+        "--student-tokens",
+        type=whole_number(1, UINT32_MAX),
+        help="student max new tokens (default: the paper's)",
+    )
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the student-alone and teacher-alone rows"
     )
-    parser.add_argument("--limit", type=int, help="the first N questions of the dataset (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; each question's seed derives from it")
+    parser.add_argument(
+        "--limit", type=whole_number(1), help="the first N questions of the dataset (default: all)"
+    )
+    parser.add_argument(
+        "--seed", type=whole_number(0), default=0, help="run seed; each question's seed derives from it"
+    )
     parser.add_argument("--greedy", action="store_true", help="temperature 0 for teacher and student")
     parser.add_argument(
         "--models",
@@ -76,13 +85,25 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         "--out", type=Path, help="output directory, resumable (default: runs/<dataset>-<runner>)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=10, help="offline: teacher batch size (paper: 10-32)"
+        "--batch-size",
+        type=whole_number(1, 512),
+        default=10,
+        help="offline: teacher batch size (paper: 10-32)",
     )
-    parser.add_argument("--concurrency", type=int, default=8, help="live: requests in flight at once")
-    parser.add_argument("--timeout", type=float, default=600.0, help="live: deadline per request in seconds")
+    parser.add_argument(
+        "--concurrency", type=whole_number(1, 1024), default=8, help="live: requests in flight at once"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=real_number(0, open_low=True),
+        default=600.0,
+        help="live: deadline per request in seconds",
+    )
     parser.add_argument("--device", default="cpu", help="offline: torch device")
     parser.add_argument("--dtype", default="float32", help="offline: float32, bfloat16 or float16")
-    parser.add_argument("--threads", type=int, default=0, help="offline: torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=whole_number(0, 1024), default=0, help="offline: torch threads (0: torch's default)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--report-only",

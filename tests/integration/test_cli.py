@@ -59,13 +59,20 @@ def one_line_error(result: subprocess.CompletedProcess[str] | tuple[int, str, st
     return stderr.strip()
 
 
+ASK = ("ask", "What is 2 + 2?")
+
+
 @pytest.mark.parametrize(
-    ("option", "value"),
-    [("--seed", "-1"), ("--guidance-tokens", "-5"), ("--max-new-tokens", "5000000000"), ("--top-p", "0"),
-     ("--temperature", "nan"), ("--timeout", "0"), ("--seed", "seven")],
+    ("command", "option", "value"),
+    [(ASK, "--seed", "-1"), (ASK, "--guidance-tokens", "-5"), (ASK, "--max-new-tokens", "5000000000"),
+     (ASK, "--top-p", "0"), (ASK, "--temperature", "nan"), (ASK, "--timeout", "0"), (ASK, "--seed", "seven"),
+     (("eval",), "--limit", "-3"), (("eval", "live"), "--timeout", "-1"), (("student",), "--concurrency", "0"),
+     (("bench",), "--requests", "0")],
 )  # fmt: skip
-def test_an_out_of_range_value_is_one_line_naming_the_option(option: str, value: str) -> None:
-    result = gkt("ask", "What is 2 + 2?", option, value)
+def test_an_out_of_range_value_is_one_line_naming_the_option(
+    command: tuple[str, ...], option: str, value: str
+) -> None:
+    result = gkt(*command, option, value)
     assert result.returncode == 2
     assert f"argument {option}" in one_line_error(result)
 
