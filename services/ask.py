@@ -78,9 +78,14 @@ def run(args: argparse.Namespace) -> int:
     with connection.open() as channel:
         try:
             if args.stream:
-                _stream(channel, connection=connection, request=request, timeout_s=args.timeout)
+                _stream(
+                    channel, connection=connection, request=request, timeout_s=args.timeout, task=args.task
+                )
             else:
-                print_reply(generate(channel, connection=connection, request=request, timeout_s=args.timeout))
+                print_reply(
+                    generate(channel, connection=connection, request=request, timeout_s=args.timeout),
+                    task=args.task,
+                )
         except grpc.RpcError as exc:
             print(f"error: {explain(exc, channel=channel, addr=connection.addr)}", file=sys.stderr)
             return 1
@@ -120,18 +125,18 @@ def explain(exc: grpc.RpcError, *, channel: grpc.Channel, addr: str) -> str:
     return f"{code.name}: {details}"
 
 
-def print_reply(reply: Any, *, expected: str | None = None) -> None:
+def print_reply(reply: Any, *, task: str, expected: str | None = None) -> None:
     print(f"guidance : {reply.guidance!r}")
     print(f"text     : {reply.text!r}")
-    print_summary(reply, expected=expected)
+    print_summary(reply, task=task, expected=expected)
 
 
-def print_summary(reply: Any, *, expected: str | None = None) -> None:
+def print_summary(reply: Any, *, task: str, expected: str | None = None) -> None:
     """The extracted answer (and whether it is right, when the right one is known), tokens and timings."""
-    answer = reply.answer or "(none found)"
+    answer = reply.answer or "(none found in the text)"
     if expected is not None:
         answer += f"   expected {expected}: {'right' if reply.answer == expected else 'wrong'}"
-    if reply.answer or expected is not None:
+    if task != "freeform":  # a free-form question has no answer to extract
         print(f"answer   : {answer}")
     if reply.degraded:
         print("degraded : no teacher was reading the queue; the student answered alone")
@@ -146,7 +151,9 @@ def print_summary(reply: Any, *, expected: str | None = None) -> None:
     )
 
 
-def _stream(channel: grpc.Channel, *, connection: GatewayConnection, request: Any, timeout_s: float) -> None:
+def _stream(
+    channel: grpc.Channel, *, connection: GatewayConnection, request: Any, timeout_s: float, task: str
+) -> None:
     """The guidance on its own line once, then the student's text as it arrives, then the summary."""
     from gkt.v1 import guidance_pb2_grpc
 
@@ -159,7 +166,7 @@ def _stream(channel: grpc.Channel, *, connection: GatewayConnection, request: An
             print(event.delta.text, end="", flush=True)
         else:
             print()
-            print_summary(event.final)
+            print_summary(event.final, task=task)
 
 
 def _reachable(channel: grpc.Channel) -> bool:

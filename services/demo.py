@@ -74,6 +74,6 @@ def _ask_all(addr: str) -> int:
             except grpc.RpcError as exc:
                 print(f"error: {explain(exc, channel=channel, addr=addr)}", file=sys.stderr)
                 return 1
-            print_reply(reply, expected=expected)
+            print_reply(reply, task=task, expected=expected)
             print()
     return 0

@@ -117,7 +117,7 @@ def format_status(status: Status, *, where: str) -> str:
         lines.append(f"  {s.name:<28} beat {s.beat_age_s:.0f} s ago   {load}".rstrip())
     oldest = f", oldest {status.oldest_job_age_s:.1f} s old" if status.oldest_job_age_s is not None else ""
     lines.append(
-        f"query queue    {status.queued_jobs} jobs ({status.jobs_in_teacher_batches} in a teacher's batch){oldest}"
+        f"query queue    {_jobs(status.queued_jobs)} ({status.jobs_in_teacher_batches} in a teacher's batch){oldest}"
     )
     lines.append(
         f"student queue  {status.student_tasks_waiting} waiting, {status.student_tasks_running} delivered to "
@@ -157,6 +157,10 @@ def _pending(redis: Redis, *, keys: Keys) -> int:
             return 0
         raise
     return int(summary["pending"])
+
+
+def _jobs(count: int) -> str:
+    return f"{count} job" if count == 1 else f"{count} jobs"
 
 
 def _text(value: str | bytes) -> str:
