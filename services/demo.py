@@ -39,7 +39,8 @@ def run() -> int:
     cache = CommonSettings().model_cache_dir
     if any(needs_conversion(name=name, cache_dir=cache) for name in (teacher, student)):
         print(
-            f"(first run: converting the bundled GGUF models into {cache}, a few minutes; later runs are quick)"
+            f"(first run: converting the bundled GGUF models into {cache}: about a minute and a half on 2 "
+            "free cores, more when they are busy; later runs are quick)"
         )
     started = time.monotonic()
     try:
