@@ -201,12 +201,18 @@ def _runner(args: argparse.Namespace, plan: EvalPlan) -> Runner:
     if plan.runner == "live":
         from gkt.evaluation.live import LiveRunner
 
-        return LiveRunner(
+        live = LiveRunner(
             plan=plan,
             connection=GatewayConnection.from_args(args),
             concurrency=args.concurrency,
             timeout_s=args.timeout,
         )
+        if not live.reachable():
+            live.close()
+            raise ConnectionOptionError(
+                f"cannot reach the gateway at {args.addr}: is the stack up? `make up`, or `--addr`"
+            )
+        return live
     import torch
 
     from gkt.evaluation.offline import OfflineRunner

@@ -53,6 +53,14 @@ class LiveRunner:
             records.append(self._record(condition, example, reply, share))
         return records
 
+    def reachable(self, *, timeout_s: float = 10.0) -> bool:
+        """Whether the gateway accepts a connection (before thousands of requests fail one by one)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._channel.close()

@@ -83,6 +83,14 @@ def test_an_unreachable_gateway_is_one_line_with_where_to_look() -> None:
     assert UNREACHABLE_HINT in one_line_error(result)
 
 
+def test_eval_live_against_an_unreachable_gateway_is_one_line(tmp_path: Path) -> None:
+    data = write_data_dir(tmp_path / "data", Task.CSQA, CSQA_LINES)
+    result = gkt("eval", "live", "--addr", f"127.0.0.1:{free_port()}", "--data-dir", str(data), "--limit", "1",
+                 "--no-progress", "--out", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2
+    assert UNREACHABLE_HINT in one_line_error(result)
+
+
 def test_every_option_of_every_command_is_explained() -> None:
     subcommands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     commands: dict[str, argparse.ArgumentParser] = subcommands.choices
