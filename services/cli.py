@@ -17,6 +17,8 @@ from gkt.arguments import whole_number
 from gkt.client import DEFAULT_GATEWAY_ADDR
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from gkt.config import CommonSettings
 
 STATE_DIR = Path(os.environ.get("GKT_STATE_DIR", ".gkt"))
@@ -34,11 +36,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pydantic import ValidationError
+
     args = _parser().parse_args(argv)
     try:
         sys.exit(_run(args))
     except KeyboardInterrupt:
         sys.exit(130)
+    except ValidationError as exc:  # a GKT_* environment variable a service refused
+        sys.exit(f"error: {_settings_problems(exc)}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -321,6 +327,15 @@ def _probe_teacher() -> int:
 def _masked(settings: CommonSettings) -> str:
     """The Redis URL with any password masked."""
     return str(json.loads(settings.describe())["redis_url"])
+
+
+def _settings_problems(exc: ValidationError) -> str:
+    """`GKT_NAME: what is wrong` for each refused setting (never its value, which may be a secret)."""
+    problems = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"GKT_{name}: {error['msg']}" if name else error["msg"])
+    return "; ".join(problems)
 
 
 def _first_line(exc: BaseException) -> str:

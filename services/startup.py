@@ -9,14 +9,18 @@ from typing import TextIO
 READY = "ready"
 # The log messages that mark each step of a worker's start (gkt.models, the teacher loop, the student app).
 _READY_MESSAGES = ('"msg": "teacher serving"', '"msg": "student ready"')
+_STARTED = '"msg": "starting"'
 _LOADED = '"msg": "model loaded"'
 _CONVERTING = '"msg": "converting bundled model (first use)"'
 _PERCENT = re.compile(r"(\d{1,3})%\|")
 _PERCENT_STEP = 10
+# pydantic's report of a setting it refused: "<field>\n  <problem> [type=…"
+_SETTING_REFUSED = re.compile(r"validation errors? for \w+Settings\n(\w+)\n\s+(.+?) \[type=")
 
 
 def worker_phase(log: str) -> str:
-    """`converting the model n %`, `loading the model`, `warming up` or `ready`, from a worker's log."""
+    """`starting`, `loading the model`, `converting the model n %`, `warming up` or `ready`, from a worker's
+    log."""
     if any(message in log for message in _READY_MESSAGES):
         return READY
     if _LOADED in log:
@@ -26,11 +30,17 @@ def worker_phase(log: str) -> str:
         percents = _PERCENT.findall(log, converting)
         # The GGUF tensors are de-quantized first (the percentage), then written to the cache.
         return f"converting the model {percents[-1]} %" if percents else "converting the model"
-    return "loading the model"
+    # Logging starts once the settings are read: before that, the process is still starting.
+    return "loading the model" if _STARTED in log else "starting"
 
 
 def last_message(log: str) -> str:
-    """The last line of a log that says something (an error's last line), for a one-line report."""
+    """The last line of a log that says something (an error's last line), for a one-line report; for
+    settings the process refused, the variable and what is wrong with it."""
+    refused = _SETTING_REFUSED.findall(log)
+    if refused:
+        field, problem = refused[-1]
+        return f"GKT_{field.upper()}: {problem}"
     for line in reversed(log.strip().splitlines()):
         line = line.strip()
         if not line or _PERCENT.search(line):

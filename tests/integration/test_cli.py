@@ -83,6 +83,15 @@ def test_an_unreachable_gateway_is_one_line_with_where_to_look() -> None:
     assert UNREACHABLE_HINT in one_line_error(result)
 
 
+def test_a_setting_a_service_refuses_is_one_line_naming_the_variable() -> None:
+    result = gkt("teacher", env={"GKT_TEACHER_MAX_BATCH_SIZE": "0"})
+    assert result.returncode == 1
+    assert (
+        one_line_error(result)
+        == "error: GKT_TEACHER_MAX_BATCH_SIZE: Input should be greater than or equal to 1"
+    )
+
+
 def test_eval_live_against_an_unreachable_gateway_is_one_line(tmp_path: Path) -> None:
     data = write_data_dir(tmp_path / "data", Task.CSQA, CSQA_LINES)
     result = gkt("eval", "live", "--addr", f"127.0.0.1:{free_port()}", "--data-dir", str(data), "--limit", "1",

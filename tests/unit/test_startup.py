@@ -17,7 +17,7 @@ LOADED = CONVERTING + '{"ts": 9.0, "level": "INFO", "logger": "gkt.models", "msg
 
 
 def test_a_worker_goes_from_loading_to_converting_to_warming_up_to_ready() -> None:
-    assert worker_phase("") == "loading the model"
+    assert worker_phase("") == "starting"
     assert worker_phase(STARTING) == "loading the model"
     assert worker_phase(CONVERTING) == "converting the model 47 %"
     assert worker_phase(LOADED) == "warming up"
@@ -30,6 +30,14 @@ def test_the_last_message_is_an_errors_last_line_not_a_progress_bar() -> None:
     assert last_message(crash) == "ValueError: model not found"
     assert last_message(LOADED) == "model loaded"
     assert last_message("") == ""
+    refused = (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for TeacherSettings\n"
+        "teacher_max_batch_size\n  Input should be greater than or equal to 1 [type=greater_than_equal, "
+        "input_value='0', input_type=str]\n    For further information visit https://errors.pydantic.dev\n"
+    )
+    assert last_message(STARTING + refused) == (
+        "GKT_TEACHER_MAX_BATCH_SIZE: Input should be greater than or equal to 1"
+    )
 
 
 def test_off_a_terminal_a_line_is_printed_only_when_a_phase_changes() -> None:
