@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import socket
 import sys
@@ -18,8 +17,6 @@ from gkt.client import DEFAULT_GATEWAY_ADDR
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
-
-    from gkt.config import CommonSettings
 
 STATE_DIR = Path(os.environ.get("GKT_STATE_DIR", ".gkt"))
 _STATE_HELP = "  GKT_STATE_DIR          where `gkt up` keeps its state and logs (default: .gkt)"
@@ -137,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_ask(args)
     elif args.command == "status":
-        return _status(as_json=args.json)
+        from services.status import run as run_status
+
+        return run_status(as_json=args.json, state_dir=STATE_DIR)
     elif args.command == "demo":
         from services.demo import run as run_demo
 
@@ -210,38 +209,6 @@ def _run_student(concurrency: int | None) -> None:
             settings.log_level,
         ]
     )
-
-
-def _status(*, as_json: bool) -> int:
-    from pydantic import ValidationError
-    from redis.exceptions import RedisError
-
-    from gkt.config import CommonSettings
-    from gkt.queue import Keys, connect
-    from services.stack import read_detached
-    from services.status import format_json, format_status, read_status
-
-    record = read_detached(STATE_DIR) or {}
-    try:
-        local = (
-            {} if "GKT_REDIS_URL" in os.environ or "redis" not in record else {"redis_url": record["redis"]}
-        )
-        settings = CommonSettings(**local)
-    except (ValidationError, OSError) as exc:
-        print(f"error: the Redis settings cannot be used: {_first_line(exc)}", file=sys.stderr)
-        return 2
-    where = _masked(settings)
-    try:
-        status = read_status(connect(settings.redis_url), keys=Keys(settings.key_prefix))
-    except RedisError as exc:
-        print(
-            f"error: cannot read the stack's state from Redis at {where} ({_first_line(exc)}): is the stack "
-            "up? `make up`, or set GKT_REDIS_URL",
-            file=sys.stderr,
-        )
-        return 2
-    print(format_json(status, where=where) if as_json else format_status(status, where=where))
-    return 0 if status.healthy else 1
 
 
 def _up() -> int:
@@ -324,11 +291,6 @@ def _probe_teacher() -> int:
     return 1
 
 
-def _masked(settings: CommonSettings) -> str:
-    """The Redis URL with any password masked."""
-    return str(json.loads(settings.describe())["redis_url"])
-
-
 def _settings_problems(exc: ValidationError) -> str:
     """`GKT_NAME: what is wrong` for each refused setting (never its value, which may be a secret)."""
     problems = []
@@ -336,10 +298,6 @@ def _settings_problems(exc: ValidationError) -> str:
         name = "_".join(str(part) for part in error["loc"]).upper()
         problems.append(f"GKT_{name}: {error['msg']}" if name else error["msg"])
     return "; ".join(problems)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 if __name__ == "__main__":

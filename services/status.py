@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from redis import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from gkt.queue import HEARTBEAT_TTL_S, STUDENT_QUEUE, TEACHER_GROUP, Keys, parse_heartbeat
+from gkt.config import CommonSettings
+from gkt.queue import HEARTBEAT_TTL_S, STUDENT_QUEUE, TEACHER_GROUP, Keys, connect, parse_heartbeat
+from services.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a
 # worker but not yet acknowledged (a running job: students acknowledge late) in one hash.
@@ -64,6 +70,32 @@ class Status:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "healthy": self.healthy}
+
+
+def run(*, as_json: bool, state_dir: Path) -> int:
+    """`gkt status`: 0 when a teacher and a student are alive, 1 when not, 2 when Redis cannot be read."""
+    local = read_detached(state_dir) or {}
+    try:
+        # GKT_REDIS_URL names the stack; without it, the private Redis of the stack `gkt up` started here.
+        own_redis = (
+            {} if "GKT_REDIS_URL" in os.environ or not local.get("redis") else {"redis_url": local["redis"]}
+        )
+        settings = CommonSettings(**own_redis)
+    except (ValidationError, OSError) as exc:
+        print(f"error: the Redis settings cannot be used: {_first_line(exc)}", file=sys.stderr)
+        return 2
+    where = str(json.loads(settings.describe())["redis_url"])  # its password masked
+    try:
+        status = read_status(connect(settings.redis_url), keys=Keys(settings.key_prefix))
+    except RedisError as exc:
+        print(
+            f"error: cannot read the stack's state from Redis at {where} ({_first_line(exc)}): is the stack "
+            "up? `make up`, or set GKT_REDIS_URL",
+            file=sys.stderr,
+        )
+        return 2
+    print(format_json(status, where=where) if as_json else format_status(status, where=where))
+    return 0 if status.healthy else 1
 
 
 def read_status(redis: Redis, *, keys: Keys, now: float | None = None) -> Status:
@@ -161,6 +193,10 @@ def _pending(redis: Redis, *, keys: Keys) -> int:
 
 def _jobs(count: int) -> str:
     return f"{count} job" if count == 1 else f"{count} jobs"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _text(value: str | bytes) -> str:

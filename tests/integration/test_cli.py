@@ -159,6 +159,27 @@ def _check_status(redis: Redis, *, keys: Keys, env: dict[str, str], now: float) 
     assert "t-1" in gkt("status", env=env).stdout
 
 
+def test_status_finds_the_redis_of_the_stack_gkt_up_started_here(
+    redis_url: str, redis: Redis, tmp_path: Path
+) -> None:
+    # The record `gkt up` leaves; this test's own pid stands in for the running gateway's.
+    record = {
+        "pids": {"gateway": os.getpid()},
+        "gateway": "127.0.0.1:1",
+        "metrics_ports": {},
+        "redis": redis_url,
+    }
+    (tmp_path / "stack.json").write_text(json.dumps(record))
+    redis.set(Keys("gkt").heartbeat("teacher", "t-here"), heartbeat_value(at=time.time()), ex=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("GKT_REDIS_URL", "GKT_KEY_PREFIX")}
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "status", "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60, env={**env, "GKT_STATE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    status = json.loads(result.stdout)
+    assert status["redis"] == redis_url and [t["name"] for t in status["teachers"]] == ["t-here"]
+
+
 def test_status_without_redis_is_one_line_with_where_to_look() -> None:
     result = gkt("status", env={"GKT_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert result.returncode == 2
