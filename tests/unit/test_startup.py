@@ -52,3 +52,20 @@ def test_off_a_terminal_a_line_is_printed_only_when_a_phase_changes() -> None:
         "  teacher    converting the model 50 %",
         "  student-0  ready",
     ]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_lines_are_rewritten_in_place() -> None:
+    out = _Terminal()
+    lines = ProgressLines(["teacher", "student-0"], out=out)
+    lines.show({"teacher": "converting the model 41 %", "student-0": "loading the model"})
+    first = out.getvalue()
+    lines.show({"teacher": "converting the model 44 %", "student-0": "ready"})
+    again = out.getvalue()[len(first) :]
+    assert first.count("\n") == 2 and "\x1b[" not in first.replace("\x1b[2K", "")
+    assert again.startswith("\x1b[2A")  # back up over the two lines, then redraw them
+    assert "converting the model 44 %" in again and again.count("\n") == 2
