@@ -171,9 +171,6 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
     teacher, _, student = args.models.partition(",")
     if not teacher or not student:
         raise ValueError(f"--models takes TEACHER,STUDENT; got {args.models!r}")
-    for option, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency)):
-        if value < 1:
-            raise ValueError(f"{option} must be at least 1; got {value}")
     if args.runner == "live" and args.exemplars != ExemplarSet.CORRECTED.value:
         raise ValueError("live runs use the server's prompts, which use the corrected exemplars")
     live = args.runner == "live"

@@ -66,7 +66,7 @@ ASK = ("ask", "What is 2 + 2?")
     ("command", "option", "value"),
     [(ASK, "--seed", "-1"), (ASK, "--guidance-tokens", "-5"), (ASK, "--max-new-tokens", "5000000000"),
      (ASK, "--top-p", "0"), (ASK, "--temperature", "nan"), (ASK, "--timeout", "0"), (ASK, "--seed", "seven"),
-     (("eval",), "--limit", "-3"), (("eval", "live"), "--timeout", "-1"), (("student",), "--concurrency", "0"),
+     (("eval",), "--limit", "-3"), (("eval",), "--batch-size", "0"), (("eval", "live"), "--timeout", "-1"), (("student",), "--concurrency", "0"),
      (("bench",), "--requests", "0")],
 )  # fmt: skip
 def test_an_out_of_range_value_is_one_line_naming_the_option(
