@@ -129,9 +129,18 @@ def load_model(*, name: str, cache_dir: Path, device: str = "cpu", dtype: str = 
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
 
 
+def needs_conversion(*, name: str, cache_dir: Path) -> bool:
+    """True when `name` is a bundled alias not yet converted into `cache_dir`: its first load takes minutes."""
+    return name in BUNDLED and not (_conversion_target(BUNDLED[name], cache_dir) / "config.json").exists()
+
+
+def _conversion_target(bundled: BundledModel, cache_dir: Path) -> Path:
+    return cache_dir / f"{bundled.alias}-{_conversion_key(bundled)}"
+
+
 def _cached_conversion(bundled: BundledModel, *, cache_dir: Path) -> str:
     """The converted (de-quantized, safetensors) copy of a bundled model, made on first use."""
-    target = cache_dir / f"{bundled.alias}-{_conversion_key(bundled)}"
+    target = _conversion_target(bundled, cache_dir)
     if (target / "config.json").exists():
         return str(target)
     with tempfile.TemporaryDirectory(prefix="gkt-gguf-") as scratch:

@@ -164,6 +164,27 @@ def teacher_pace(*, batch_s: float, max_batch_size: int, at: float) -> str:
     return f"{batch_s:.6f} {max_batch_size} {at:.3f}"
 
 
+HEARTBEAT_TTL_S = 60
+"""A worker's heartbeat key lives this long: a worker silent for longer counts as gone."""
+HEARTBEAT_EVERY_S = 5.0
+"""How often a worker rewrites its heartbeat, from a timer, whether or not it has work."""
+
+
+def heartbeat_value(*, at: float, busy: int | None = None, capacity: int | None = None) -> str:
+    """A `Keys.heartbeat` value: "<epoch seconds>", and for a student "<jobs running> <jobs at once>"."""
+    if busy is None or capacity is None:
+        return f"{at:.3f}"
+    return f"{at:.3f} {busy} {capacity}"
+
+
+def parse_heartbeat(value: str | bytes) -> tuple[float, int | None, int | None]:
+    """(epoch seconds, jobs running, jobs at once) of a `heartbeat_value`; None where it says nothing."""
+    parts = _text(value).split()
+    if len(parts) == 3:
+        return float(parts[0]), int(parts[1]), int(parts[2])
+    return float(parts[0]), None, None
+
+
 def teacher_capacity(paces: dict[Any, Any], *, now: float) -> float:
     """Jobs per second the teachers clear when their batches are full: the sum over fresh paces of
     max batch size / seconds per batch; 0 when no teacher has a fresh pace."""
@@ -337,6 +358,3 @@ class SyncEventPublisher:
             maxlen=DEAD_LETTERS_MAXLEN,
             approximate=True,
         )
-
-    def heartbeat(self, *, role: str, name: str) -> None:
-        self.redis.set(self.keys.heartbeat(role, name), f"{time.time():.3f}", ex=60)

@@ -253,13 +253,14 @@ def _workload_rules(workload: Obj, config_maps: dict[str, dict[str, str]]) -> It
             if grace <= limit:
                 yield (
                     f"container {name}: terminationGracePeriodSeconds ({grace}) must exceed "
-                    f"GKT_STUDENT_TASK_TIME_LIMIT_S ({limit}) so a warm shutdown can finish the running job"
+                    f"GKT_STUDENT_TASK_TIME_LIMIT_S ({limit}) so a warm shutdown can finish the running jobs"
                 )
 
 
 def _is_celery_worker(container: Obj) -> bool:
+    """A student: `gkt student` (the worker under its restarting parent) or a bare `celery … worker`."""
     words = [*container.get("command", []), *container.get("args", [])]
-    return "celery" in words and "worker" in words
+    return ("gkt" in words and "student" in words) or ("celery" in words and "worker" in words)
 
 
 def _selector_of(obj: Obj) -> Obj | None:

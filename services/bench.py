@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis as AsyncRedis
 
+from gkt.arguments import whole_number
 from gkt.bench import floors
 from gkt.bench.load import closed_loop, grpc_call
 from gkt.bench.report import write_report
@@ -52,30 +53,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--addr", help="benchmark this running gateway (sweep only) instead of starting stacks"
     )
     parser.add_argument("--concurrency", default="1,4,16,64", help="overhead sweep: clients per level")
-    parser.add_argument("--requests", type=int, default=400, help="overhead sweep: requests per level")
-    parser.add_argument("--echo-students", type=int, default=2, help="overhead: Celery worker processes")
-    parser.add_argument("--echo-max-wait-ms", type=int, default=0, help="overhead: GKT_TEACHER_MAX_WAIT_MS")
-    parser.add_argument("--stream-interval-ms", type=int, default=20, help="GKT_STUDENT_STREAM_INTERVAL_MS")
-    parser.add_argument("--batch-size", type=int, default=8, help="teacher batch size (real models)")
     parser.add_argument(
-        "--batches", type=int, default=6, help="batching: batches measured online and offline"
+        "--requests", type=whole_number(1), default=400, help="overhead sweep: requests per level"
     )
-    parser.add_argument("--student-jobs", type=int, default=8, help="student: jobs measured")
-    parser.add_argument("--questions", type=int, default=24, help="gkt: CSQA questions per run")
+    parser.add_argument(
+        "--echo-students", type=whole_number(1, 64), default=2, help="overhead: Celery worker processes"
+    )
+    parser.add_argument(
+        "--echo-max-wait-ms",
+        type=whole_number(0, 10_000),
+        default=0,
+        help="overhead: GKT_TEACHER_MAX_WAIT_MS",
+    )
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=whole_number(0, 10_000),
+        default=20,
+        help="GKT_STUDENT_STREAM_INTERVAL_MS",
+    )
+    parser.add_argument(
+        "--batch-size", type=whole_number(1, 512), default=8, help="teacher batch size (real models)"
+    )
+    parser.add_argument(
+        "--batches", type=whole_number(1), default=6, help="batching: batches measured online and offline"
+    )
+    parser.add_argument("--student-jobs", type=whole_number(1), default=8, help="student: jobs measured")
+    parser.add_argument("--questions", type=whole_number(1), default=24, help="gkt: CSQA questions per run")
+    parser.add_argument(
+        "--guidance-tokens", type=whole_number(1, 512), default=10, help="gkt and batching: guidance tokens"
+    )
     parser.add_argument(
         "--capacity-concurrency", default="1,4,8,16", help="student-capacity: clients per level"
     )
     parser.add_argument(
-        "--capacity-max-batch", type=int, default=16, help="student-capacity: GKT_STUDENT_MAX_BATCH measured"
+        "--capacity-max-batch",
+        type=whole_number(1, 256),
+        default=16,
+        help="student-capacity: GKT_STUDENT_MAX_BATCH measured",
     )
-    parser.add_argument("--capacity-tokens", type=int, default=32, help="student-capacity: tokens per job")
-    parser.add_argument("--guidance-tokens", type=int, default=10, help="gkt and batching: guidance tokens")
+    parser.add_argument(
+        "--capacity-tokens", type=whole_number(1, 1024), default=32, help="student-capacity: tokens per job"
+    )
     parser.add_argument(
         "--no-prefix-cache", action="store_true", help="real stacks: turn prefix KV reuse off"
     )
     parser.add_argument(
         "--torch-threads",
-        type=int,
+        type=whole_number(0, 1024),
         default=1,
         help="GKT_TORCH_THREADS of every model process, and of the offline runs (0 = torch's default)",
     )
@@ -89,6 +113,16 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(
             f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}", file=sys.stderr
+        )
+        return 2
+    try:
+        levels = concurrency_levels(args.concurrency)
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        print(
+            f"--concurrency takes whole numbers of at least 1, e.g. 1,4,16; got {args.concurrency!r}",
+            file=sys.stderr,
         )
         return 2
     # A plain SIGTERM would skip the `finally` that stops the stacks: exit through it instead.

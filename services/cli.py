@@ -1,55 +1,124 @@
-"""The `gkt` command: run a service, run the whole stack, or ask it a question."""
+"""The `gkt` command: run a service, run the whole stack, ask it a question, or see how it is doing."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-import grpc
+from gkt.client import DEFAULT_GATEWAY_ADDR
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 STATE_DIR = Path(os.environ.get("GKT_STATE_DIR", ".gkt"))
-_TASKS = ("freeform", "gsm8k", "csqa", "aqua")
-_MODES = ("cutoff", "concise", "hint", "none", "full")
-DEMO_QUESTIONS = (
-    ("gsm8k", "A baker makes 24 muffins and sells 3 boxes of 6 muffins. How many muffins are left?"),
-    ("csqa", "Where would you put a plate after washing it?\nAnswer Choices: (A) restaurant (B) cupboard "
-     "(C) table (D) dishwasher (E) flea market"),
-    ("freeform", "Why is the sky blue?"),
-)  # fmt: skip
+_STATE_HELP = "  GKT_STATE_DIR          where `gkt up` keeps its state and logs (default: .gkt)"
+_REDIS_HELP = (
+    "  GKT_REDIS_URL          Redis of the stack; GKT_REDIS_PASSWORD_FILE, GKT_KEY_PREFIX as the services"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line that says where to read more, not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gkt", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("gateway", help="serve the gRPC API")
-    commands.add_parser("teacher", help="run a teacher worker")
-    student = commands.add_parser(
-        "student", help="run a Celery student worker (restarted if it dies; GKT_STUDENT_* settings)"
-    )
-    student.add_argument("--name", default="student", help="Celery node name (the host is appended)")
-    ask = commands.add_parser("ask", help="ask a running gateway a question")
-    _add_ask_arguments(ask)
-    commands.add_parser("demo", help="start the stack on the bundled models, ask three questions, stop")
-    commands.add_parser("up", help="start the stack in the background (state in .gkt/)")
-    commands.add_parser("down", help="stop the stack `gkt up` started")
-    evaluation = commands.add_parser("eval", help="the paper's evaluation (Table 2) on GSM8K, CSQA or AQuA")
-    _add_eval_arguments(evaluation)
-    from services.bench import add_arguments as add_bench_arguments
+    from pydantic import ValidationError
 
-    add_bench_arguments(commands.add_parser("bench", help="load-test the stack; report in docs/benchmarks/"))
-    hash_key = commands.add_parser(
-        "hash-key", help="print the line for an API key in GKT_GATEWAY_API_KEYS_FILE"
-    )
-    hash_key.add_argument("key")
-    probe = commands.add_parser("probe", help="liveness check for Kubernetes probes")
-    probe.add_argument("role", choices=["teacher"])
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    try:
+        sys.exit(_run(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ValidationError as exc:  # a GKT_* environment variable a service refused
+        sys.exit(f"error: {_settings_problems(exc)}")
 
+
+def _parser() -> argparse.ArgumentParser:
+    from services import ask, bench
+
+    parser = _Parser(prog="gkt", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, *, env: str = "") -> argparse.ArgumentParser:
+        epilog = f"environment variables:\n{env}" if env else None
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    command("gateway", "serve the gRPC API (python -m services.gateway)", env=_settings_help("gateway"))
+    command("teacher", "run a teacher worker (python -m services.teacher)", env=_settings_help("teacher"))
+    student = command(
+        "student",
+        "run a Celery student worker under a parent that restarts it if it dies "
+        "(python -m services.student); it decodes up to $GKT_STUDENT_MAX_BATCH jobs together",
+        env=_settings_help("student"),
+    )
+    student.add_argument(
+        "--name", default="student", help="Celery node name; the host is appended (default: %(default)s)"
+    )
+    default_addr = _default_gateway_addr()
+    ask.add_arguments(
+        command("ask", "ask a running gateway one question", env=f"{ask.ENV_HELP}\n{_STATE_HELP}"),
+        default_addr=default_addr,
+    )
+    status_parser = command(
+        "status",
+        "which teachers and students are alive, queue depths, dead letters; exit status 1 when no teacher or "
+        "no student is alive",
+        env=f"{_REDIS_HELP}\n{_STATE_HELP}\n(without GKT_REDIS_URL: the Redis of the stack `gkt up` started)",
+    )
+    status_parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    command(
+        "demo",
+        "start the stack on the bundled models, ask three questions, stop",
+        env=f"{_REDIS_HELP} (default: a private Redis)\n  GKT_* service settings apply (see README)",
+    )
+    command(
+        "up",
+        "start the stack in the background (state and logs in .gkt/); ports in use are replaced by free ones",
+        env=f"{_REDIS_HELP} (default: a private Redis)\n  GKT_GATEWAY_ADDR, GKT_*_METRICS_PORT: the ports "
+        f"to use (default 127.0.0.1:50051, 9101-9103)\n{_STATE_HELP}",
+    )
+    command("down", "stop the stack `gkt up` started", env=_STATE_HELP)
+    evaluation = command(
+        "eval",
+        "the paper's evaluation (Table 2) on GSM8K, CSQA or AQuA",
+        env=f"{ask.ENV_HELP}\n  GKT_DATA_DIR           the datasets (default of --data-dir)\n"
+        "  GKT_MODEL_CACHE_DIR    offline: converted bundled models",
+    )
+    from gkt.evaluation.command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluation, default_addr=default_addr)
+    bench.add_arguments(
+        command(
+            "bench",
+            "load-test the stack; report in docs/benchmarks/",
+            env="  GKT_* service settings apply to the stacks it starts (see README)",
+        )
+    )
+    command(
+        "hash-key",
+        "read an API key from standard input (or a prompt) and print its line for GKT_GATEWAY_API_KEYS_FILE",
+    ).add_argument("key", nargs="?", help=argparse.SUPPRESS)
+    probe = command("probe", "liveness check for Kubernetes probes", env=_REDIS_HELP)
+    probe.add_argument("role", choices=["teacher"], help="the worker to check on this host")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "gateway":
         from services.gateway.__main__ import main as gateway_main
 
@@ -61,181 +130,126 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "student":
         from services.student.__main__ import main as student_main
 
-        sys.exit(student_main(["--name", args.name]))
+        return student_main(["--name", args.name])
     elif args.command == "ask":
-        sys.exit(_ask(args))
+        from services.ask import run as run_ask
+
+        return run_ask(args)
+    elif args.command == "status":
+        from services.status import run as run_status
+
+        return run_status(as_json=args.json, state_dir=STATE_DIR)
     elif args.command == "demo":
-        _demo()
+        from services.demo import run as run_demo
+
+        return run_demo()
     elif args.command == "up":
-        _up()
+        return _up()
     elif args.command == "down":
-        _down()
+        return _down()
     elif args.command == "eval":
         from gkt.evaluation.command import run as run_eval
 
-        sys.exit(run_eval(args))
+        return run_eval(args)
     elif args.command == "bench":
         from services.bench import run as run_bench
 
-        sys.exit(run_bench(args))
+        return run_bench(args)
     elif args.command == "hash-key":
-        from services.gateway.auth import hash_key as hash_api_key
-
-        print(hash_api_key(args.key))
+        return _hash_key(args.key)
     elif args.command == "probe":
-        sys.exit(_probe_teacher())
-
-
-def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from gkt.evaluation.command import add_arguments
-
-    add_arguments(parser)
-
-
-def _add_ask_arguments(ask: argparse.ArgumentParser) -> None:
-    ask.add_argument("query")
-    ask.add_argument("--addr", default=os.environ.get("GKT_GATEWAY_ADDR", "127.0.0.1:50051"))
-    ask.add_argument("--tls-ca", type=Path, help="PEM CA bundle: connect with TLS, trusting this CA")
-    ask.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS (with --tls-key)")
-    ask.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    ask.add_argument("--task", choices=_TASKS, default="freeform")
-    ask.add_argument("--mode", choices=_MODES, default="cutoff")
-    ask.add_argument("--guidance-tokens", type=int)
-    ask.add_argument("--max-new-tokens", type=int)
-    ask.add_argument("--temperature", type=float)
-    ask.add_argument("--top-p", type=float)
-    ask.add_argument("--seed", type=int)
-    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
-    ask.add_argument(
-        "--api-key", default=os.environ.get("GKT_API_KEY"), help="sent as a Bearer token (GKT_API_KEY)"
-    )
-
-
-def _request(args: argparse.Namespace):
-    from gkt.v1 import guidance_pb2 as pb
-
-    sampling = pb.SamplingParams()
-    for name, value in (
-        ("max_new_tokens", args.max_new_tokens),
-        ("temperature", args.temperature),
-        ("top_p", args.top_p),
-        ("seed", args.seed),
-    ):
-        if value is not None:
-            setattr(sampling, name, value)
-    guidance = pb.GuidanceParams(mode=pb.GuidanceMode.Value(f"GUIDANCE_MODE_{args.mode.upper()}"))
-    if args.guidance_tokens is not None:
-        guidance.max_guidance_tokens = args.guidance_tokens
-    return pb.GenerateRequest(
-        query=args.query,
-        task=pb.Task.Value(f"TASK_{args.task.upper()}"),
-        guidance=guidance,
-        sampling=sampling,
-    )
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    """Plaintext unless --tls-ca is given; a client certificate too for mutual TLS."""
-    ca = getattr(args, "tls_ca", None)
-    if ca is None:
-        return grpc.insecure_channel(args.addr)
-    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )
-    return grpc.secure_channel(args.addr, credentials)
-
-
-def _ask(args: argparse.Namespace) -> int:
-    from gkt.v1 import guidance_pb2_grpc
-
-    with _channel(args) as channel:
-        stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
-        metadata = (("authorization", f"Bearer {args.api_key}"),) if getattr(args, "api_key", None) else None
-        try:
-            if args.stream:
-                for event in stub.GenerateStream(_request(args), timeout=args.timeout, metadata=metadata):
-                    if event.HasField("guidance"):
-                        print(f"[guidance] {event.guidance.guidance}\n[answer] ", end="", flush=True)
-                        print(event.guidance.guidance, end="", flush=True)
-                    elif event.HasField("delta"):
-                        print(event.delta.text, end="", flush=True)
-                    else:
-                        print()
-                        _print_final(event.final)
-            else:
-                _print_reply(stub.Generate(_request(args), timeout=args.timeout, metadata=metadata))
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+        return _probe_teacher()
     return 0
 
 
-def _print_reply(reply) -> None:
-    print(f"guidance : {reply.guidance!r}")
-    print(f"answer   : {reply.text!r}")
-    _print_final(reply)
+def _settings_help(service: str) -> str:
+    """Each environment variable a service reads, with its default and description."""
+    from pydantic_settings import BaseSettings
+
+    from gkt.tracing import TracingSettings
+
+    settings_class: type[BaseSettings]
+    if service == "gateway":
+        from services.gateway.settings import GatewaySettings as settings_class
+    elif service == "teacher":
+        from services.teacher.settings import TeacherSettings as settings_class
+    else:
+        from services.student.settings import StudentSettings as settings_class
+    lines = []
+    for cls in (settings_class, TracingSettings):
+        for name, info in cls.model_fields.items():
+            default = "" if info.is_required() or info.default_factory else f" (default: {info.default})"
+            lines.append(f"  GKT_{name.upper()}{default}\n      {info.description}")
+    return "\n".join(lines)
 
 
-def _print_final(reply) -> None:
-    t = reply.timings
-    if reply.answer:
-        print(f"extracted: {reply.answer}")
-    print(
-        f"tokens   : guidance {reply.usage.guidance_tokens}, student {reply.usage.completion_tokens} "
-        f"({reply.finish_reason})"
+def _default_gateway_addr() -> str:
+    """$GKT_GATEWAY_ADDR, else the gateway of the stack `gkt up` started here, else the usual port."""
+    from services.stack import read_detached
+
+    record = read_detached(STATE_DIR)
+    return os.environ.get("GKT_GATEWAY_ADDR") or (record or {}).get("gateway") or DEFAULT_GATEWAY_ADDR
+
+
+def _up() -> int:
+    from services.stack import Stack, StackError, read_detached
+
+    running = read_detached(STATE_DIR)
+    if running:
+        print(
+            f"error: a stack is already up here (gateway {running['gateway']}); `make down` first",
+            file=sys.stderr,
+        )
+        return 1
+    stack = Stack(
+        state_dir=STATE_DIR, redis_url=os.environ.get("GKT_REDIS_URL"), detach=True, pick_free_ports=True
     )
-    print(
-        f"timings  : queue {t.queue_wait_ms:.0f} ms | teacher {t.teacher_ms:.0f} ms (batch {t.teacher_batch_size}) | "
-        f"student wait {t.student_wait_ms:.0f} ms | student {t.student_ms:.0f} ms | total {t.total_ms:.0f} ms"
-    )
-
-
-def _demo() -> None:
-    from services.stack import Stack, free_port
-
-    state = Path(tempfile.mkdtemp(prefix="gkt-demo-"))
-    redis_url = os.environ.get("GKT_REDIS_URL")
-    addr = os.environ.get("GKT_GATEWAY_ADDR", f"127.0.0.1:{free_port()}")
-    env = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
-    stack = Stack(state_dir=state, env=env, redis_url=redis_url, gateway_addr=addr)
-    print("starting Redis, teacher (gemma-3-270m), student (smollm2-135m-instruct) and gateway…")
-    print("(the first run converts the bundled GGUF models: a minute or two; later runs are quick)")
-    started = time.monotonic()
-    stack.start()
-    print(f"stack ready in {time.monotonic() - started:.0f} s; logs in {state / 'logs'}\n")
     try:
-        for task, question in DEMO_QUESTIONS:
-            print(f"=== {task}: {question}")
-            args = argparse.Namespace(
-                query=question, addr=addr, task=task, mode="cutoff", guidance_tokens=None, max_new_tokens=None,
-                temperature=0.0, top_p=None, seed=0, stream=False, timeout=600.0,
-            )  # fmt: skip
-            if _ask(args):
-                sys.exit(1)
-            print()
-    finally:
-        stack.stop()
-        print("stack stopped")
+        stack.start(progress=True)
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    ports = ", ".join(f"{name} {port}" for name, port in stack.metrics_ports.items())
+    print(f"stack up: gateway {stack.gateway_addr}, Redis {stack.redis_url}; logs in {STATE_DIR / 'logs'}/")
+    print(f"metrics ports: {ports or 'none'}")
+    # Another state directory than the default must be named again to find this stack.
+    state = "" if "GKT_STATE_DIR" not in os.environ else f"GKT_STATE_DIR={STATE_DIR} "
+    print(f'try:  .venv/bin/gkt ask --addr {stack.gateway_addr} "What is 12 * 7?" --stream')
+    print(f"      {state}.venv/bin/gkt status")
+    print(f"stop: {state}make down")
+    return 0
 
 
-def _up() -> None:
-    from services.stack import Stack
-
-    stack = Stack(state_dir=STATE_DIR, redis_url=os.environ.get("GKT_REDIS_URL"), detach=True)
-    stack.start()
-    print(f"stack up: gateway {stack.gateway_addr}, Redis {stack.redis_url}; logs in {STATE_DIR / 'logs'}")
-    print('try: gkt ask "What is 12 * 7?"   stop: make down')
-
-
-def _down() -> None:
+def _down() -> int:
     from services.stack import stop_detached
 
     stopped = stop_detached(STATE_DIR)
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing running")
+    return 0
+
+
+def _hash_key(key_on_command_line: str | None) -> int:
+    """The keys-file line of a key read from standard input or a prompt, never from argv (which other users
+    see in the process list, and shell history keeps)."""
+    from services.gateway.auth import hash_key
+
+    if key_on_command_line is not None:
+        print(
+            "error: gkt hash-key does not take the key on the command line (other users can see it there, "
+            "and shell history keeps it): pipe it in, e.g. `gkt hash-key < key.txt`, or type it at the prompt",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline()
+    except EOFError:
+        key = ""
+    key = key.strip()
+    if not key:
+        print("error: no key given (an empty line)", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
 
 
 def _probe_teacher() -> int:
@@ -243,7 +257,7 @@ def _probe_teacher() -> int:
     from redis import Redis
 
     from gkt.config import CommonSettings
-    from gkt.queue import Keys
+    from gkt.queue import HEARTBEAT_TTL_S, Keys, parse_heartbeat
 
     settings = CommonSettings()
     keys = Keys(settings.key_prefix)
@@ -251,10 +265,19 @@ def _probe_teacher() -> int:
     pattern = keys.heartbeat("teacher", f"{socket.gethostname()}-*")
     for key in redis.scan_iter(match=pattern):
         beat = redis.get(key)
-        if beat and time.time() - float(beat) < 60:
+        if beat and time.time() - parse_heartbeat(beat)[0] < HEARTBEAT_TTL_S:
             return 0
     print(f"no fresh teacher heartbeat ({pattern})", file=sys.stderr)
     return 1
+
+
+def _settings_problems(exc: ValidationError) -> str:
+    """`GKT_NAME: what is wrong` for each refused setting (never its value, which may be a secret)."""
+    problems = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"GKT_{name}: {error['msg']}" if name else error["msg"])
+    return "; ".join(problems)
 
 
 if __name__ == "__main__":

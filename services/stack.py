@@ -14,18 +14,22 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import Redis
 
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.queue import Keys
+from services.startup import READY, ProgressLines, last_message, worker_phase
 
 
 class StackError(RuntimeError):
-    """A process of the stack failed to start; the message includes the tail of its log."""
+    """The stack did not start: one line naming the process, what it was doing, and its log file."""
 
 
 def free_port() -> int:
@@ -52,14 +56,22 @@ class Stack:
     """Give each process a free /metrics port instead of the configured ones (tests)."""
     metrics_ports: dict[str, int] = field(default_factory=dict)
     """The /metrics port of each process that serves one (teacher, student-0…, gateway), set by start()."""
+    pick_free_ports: bool = False
+    """A port left to its default (gateway 50051, metrics 9101-9103) that is in use is replaced by a free one;
+    without this, or for a port set explicitly, a port in use stops the start with a message naming its
+    variable (`gkt up`: two stacks on one machine)."""
+    private_redis: bool = False
+    """True when start() started Redis itself."""
 
-    def start(self, *, timeout_s: float = 600) -> None:
+    def start(self, *, timeout_s: float = 600, progress: bool = False) -> None:
+        """Start every process and wait until the stack serves; `progress`: show what each worker does."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         try:
+            self.gateway_addr = self._gateway_address()
             if self.redis_url is None:
                 self.redis_url = self._start_redis()
-            self.gateway_addr = self.gateway_addr or os.environ.get("GKT_GATEWAY_ADDR") or "127.0.0.1:50051"
+                self.private_redis = True
             env = self._service_env()
             if self.teacher:
                 teacher_env = self._metrics_env(env, "teacher", "GKT_TEACHER_METRICS_PORT", 9102)
@@ -68,7 +80,7 @@ class Stack:
                 self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i))
             gateway_env = self._metrics_env(env, "gateway", "GKT_GATEWAY_METRICS_PORT", 9101)
             self._spawn("gateway", [sys.executable, "-m", "services.gateway"], gateway_env)
-            self._wait_ready(timeout_s=timeout_s)
+            self._wait_ready(timeout_s=timeout_s, progress=progress)
         except BaseException:
             self.stop()
             raise
@@ -79,6 +91,8 @@ class Stack:
                         "pids": {n: p.pid for n, p in self.processes.items()},
                         "gateway": self.gateway_addr,
                         "metrics_ports": self.metrics_ports,
+                        # `gkt status` reads it; a Redis of the user's own is theirs to name.
+                        "redis": self.redis_url if self.private_redis else None,
                     }
                 )
             )
@@ -107,8 +121,11 @@ class Stack:
         self._spawn(name, command, env)
 
     def log(self, name: str) -> str:
-        path = self.state_dir / "logs" / f"{name}.log"
+        path = self.log_path(name)
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def log_path(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
 
     def _start_redis(self) -> str:
         binary = shutil.which("redis-server")
@@ -118,8 +135,25 @@ class Stack:
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self._spawn("redis", [*command, "--dir", str(self.state_dir)], dict(os.environ))
         url = f"redis://127.0.0.1:{port}/0"
-        _wait(lambda: Redis.from_url(url).ping(), timeout_s=10, what="redis", stack=self, name="redis")
+        _wait(
+            lambda: Redis.from_url(url).ping(),
+            timeout_s=10,
+            stack=self,
+            stuck=lambda: f"redis-server does not answer at {url} (log {self.log_path('redis')})",
+        )
         return url
+
+    def _gateway_address(self) -> str:
+        explicit = self.gateway_addr or os.environ.get("GKT_GATEWAY_ADDR")
+        addr = explicit or DEFAULT_GATEWAY_ADDR
+        host, _, port = addr.rpartition(":")
+        if port_free(int(port), host=host.strip("[]") or "0.0.0.0"):
+            return addr
+        if self.pick_free_ports and not explicit:
+            return f"{host}:{free_port()}"
+        raise StackError(
+            f"the gateway's port {port} is in use: set GKT_GATEWAY_ADDR to a free address (e.g. {host}:{free_port()})"
+        )
 
     def _service_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -144,8 +178,14 @@ class Stack:
         port = int(env.get(variable, default))
         if port:
             port += offset
-        if self.free_metrics_ports:
+        taken = bool(port) and not port_free(port)
+        replaceable = self.pick_free_ports and variable not in os.environ and variable not in self.env
+        if self.free_metrics_ports or (taken and replaceable):
             port = free_port()
+        elif taken:
+            raise StackError(
+                f"port {port} for the {name}'s metrics is in use: set {variable} to a free port, or 0 for none"
+            )
         if port:
             self.metrics_ports[name] = port
         return {**env, variable: str(port)}
@@ -162,25 +202,59 @@ class Stack:
             start_new_session=True,
         )
 
-    def _wait_ready(self, *, timeout_s: float) -> None:
+    def _wait_ready(self, *, timeout_s: float, progress: bool) -> None:
+        """Until every worker has a heartbeat and the gateway serves; `progress`: a line per worker."""
         redis = Redis.from_url(self.redis_url or "")
         keys = Keys(self.env.get("GKT_KEY_PREFIX", os.environ.get("GKT_KEY_PREFIX", "gkt")))
+        workers = [name for name in self.processes if name not in ("redis", "gateway")]
+        lines = ProgressLines(workers) if progress else None
 
         def workers_up() -> bool:
             teachers = list(redis.scan_iter(match=keys.heartbeat("teacher", "*")))
             students = list(redis.scan_iter(match=keys.heartbeat("student", "*")))
-            return (bool(teachers) or not self.teacher) and len(students) >= self.students
+            up = (bool(teachers) or not self.teacher) and len(students) >= self.students
+            if lines is not None:
+                lines.show({n: READY if up else worker_phase(self.log(n)) for n in workers})
+            return up
 
-        _wait(
-            workers_up, timeout_s=timeout_s, what="teacher and student workers (loading models)", stack=self
-        )
+        def stuck_workers() -> str:
+            phases = {n: worker_phase(self.log(n)) for n in workers}
+            waiting = [n for n in workers if phases[n] != READY]
+            if not waiting:
+                return "the workers logged that they were ready, but no heartbeat of theirs is in Redis"
+            return "; ".join(f"{n} was {phases[n]} (log {self.log_path(n)})" for n in waiting)
+
+        _wait(workers_up, timeout_s=timeout_s, stack=self, stuck=stuck_workers)
         _wait(
             lambda: gateway_serving(self.gateway_addr or ""),
             timeout_s=60,
-            what="gateway",
             stack=self,
-            name="gateway",
+            stuck=lambda: (
+                f"the gateway does not serve at {self.gateway_addr} (log {self.log_path('gateway')})"
+            ),
         )
+
+
+def port_free(port: int, *, host: str = "0.0.0.0") -> bool:
+    """True when nothing listens on `port` (a socket lingering after a close does not count)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def read_detached(state_dir: Path) -> dict[str, Any] | None:
+    """The record of the stack `detach=True` started in `state_dir`, while its gateway runs; else None."""
+    record = state_dir / "stack.json"
+    try:
+        stack: dict[str, Any] = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    gateway = stack.get("pids", {}).get("gateway")
+    return stack if gateway and _alive(gateway) else None
 
 
 def gateway_serving(addr: str) -> bool:
@@ -211,22 +285,25 @@ def _student_command(name: str) -> list[str]:
     return [sys.executable, "-m", "services.student", "--name", name]
 
 
-def _wait(check: object, *, timeout_s: float, what: str, stack: Stack, name: str | None = None) -> None:
+def _wait(check: Callable[[], object], *, timeout_s: float, stack: Stack, stuck: Callable[[], str]) -> None:
+    """Until `check()` is true; a process of the stack that exits, or the deadline, is one StackError line."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for proc_name, process in stack.processes.items():
+        for name, process in stack.processes.items():
             if process.poll() is not None:
+                log = stack.log(name)
+                doing = "starting" if name in ("redis", "gateway") else worker_phase(log)
                 raise StackError(
-                    f"{proc_name} exited with {process.returncode}:\n{stack.log(proc_name)[-3000:]}"
+                    f"{name} exited with status {process.returncode} while {doing}: "
+                    f"{last_message(log) or 'no message'} (log {stack.log_path(name)})"
                 )
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except Exception:  # not up yet
             pass
         time.sleep(0.2)
-    logs = "\n".join(f"--- {n}\n{stack.log(n)[-2000:]}" for n in ([name] if name else stack.processes))
-    raise StackError(f"{what} not ready after {timeout_s:.0f} s\n{logs}")
+    raise StackError(f"not ready after {timeout_s:.0f} s: {stuck()}")
 
 
 def _terminate(pid: int) -> None:

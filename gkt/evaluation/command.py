@@ -7,6 +7,13 @@ import os
 import sys
 from pathlib import Path
 
+from gkt.arguments import UINT32_MAX, real_number, whole_number
+from gkt.client import (
+    DEFAULT_GATEWAY_ADDR,
+    ConnectionOptionError,
+    GatewayConnection,
+    add_connection_arguments,
+)
 from gkt.config import CommonSettings
 from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.evaluate import Runner, evaluate, report
@@ -19,7 +26,8 @@ from gkt.prompts import ExemplarSet
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None = None) -> None:
+    """The options of `gkt eval`; `default_addr`: the gateway of live runs (default: $GKT_GATEWAY_ADDR)."""
     parser.add_argument(
         "runner",
         nargs="?",
@@ -28,7 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="offline: library calls in this process (batched teacher, students at batch 1); "
         "live: every question through a running gateway over gRPC",
     )
-    parser.add_argument("--dataset", choices=[t.value for t in DATASETS], default=Task.CSQA.value)
+    parser.add_argument(
+        "--dataset",
+        choices=[t.value for t in DATASETS],
+        default=Task.CSQA.value,
+        help="the dataset to evaluate on (default: csqa)",
+    )
     parser.add_argument(
         "--guidance",
         default=GuidanceMode.CUTOFF.value,
@@ -38,12 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--guidance-tokens",
         help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N)",
     )
-    parser.add_argument("--student-tokens", type=int, help="student max new tokens (default: the paper's)")
+    parser.add_argument(
+        "--student-tokens",
+        type=whole_number(1, UINT32_MAX),
+        help="student max new tokens (default: the paper's)",
+    )
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the student-alone and teacher-alone rows"
     )
-    parser.add_argument("--limit", type=int, help="the first N questions of the dataset (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; each question's seed derives from it")
+    parser.add_argument(
+        "--limit", type=whole_number(1), help="the first N questions of the dataset (default: all)"
+    )
+    parser.add_argument(
+        "--seed", type=whole_number(0), default=0, help="run seed; each question's seed derives from it"
+    )
     parser.add_argument("--greedy", action="store_true", help="temperature 0 for teacher and student")
     parser.add_argument(
         "--models",
@@ -64,21 +85,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, help="output directory, resumable (default: runs/<dataset>-<runner>)"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=10, help="offline: teacher batch size (paper: 10-32)"
+        "--batch-size",
+        type=whole_number(1, 512),
+        default=10,
+        help="offline: teacher batch size (paper: 10-32)",
     )
-    parser.add_argument("--concurrency", type=int, default=8, help="live: requests in flight at once")
     parser.add_argument(
-        "--addr", default=os.environ.get("GKT_GATEWAY_ADDR", "127.0.0.1:50051"), help="live: gateway"
+        "--concurrency", type=whole_number(1, 1024), default=8, help="live: requests in flight at once"
     )
-    parser.add_argument("--timeout", type=float, default=600.0, help="live: deadline per request in seconds")
+    parser.add_argument(
+        "--timeout",
+        type=real_number(0, open_low=True),
+        default=600.0,
+        help="live: deadline per request in seconds",
+    )
     parser.add_argument("--device", default="cpu", help="offline: torch device")
     parser.add_argument("--dtype", default="float32", help="offline: float32, bfloat16 or float16")
-    parser.add_argument("--threads", type=int, default=0, help="offline: torch threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=whole_number(0, 1024), default=0, help="offline: torch threads (0: torch's default)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="write the report from the records already in --out; run nothing",
+    )
+    add_connection_arguments(
+        parser,
+        default_addr=default_addr or os.environ.get("GKT_GATEWAY_ADDR", DEFAULT_GATEWAY_ADDR),
+        title="live: connecting to the gateway",
     )
 
 
@@ -96,7 +131,11 @@ def run(args: argparse.Namespace) -> int:
         summary = report(plan=plan, dataset=dataset, store=store)
         print(markdown_table(summary))
         return 0
-    runner = _runner(args, plan)
+    try:
+        runner = _runner(args, plan)
+    except ConnectionOptionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = evaluate(
             plan=plan,
@@ -132,9 +171,6 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
     teacher, _, student = args.models.partition(",")
     if not teacher or not student:
         raise ValueError(f"--models takes TEACHER,STUDENT; got {args.models!r}")
-    for option, value in (("--batch-size", args.batch_size), ("--concurrency", args.concurrency)):
-        if value < 1:
-            raise ValueError(f"{option} must be at least 1; got {value}")
     if args.runner == "live" and args.exemplars != ExemplarSet.CORRECTED.value:
         raise ValueError("live runs use the server's prompts, which use the corrected exemplars")
     live = args.runner == "live"
@@ -162,13 +198,18 @@ def _runner(args: argparse.Namespace, plan: EvalPlan) -> Runner:
     if plan.runner == "live":
         from gkt.evaluation.live import LiveRunner
 
-        return LiveRunner(
+        live = LiveRunner(
             plan=plan,
-            addr=args.addr,
+            connection=GatewayConnection.from_args(args),
             concurrency=args.concurrency,
             timeout_s=args.timeout,
-            api_key=os.environ.get("GKT_API_KEY"),
         )
+        if not live.reachable():
+            live.close()
+            raise ConnectionOptionError(
+                f"cannot reach the gateway at {args.addr}: is the stack up? `make up`, or `--addr`"
+            )
+        return live
     import torch
 
     from gkt.evaluation.offline import OfflineRunner

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from gkt.client import GatewayConnection
 from gkt.evaluation.datasets import Example
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord
@@ -25,16 +26,16 @@ class LiveRunner:
     """Sends a chunk's requests at most `concurrency` at a time; `run_chunk` waits for all replies."""
 
     def __init__(
-        self, *, plan: EvalPlan, addr: str, concurrency: int, timeout_s: float, api_key: str | None = None
+        self, *, plan: EvalPlan, connection: GatewayConnection, concurrency: int, timeout_s: float
     ) -> None:
         from gkt.v1 import guidance_pb2_grpc
 
         self.plan = plan
-        self._channel = grpc.insecure_channel(addr)
+        self._channel = connection.open()
         self._stub = guidance_pb2_grpc.GuidanceServiceStub(self._channel)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="gkt-eval")
         self._timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._metadata = connection.metadata
 
     def run_chunk(self, condition: Condition, examples: Sequence[Example]) -> list[ExampleRecord]:
         """Records of the answered examples; a failed request is reported and left for a rerun to retry."""
@@ -51,6 +52,14 @@ class LiveRunner:
                 continue
             records.append(self._record(condition, example, reply, share))
         return records
+
+    def reachable(self, *, timeout_s: float = 10.0) -> bool:
+        """Whether the gateway accepts a connection (before thousands of requests fail one by one)."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -1,5 +1,5 @@
 """A student process's state, built once at start: the model's engine, the Redis publisher, the jobs it
-holds, and the timer that keeps its heartbeat and its jobs' leases fresh and takes over orphaned jobs."""
+holds, its heartbeat, and the timer that keeps its jobs' leases fresh and takes over orphaned jobs."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from gkt.jobs import Guidance, GuidanceMode, Job
 from gkt.models import load_model
 from gkt.queue import STUDENT_QUEUE, Keys, SyncEventPublisher, connect
 from services.student.completion import JobLimits, run_job
+from services.student.heartbeat import Heartbeat
 from services.student.jobbook import JobBook
 from services.student.settings import StudentSettings
 
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 SendTask = Callable[[str, str], None]
 """Sends a student task (job JSON, guidance JSON) to the queue: how orphaned jobs are sent again."""
-
-_BEAT_EVERY_S = 5.0
 
 
 class StudentRuntime:
@@ -40,14 +39,14 @@ class StudentRuntime:
         engine: Engine,
         publisher: SyncEventPublisher,
         book: JobBook,
-        name: str,
+        heartbeat: Heartbeat,
         send_task: SendTask,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.publisher = publisher
         self.book = book
-        self.name = name
+        self.heartbeat = heartbeat
         self.limits = JobLimits(
             max_attempts=settings.student_max_attempts,
             time_limit_s=settings.student_task_time_limit_s,
@@ -59,7 +58,8 @@ class StudentRuntime:
 
     @classmethod
     def start(cls, settings: StudentSettings, *, send_task: SendTask) -> StudentRuntime:
-        """Load the model, warm it, start the engine and the timer; the first heartbeat says ready."""
+        """Load the model, warm it, start the engine, the heartbeat and the timer; the first heartbeat
+        says ready."""
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         lm = load_model(
@@ -89,35 +89,47 @@ class StudentRuntime:
         book = JobBook(
             redis, keys=keys, owner=name, lease_s=settings.student_lease_s, ttl_s=settings.job_ttl_s
         )
-        runtime = cls(
-            settings=settings, engine=engine, publisher=publisher, book=book, name=name, send_task=send_task
+        heartbeat = Heartbeat(
+            redis=redis, key=keys.heartbeat("student", name), capacity=settings.student_max_batch
         )
-        runtime.publisher.heartbeat(role="student", name=name)
+        runtime = cls(
+            settings=settings,
+            engine=engine,
+            publisher=publisher,
+            book=book,
+            heartbeat=heartbeat,
+            send_task=send_task,
+        )
+        heartbeat.start()
         runtime._timer.start()
         metrics.STUDENT_WORKERS.set(settings.student_max_batch)
         log.info("student ready", extra={"max_batch": settings.student_max_batch})
         return runtime
 
     def run(self, job: Job, guidance: Guidance) -> None:
-        run_job(
-            engine=self.engine,
-            job=job,
-            guidance=guidance,
-            publisher=self.publisher,
-            book=self.book,
-            limits=self.limits,
-        )
+        self.heartbeat.job_started()
+        try:
+            run_job(
+                engine=self.engine,
+                job=job,
+                guidance=guidance,
+                publisher=self.publisher,
+                book=self.book,
+                limits=self.limits,
+            )
+        finally:
+            self.heartbeat.job_finished()
 
     def stop(self) -> None:
         self._stopping.set()
+        self.heartbeat.stop()
         self.engine.stop()
         self.publisher.stop_watching()
 
     def _keep_alive(self) -> None:
-        """Every quarter lease: renew the leases of held jobs and take over orphaned ones; every few
-        seconds: the heartbeat, whether or not jobs arrive. A Redis outage is logged and outlived."""
+        """Every quarter lease: renew the leases of held jobs and take over orphaned ones. A Redis outage
+        is logged and outlived."""
         every_s = self.settings.student_lease_s / 4
-        last_beat = 0.0
         while not self._stopping.wait(every_s):
             try:
                 for lease in self.book.renew():
@@ -125,10 +137,6 @@ class StudentRuntime:
                         "lease lost: another student took the job over", extra={"job_id": lease.job_id}
                     )
                 self._take_over_orphans()
-                now = time.monotonic()
-                if now - last_beat >= _BEAT_EVERY_S:
-                    self.publisher.heartbeat(role="student", name=self.name)
-                    last_beat = now
             except Exception as exc:
                 log.warning("student timer: %s", exc)
 

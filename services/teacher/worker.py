@@ -29,12 +29,15 @@ from gkt.jobs import (
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
 from gkt.queue import (
     DEAD_LETTERS_MAXLEN,
+    HEARTBEAT_EVERY_S,
+    HEARTBEAT_TTL_S,
     MAX_BLOCK_MS,
     TEACHER_GROUP,
     AnyEvent,
     Keys,
     cancelled_jobs,
     ensure_group,
+    heartbeat_value,
     publish_events,
     publish_final,
     teacher_pace,
@@ -74,9 +77,21 @@ class TeacherWorker:
         log.info(
             "teacher serving", extra={"consumer": self.settings.teacher_name, "backend": self.backend.name}
         )
+        beating = asyncio.create_task(self._beat_forever())
+        try:
+            await self._serve()
+        finally:
+            beating.cancel()
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting
+                # it, and it leaves the status at once.
+                await self.redis.hdel(self.keys.teacher_pace, self.settings.teacher_name)
+                await self.redis.delete(self._heartbeat_key)
+
+    async def _serve(self) -> None:
         while not self._stopping.is_set():
             try:
-                await self._heartbeat()
+                await self._mark_read()
                 batch = await self._next_batch()
                 if batch:
                     await self.process(batch)
@@ -91,9 +106,6 @@ class TeacherWorker:
                 # gateway enqueues from now on recreate the stream; the group must be made again.
                 log.warning("consumer group missing (redis restarted?); recreating it")
                 await ensure_group(self.redis, keys=self.keys)
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-            # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting it.
-            await self.redis.hdel(self.keys.teacher_pace, self.settings.teacher_name)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Steps 2–4 for one batch: generate, publish + dispatch, acknowledge."""
@@ -276,14 +288,24 @@ class TeacherWorker:
                 pipe.expire(self.keys.teacher_pace, _READ_MARK_TTL_S)
             await pipe.execute()
 
-    async def _heartbeat(self) -> None:
-        """Say this teacher is alive, and tell gateways a teacher is about to read the query stream (they
-        go student-only when none has for a while), in one round trip before each read, none after it."""
-        now = f"{time.time():.3f}"
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.heartbeat("teacher", self.settings.teacher_name), now, ex=60)
-            pipe.set(self.keys.teacher_read, now, ex=_READ_MARK_TTL_S)
-            await pipe.execute()
+    @property
+    def _heartbeat_key(self) -> str:
+        return self.keys.heartbeat("teacher", self.settings.teacher_name)
+
+    async def _beat_forever(self) -> None:
+        """Say this teacher is alive every few seconds, from a timer: a batch longer than the heartbeat's
+        lifetime, or an idle wait, must not make it look dead."""
+        while True:
+            try:
+                await self.redis.set(self._heartbeat_key, heartbeat_value(at=time.time()), ex=HEARTBEAT_TTL_S)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("heartbeat not written", extra={"error": str(exc)})
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
+
+    async def _mark_read(self) -> None:
+        """Tell gateways a teacher is about to read the query stream (they go student-only when none has
+        for a while): one write before each read, none after it."""
+        await self.redis.set(self.keys.teacher_read, f"{time.time():.3f}", ex=_READ_MARK_TTL_S)
 
 
 def _teacher_answer(job: Job, guidance: Guidance) -> Completion:

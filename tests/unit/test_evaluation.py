@@ -127,7 +127,6 @@ def test_plan_sweeps_modes_and_lengths() -> None:
         ("--guidance", "none"),
         ("--guidance-tokens", "0"),
         ("--models", "only-one"),
-        ("--batch-size", "0"),
         ("live", "--exemplars", "paper"),
     ],
 )
