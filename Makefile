@@ -55,7 +55,7 @@ down:  ## stop what `make up` started
 	$(VENV)/bin/gkt down
 
 monitor: setup  ## Prometheus (with the shipped alert rules) scraping `make up`'s stack; prints its URL
-	$(PY) scripts/monitor.py serve
+	$(PY) scripts/monitor.py serve --port $${MONITOR_PORT:-9090}
 
 bench: setup  ## benchmarks; results go to docs/benchmarks.md
 	$(VENV)/bin/gkt bench
