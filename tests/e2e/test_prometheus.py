@@ -188,7 +188,11 @@ class Prometheus:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        _until(self._ready, timeout_s=30, what="prometheus ready")
+        try:
+            _until(self._ready, timeout_s=30, what="prometheus ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         self.process.terminate()
