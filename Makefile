@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PROTO_OUT := gkt/v1/guidance_pb2.py
 
-.PHONY: help setup proto lint test test-fast demo up down bench eval soak k8s-validate clean
+.PHONY: help setup proto lint test test-fast demo up down monitor bench eval soak k8s-validate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) proto  ## create .venv with everything (and the `gkt` command)
 	@scripts/ensure-redis.sh
+	@scripts/ensure-prometheus.sh
 
 $(PROTO_OUT): protos/gkt/v1/*.proto $(STAMP)
 	@mkdir -p gkt/v1 && touch gkt/v1/__init__.py
@@ -52,6 +53,9 @@ up: setup  ## start the stack in the background (state in .gkt/)
 
 down:  ## stop what `make up` started
 	$(VENV)/bin/gkt down
+
+monitor: setup  ## Prometheus (with the shipped alert rules) scraping `make up`'s stack; prints its URL
+	$(PY) scripts/monitor.py serve --port $${MONITOR_PORT:-9090}
 
 bench: setup  ## benchmarks; results go to docs/benchmarks.md
 	$(VENV)/bin/gkt bench

@@ -232,13 +232,18 @@ def test_the_dashboard_shows_every_required_signal() -> None:
         assert required in exprs, required
 
 
-def test_the_rules_alert_on_queues_age_errors_and_a_missing_teacher() -> None:
+def test_the_rules_alert_on_queues_age_errors_and_missing_workers() -> None:
     by_name = {rule["alert"]: rule for rule in rules()}
-    assert {"GktQueueGrowing", "GktOldestJobOverSlo", "GktErrorRatioHigh", "GktNoTeacherConsuming"} <= set(
-        by_name
-    )
+    assert {
+        "GktQueueGrowing",
+        "GktOldestJobOverSlo",
+        "GktErrorRatioHigh",
+        "GktNoTeacherConsuming",
+        "GktNoStudentAlive",
+    } <= set(by_name)
     assert "gkt_gateway_oldest_job_age_seconds" in by_name["GktOldestJobOverSlo"]["expr"]
     assert "gkt_teacher_batch_size_count" in by_name["GktNoTeacherConsuming"]["expr"]
+    assert "gkt_student_workers" in by_name["GktNoStudentAlive"]["expr"]
     for rule in by_name.values():
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
