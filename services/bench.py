@@ -7,6 +7,7 @@ Scenarios (`--scenarios`, all by default):
   student   a student job's time / a bare `model.generate` of the same prompt and length
   student-capacity  the bundled student under load (GSM8K prompts, 40 guidance words from the echo
             teacher), at GKT_STUDENT_MAX_BATCH and at 1, same jobs, one stack after the other
+  determinism  seeded student requests alone and in a changing batch: how many texts agree (offline)
   gkt       GKT vs teacher alone vs student alone, wall-clock, on the bundled models
 Each starts its own stack (private Redis on a free port) unless `--addr` names a running gateway,
 in which case only the sweep runs, against that gateway.
@@ -40,7 +41,7 @@ from gkt.bench.stats import Sample, summarize
 from gkt.jobs import Task
 from services.stack import Stack, free_port
 
-SCENARIOS = ("overhead", "batching", "student", "student-capacity", "gkt")
+SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "gkt")
 _QUIET = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
 _TIMEOUT_S = 600.0
 
@@ -92,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="student-capacity: GKT_STUDENT_MAX_BATCH measured",
     )
     parser.add_argument(
+        "--determinism-requests", type=whole_number(2, 10_000), default=200, help="determinism: requests"
+    )
+    parser.add_argument(
         "--capacity-tokens", type=whole_number(1, 1024), default=32, help="student-capacity: tokens per job"
     )
     parser.add_argument(
@@ -135,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         results["overhead"] = _overhead(args, state / "echo")
     if "student-capacity" in chosen and not args.addr:
         results["student_capacity"] = _student_capacity(args, state / "capacity")
-    real = [s for s in chosen if s not in ("overhead", "student-capacity")]
+    if "determinism" in chosen and not args.addr:
+        results["determinism"] = _determinism(args)
+    real = [s for s in chosen if s not in ("overhead", "student-capacity", "determinism")]
     if real and not args.addr:
         results.update(_real_scenarios(args, real, state / "real"))
     results["meta"]["load_average_at_end"] = os.getloadavg()
@@ -311,6 +317,26 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             [b["latency_ms"]["p50"] / a["latency_ms"]["p50"] for b, a in zip(batched, alone, strict=True)],
         ),
     }
+
+
+def _determinism(args: argparse.Namespace) -> dict[str, Any]:
+    from gkt.bench import determinism
+    from gkt.evaluation.datasets import load_dataset, resolve_data_dir
+    from gkt.models import load_model
+    from services.student.settings import StudentSettings
+
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    settings = StudentSettings()
+    lm = load_model(name=settings.student_model, cache_dir=settings.model_cache_dir)
+    gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
+    batch = determinism.requests(
+        lm, [e.query for e in gsm8k.examples], count=args.determinism_requests, max_new_tokens=16
+    )
+    print(f"determinism: {len(batch)} requests alone, then in a batch of up to {args.capacity_max_batch}…")
+    return determinism.measure(lm, batch, max_batch=args.capacity_max_batch)
 
 
 def _at(levels: list[int], level: int, values: list[float]) -> float | None:

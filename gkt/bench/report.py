@@ -73,6 +73,16 @@ def markdown(results: Mapping[str, Any], *, plots: list[str] | None = None) -> s
         ]
     if "student_capacity" in results:
         lines += _student_capacity(results["student_capacity"])
+    if "determinism" in results:
+        d = results["determinism"]
+        lines += [
+            f"## Seeded determinism (bundled student, {d['requests']} requests, 16 tokens each)",
+            "",
+            f"Same text alone and in a changing batch of up to {d['max_batch']}: **{d['identical']} of "
+            f"{d['requests']}** ({d['identical_greedy']} of {d['greedy']} greedy, {d['identical_sampled']} of "
+            f"{d['sampled']} sampled). Alone {d['alone_s']:.0f} s, batched {d['batched_s']:.0f} s.",
+            "",
+        ]
     if "gkt" in results:
         g = results["gkt"]
         lines += [
