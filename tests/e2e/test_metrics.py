@@ -55,12 +55,13 @@ def _request(query: str, *, seed: int) -> pb.GenerateRequest:
     )
 
 
-def _eventually(check: Callable[[], bool], *, timeout_s: float = 15) -> None:
-    """Series recorded after a reply was sent (a stream's end, the sampler) catch up within moments."""
+def _eventually(check: Callable[[], bool], *, timeout_s: float = 15, what: str = "the series") -> None:
+    """Series recorded after a reply was sent (a stream's end, the sampler) catch up within moments;
+    fails when they do not."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            return
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(0.1)
 
 
@@ -83,8 +84,7 @@ def _idle(stack: Stack) -> bool:
 @pytest.fixture
 def idle_stack(tiny_stack: Stack) -> Stack:
     """The stack once earlier tests' jobs (one whose client left early, say) have gone through."""
-    _eventually(lambda: _idle(tiny_stack), timeout_s=60)
-    assert _idle(tiny_stack)
+    _eventually(lambda: _idle(tiny_stack), timeout_s=60, what="the stack to be idle")
     return tiny_stack
 
 
