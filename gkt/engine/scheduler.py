@@ -270,7 +270,7 @@ class Engine:
         device = self.lm.device
         input_ids = torch.tensor([[row.next_token] for row in self._rows], device=device)
         position_ids = torch.tensor([[row.position] for row in self._rows], device=device)
-        mask = self._batch.extend_mask()
+        mask = self._batch.begin_step()
         model: Any = self.lm.model
         out = model(
             input_ids=input_ids,
@@ -279,6 +279,7 @@ class Engine:
             past_key_values=self._batch.cache,
             use_cache=True,
         )
+        self._batch.end_step()
         for row in self._rows:
             row.position += 1
         return out.logits[:, -1, :].float()
@@ -313,18 +314,16 @@ class Engine:
 
     # 4) retirement ------------------------------------------------------------------------------
     def _retire(self) -> None:
-        keep: list[int] = []
-        for i, row in enumerate(self._rows):
-            if row.finish is None:
-                self._stopped(row)
-            if row.finish is None:
-                keep.append(i)
-            else:
-                self._finish(row)
-        if len(keep) < len(self._rows):
+        """Finish the rows that stopped; the last row takes each one's place in the batch."""
+        for i in reversed(range(len(self._rows))):
+            row = self._rows[i]
+            if row.finish is None and not self._stopped(row):
+                continue
+            self._finish(row)
             if not self._echo:
-                self._batch.keep(keep)
-            self._rows = [self._rows[i] for i in keep]
+                self._batch.remove(i)
+            self._rows[i] = self._rows[-1]
+            self._rows.pop()
 
     def _finish(self, row: _Row) -> None:
         rest = row.tracker.flush()
@@ -344,7 +343,7 @@ class Engine:
         for row in self._rows:
             row.seq._emit(exc)
         self._rows = []
-        self._batch = KvBatch()
+        self._batch.clear()
 
     @staticmethod
     def _echo_token(row: _Row, step: int) -> int:
