@@ -157,6 +157,7 @@ class Engine:
         self._echo = isinstance(lm.model, EchoModel)
         self._waiting: deque[Generation] = deque()
         self._rows: list[_Row] = []
+        self._admitting: _Row | None = None
         self._batch = KvBatch()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -200,10 +201,15 @@ class Engine:
             self._thread.join(timeout=10)
             self._thread = None
 
+    @torch.inference_mode()
     def step(self) -> None:
         """One scheduling step: 1) admit waiting requests, 2) one forward pass for the batch,
-        3) sample each row's next token, 4) retire the rows that finished."""
+        3) sample each row's next token, 4) retire the rows that finished.
+
+        A step that fails fails every row it carried, the one being admitted included, and the engine
+        goes on with an empty batch."""
         decoded = 0
+        self._admitting = None
         try:
             self._admit()
             decoded = len(self._rows)
@@ -215,7 +221,10 @@ class Engine:
             self._retire()
         except Exception as exc:
             log.exception("generation step failed")
-            self._fail_all(GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}"))
+            failure = GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
+            if self._admitting is not None:
+                self._admitting.seq._emit(failure)
+            self._fail_all(failure)
         if self._on_step is not None and decoded:
             self._on_step(decoded)
 
@@ -226,7 +235,7 @@ class Engine:
                 if not self._waiting:
                     return
                 seq = self._waiting.popleft()
-            row = _Row(seq, self.lm)
+            row = self._admitting = _Row(seq, self.lm)
             if self._stopped(row):
                 self._finish(row)
                 continue
@@ -238,8 +247,8 @@ class Engine:
                 self._rows.append(row)
             else:  # finished at its first token: it never joins the batch
                 self._finish(row)
+            self._admitting = None
 
-    @torch.inference_mode()
     def _prefill(self, row: _Row) -> tuple[int, Layers | None]:
         """Compute the row's prompt alone (after any cached prefix): its first token and its cache."""
         ids = list(row.seq.request.prompt_ids)
@@ -263,7 +272,6 @@ class Engine:
         return row.sampler.choose(row.history, out.logits[:, -1, :].float()), layers
 
     # 2) the forward pass ------------------------------------------------------------------------
-    @torch.inference_mode()
     def _forward(self) -> torch.Tensor:
         if self._echo:
             return torch.zeros(len(self._rows), 1)

@@ -22,6 +22,9 @@ from services.student.jobbook import JobBook, LeaseLost
 
 log = logging.getLogger(__name__)
 
+_GRACE_S = 10.0
+"""How long past a generation's deadline a job waits for the engine's own verdict."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class JobLimits:
@@ -219,10 +222,15 @@ class _Streamed:
 def _stream(
     *, generation: Generation, job: Job, publisher: SyncEventPublisher, attempt: int, limits: JobLimits
 ) -> _Streamed:
-    """Publish the generation's deltas as they come (coalesced), until its result arrives."""
+    """Publish the generation's deltas as they come (coalesced), until its result arrives. The engine
+    ends every row by its deadline; should it ever fail to, the job still ends soon after."""
     state = _Streamed()
     last_sync = 0.0
+    give_up_at = (generation.request.deadline or time.time() + limits.time_limit_s) + _GRACE_S
     while state.item is None:
+        if time.time() > give_up_at:
+            generation.cancel()
+            raise DeadlineExceeded("the student did not finish the job by its deadline")
         for item in generation.collect(timeout_s=1.0):
             if isinstance(item, EngineResult):
                 state.item = item

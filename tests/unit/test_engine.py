@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
-from gkt.engine import Engine, EngineRequest, EngineResult, Sampler
+from gkt.engine import Engine, EngineRequest, EngineResult, GenerationFailed, Sampler
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import student_prompt, teacher_prompt
@@ -157,3 +157,37 @@ def test_a_row_that_ends_at_its_first_token_never_joins_the_batch(lm: LoadedMode
     assert one.result is not None and one.result.token_count <= 1
     assert running.result == _alone(lm, _request(lm, 0, max_new_tokens=6))
     assert steps and set(steps) == {1}  # one row decoded per step: the finished one never took a slot
+
+
+def test_longer_rows_joining_a_running_batch_widen_it_from_the_left(lm: LoadedModel) -> None:
+    """A short prompt runs first; ever longer ones join it (the window grows left), then leave."""
+    engine = Engine(lm, max_batch=4)
+    requests = [
+        EngineRequest(prompt_ids=encode(lm, prompt), max_new_tokens=6 + i, prompt=prompt)
+        for i, prompt in enumerate(
+            ["Q: x\\nA:", "Q: " + "a longer question " * 4 + "\\nA:", "Q: " + "word " * 60 + "\\nA:"]
+        )
+    ]
+    generations = []
+    for request in requests:
+        generations.append(engine.submit(request))
+        engine.step()
+    while any(g.result is None for g in generations):
+        engine.step()
+    assert [g.result for g in generations] == [_alone(lm, r) for r in requests]
+
+
+def test_a_failed_step_fails_every_row_it_carried_and_the_engine_goes_on(lm: LoadedModel) -> None:
+    engine = Engine(lm, max_batch=4)
+    running = engine.submit(_request(lm, 0, max_new_tokens=20))
+    engine.step()
+    broken = engine.submit(
+        EngineRequest(prompt_ids=[10**9], max_new_tokens=4)
+    )  # no such token: prefill fails
+    engine.step()
+    for generation in (running, broken):
+        with pytest.raises(GenerationFailed):
+            list(generation.events(timeout_s=1))
+    assert engine.running == 0
+    (after,) = engine.generate([_request(lm, 1, max_new_tokens=3)])
+    assert after == _alone(lm, _request(lm, 1, max_new_tokens=3))
