@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import logs, metrics, tracing
-from gkt.errors import GktError, InvalidArgument
+from gkt.errors import GktError, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,70 @@ def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
     metrics.GATEWAY_IN_FLIGHT.labels(rpc).dec()
     metrics.GATEWAY_REQUESTS.labels(rpc, code.name).inc()
     metrics.GATEWAY_LATENCY.labels(rpc).observe(time.perf_counter() - started)
+
+
+class InFlightLimitInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses `gkt.v1` calls beyond `max_in_flight` at once in this process with RESOURCE_EXHAUSTED.
+
+    Install it inside the error-mapping interceptor, which maps the refusal.
+    """
+
+    def __init__(self, *, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._slot():
+                return await behaviour(request, context)
+
+        return limited
+
+    def _stream(
+        self, behaviour: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+            with self._slot():
+                async with contextlib.aclosing(behaviour(request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
+
+        return limited
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        if self.in_flight >= self.max_in_flight:
+            metrics.GATEWAY_REJECTED.labels("in_flight").inc()
+            raise ResourceExhausted(
+                f"this gateway serves {self.max_in_flight} calls at once already; retry shortly"
+            )
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):

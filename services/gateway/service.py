@@ -30,15 +30,20 @@ from gkt.queue import (
     TAKE_SLOT,
     AnyEvent,
     Keys,
+    connect_reader,
     enqueue_job,
     publish_event,
-    read_events,
     teacher_capacity,
 )
+from services.gateway.events import EventReader
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenancy import Tenant
 
 log = logging.getLogger(__name__)
+
+COMMANDS_CLIENT_NAME = "gkt-gateway"
+READER_CLIENT_NAME = "gkt-gateway-reader"
+"""The gateway's Redis connections by name in CLIENT LIST: its command pool and its one event reader."""
 
 
 class GatewayService:
@@ -51,6 +56,14 @@ class GatewayService:
         self._celery = student_client(broker_url=settings.redis_url)
         self._take_slot = redis.register_script(TAKE_SLOT)
         self._was_degraded = False
+        self.events = EventReader(
+            reader=connect_reader(settings.redis_url, client_name=READER_CLIENT_NAME),
+            commands=redis,
+            keys=self.keys,
+        )
+
+    async def close(self) -> None:
+        await self.events.close()
 
     async def run(self, job: Job, *, tenant: Tenant) -> AsyncGenerator[tuple[Job, AnyEvent], None]:
         """Submit `job` (or attach to the tenant's job of the same request_id) and yield its events to the
@@ -193,29 +206,28 @@ class GatewayService:
         await asyncio.to_thread(dispatch_student, self._celery, job=job, guidance=guidance)
 
     async def _follow(self, job: Job) -> AsyncIterator[AnyEvent]:
-        after = "0-0"
         shown = 0  # characters of student text already yielded: a redelivered job repeats its deltas
-        while True:
-            remaining_ms = int(((job.deadline or time.time() + 3600) - time.time()) * 1000)
-            if remaining_ms <= 0:
-                raise DeadlineExceeded("the deadline passed before the answer was complete")
-            events = await read_events(
-                self.redis, keys=self.keys, job_id=job.id, after=after, block_ms=remaining_ms
-            )
-            for entry_id, event in events:
-                after = entry_id
-                if isinstance(event, DeltaEvent):
-                    unseen = _unseen(event, shown)
-                    if unseen is None:
-                        continue
-                    event, shown = unseen, unseen.offset + len(unseen.text)
-                if isinstance(event, ErrorEvent):
-                    if event.code == InvalidArgument.code and event.field:
-                        raise InvalidArgument(event.field, event.message)
-                    raise JobFailed(event.code, event.message)
-                yield event
-                if isinstance(event, FinalEvent):
-                    return
+        deadline = job.deadline or time.time() + self.settings.gateway_default_timeout_s
+        async with self.events.follow(job.id) as inbox:
+            while True:
+                try:
+                    async with asyncio.timeout(deadline - time.time()):
+                        events = await inbox.next()
+                except TimeoutError:
+                    raise DeadlineExceeded("the deadline passed before the answer was complete") from None
+                for _entry_id, event in events:
+                    if isinstance(event, DeltaEvent):
+                        unseen = _unseen(event, shown)
+                        if unseen is None:
+                            continue
+                        event, shown = unseen, unseen.offset + len(unseen.text)
+                    if isinstance(event, ErrorEvent):
+                        if event.code == InvalidArgument.code and event.field:
+                            raise InvalidArgument(event.field, event.message)
+                        raise JobFailed(event.code, event.message)
+                    yield event
+                    if isinstance(event, FinalEvent):
+                        return
 
     async def _cancel(self, job: Job) -> None:
         try:
