@@ -182,8 +182,8 @@ class _Call:
             try:
                 with self._scope(request):
                     return await behaviour(request, context)
-            except BaseException:
-                code = _final_code(context)
+            except BaseException as exc:
+                code = _final_code(context, exc)
                 raise
             finally:
                 _record(self.rpc, code, started)
@@ -202,8 +202,8 @@ class _Call:
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
                         async for reply in replies:
                             yield reply
-            except BaseException:
-                code = _final_code(context)
+            except BaseException as exc:
+                code = _final_code(context, exc)
                 raise
             finally:
                 _record(self.rpc, code, started)
@@ -219,14 +219,21 @@ class _Call:
             yield
 
 
-def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status an RPC that raised ends with: the one it aborted with, else CANCELLED or UNKNOWN."""
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """The status an RPC that raised ends with: the one it aborted with; else, when gRPC cancelled its task,
+    what the client saw: DEADLINE_EXCEEDED once the client's deadline has passed, CANCELLED before (the
+    client cancelled or went away). Client outcomes are never counted as the server's UNKNOWN."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):
         return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    return grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
 
 
 def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
