@@ -133,3 +133,32 @@ async def test_thousands_of_streams_hold_a_bounded_number_of_redis_connections_a
     # the command pool, plus the one connection of the event reader
     assert 0 < peak <= MAX_CONNECTIONS + 1, peak
     redis.close()
+
+
+async def _burst(stubs: list[guidance_pb2_grpc.GuidanceServiceStub], n: int) -> Counter[str]:
+    return Counter(await asyncio.gather(*(_stream(stubs[i % len(stubs)]) for i in range(n))))
+
+
+async def test_a_burst_after_a_redis_restart_meets_no_dead_connection(echo_stack: Stack) -> None:
+    channels = [grpc.aio.insecure_channel(echo_stack.gateway_addr or "") for _ in range(2)]
+    stubs = [guidance_pb2_grpc.GuidanceServiceStub(channel) for channel in channels]
+    try:
+        # every pooled connection and the reader's are in use, then Redis restarts under them
+        assert await _burst(stubs, 200) == {"OK": 200}
+        echo_stack.kill("redis", signal.SIGTERM)
+        echo_stack.restart("redis")
+        redis = Redis.from_url(echo_stack.redis_url or "")
+        await _until(lambda: _answers(redis), timeout_s=30, what="redis answers again")
+        await asyncio.sleep(10)
+
+        assert await _burst(stubs, 200) == {"OK": 200}
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def _answers(redis: Redis) -> bool:
+    try:
+        return bool(redis.ping())
+    except Exception:
+        return False
