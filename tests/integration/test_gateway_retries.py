@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -56,8 +57,8 @@ async def _queued_job(redis: Redis, *, after: int) -> Job:
         if time.monotonic() > deadline:
             pytest.fail(f"no job arrived after the first {after}")
         await asyncio.sleep(0.02)
-    _, fields = redis.xrange(KEYS.queries)[after]
-    return Job.model_validate_json(fields[b"job"])
+    entries: Any = redis.xrange(KEYS.queries)
+    return Job.model_validate_json(entries[after][1][b"job"])
 
 
 async def _answer(redis_url: str, job: Job, text: str) -> None:
