@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import logs, metrics, tracing
-from gkt.errors import GktError, InvalidArgument, ResourceExhausted
+from gkt.errors import GktError, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +243,27 @@ def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
 
 
 class InFlightLimitInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses `gkt.v1` calls beyond `max_in_flight` at once in this process with RESOURCE_EXHAUSTED.
+    """Counts the `gkt.v1` calls in flight in this process: refuses those beyond `max_in_flight` with
+    RESOURCE_EXHAUSTED, and every new one with UNAVAILABLE once draining (shutdown), when `drained` tells
+    when the last has ended.
 
-    Install it inside the error-mapping interceptor, which maps the refusal.
+    Install it inside the error-mapping interceptor, which maps the refusals.
     """
 
     def __init__(self, *, max_in_flight: int) -> None:
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def drain(self) -> None:
+        """Refuse new calls from now on (the ones in flight go on)."""
+        self.draining = True
+
+    async def drained(self) -> None:
+        """Return once no call is in flight."""
+        await self._idle.wait()
 
     async def intercept_service(
         self,
@@ -294,16 +307,22 @@ class InFlightLimitInterceptor(grpc.aio.ServerInterceptor):
 
     @contextlib.contextmanager
     def _slot(self) -> Iterator[None]:
+        if self.draining:
+            metrics.GATEWAY_REJECTED.labels("draining").inc()
+            raise Unavailable("this gateway is shutting down; retry, and another replica will answer")
         if self.in_flight >= self.max_in_flight:
             metrics.GATEWAY_REJECTED.labels("in_flight").inc()
             raise ResourceExhausted(
                 f"this gateway serves {self.max_in_flight} calls at once already; retry shortly"
             )
         self.in_flight += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):

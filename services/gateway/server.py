@@ -53,11 +53,12 @@ class Gateway:
         # does not read is cut too. Metrics record the status the error mapping chose, and the error
         # mapping maps what access control raises, so refusals are counted by their status code too. The
         # in-flight cap comes before access control: a refused call costs no Redis round trip.
+        self.calls = InFlightLimitInterceptor(max_in_flight=settings.gateway_max_in_flight)
         interceptors = [
             DeadlineInterceptor(default_timeout_s=settings.gateway_default_timeout_s),
             MetricsInterceptor(),
             ErrorMappingInterceptor(),
-            InFlightLimitInterceptor(max_in_flight=settings.gateway_max_in_flight),
+            self.calls,
             access,
         ]
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
@@ -102,9 +103,27 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        """Report NOT_SERVING (load balancers drain), then let in-flight RPCs finish within the grace."""
+        """Drain, then stop.
+
+        1) health says NOT_SERVING at once, and keeps being served, so probes and load balancers see it;
+        2) new API calls are refused (UNAVAILABLE: a client retries them on another replica); 3) the calls
+        in flight, streams too, get `gateway_grace_s` to finish; 4) whatever still runs then is cancelled
+        (its job with it) and the server stops.
+        """
         await self._set_serving(False)
-        await self.server.stop(self.settings.gateway_grace_s)
+        self.calls.drain()
+        log.info("gateway draining", extra={"in_flight": self.calls.in_flight})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gateway_grace_s
+        try:
+            await asyncio.wait_for(self.calls.drained(), timeout=self.settings.gateway_grace_s)
+        except TimeoutError:
+            log.warning(
+                "grace period over: cancelling the calls still in flight",
+                extra={"in_flight": self.calls.in_flight},
+            )
+        # what is left of the grace lets the last replies reach their clients; none left cancels the rest
+        await self.server.stop(max(0.0, deadline - loop.time()))
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self._sampler:
