@@ -40,7 +40,7 @@ from gkt.queue import (
     teacher_pace,
 )
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
-from services.teacher.batching import Delivery, claim_stale, collect_batch
+from services.teacher.batching import Delivery, claim_from_dead, claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 Dispatch = Callable[[Job, Guidance], None]
 _REDIS_RETRY_S = 1.0
 _READ_MARK_TTL_S = 86_400
+_TAKEOVER_CHECK_S = 2.0
 
 
 class TeacherWorker:
@@ -63,6 +64,7 @@ class TeacherWorker:
         self.keys = Keys(settings.key_prefix)
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
+        self._last_takeover = 0.0
         self._batch_s: float | None = None
         """Seconds per batch (a moving average), published as this teacher's pace."""
 
@@ -74,6 +76,20 @@ class TeacherWorker:
         log.info(
             "teacher serving", extra={"consumer": self.settings.teacher_name, "backend": self.backend.name}
         )
+        beating = asyncio.create_task(self._keep_heartbeat(), name="gkt-teacher-heartbeat")
+        try:
+            await self._serve()
+        finally:
+            beating.cancel()
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+            # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting it.
+            # Its heartbeat goes too: jobs it still holds are taken over at once.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hdel(self.keys.teacher_pace, self.settings.teacher_name)
+                pipe.delete(self.keys.heartbeat("teacher", self.settings.teacher_name))
+                await pipe.execute()
+
+    async def _serve(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self._heartbeat()
@@ -91,9 +107,6 @@ class TeacherWorker:
                 # gateway enqueues from now on recreate the stream; the group must be made again.
                 log.warning("consumer group missing (redis restarted?); recreating it")
                 await ensure_group(self.redis, keys=self.keys)
-        with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-            # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting it.
-            await self.redis.hdel(self.keys.teacher_pace, self.settings.teacher_name)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Steps 2–4 for one batch: generate, publish + dispatch, acknowledge."""
@@ -200,8 +213,18 @@ class TeacherWorker:
         )
 
     async def _next_batch(self) -> list[Delivery]:
-        """Stale jobs of dead teachers first (checked every few seconds), then new ones."""
+        """Jobs of dead teachers first (checked every few seconds), then new ones. A teacher is dead when its
+        heartbeat expired; one that hangs with its heartbeat going is passed over after the claim idle time."""
         s = self.settings
+        if time.monotonic() - self._last_takeover > min(_TAKEOVER_CHECK_S, s.teacher_heartbeat_ttl_s / 3):
+            self._last_takeover = time.monotonic()
+            claimed, broken, deliveries = await claim_from_dead(
+                self.redis, keys=self.keys, consumer=s.teacher_name, count=s.teacher_max_batch_size
+            )
+            await self._ack(broken)
+            if claimed:
+                metrics.TEACHER_CLAIMED.inc(len(claimed))
+                return await self._drop_poisoned(claimed, deliveries)
         if time.monotonic() - self._last_claim > min(5.0, s.teacher_claim_idle_ms / 2000):
             self._last_claim = time.monotonic()
             claimed, broken, deliveries = await claim_stale(
@@ -276,12 +299,27 @@ class TeacherWorker:
                 pipe.expire(self.keys.teacher_pace, _READ_MARK_TTL_S)
             await pipe.execute()
 
+    @property
+    def _heartbeat_ms(self) -> int:
+        return int(self.settings.teacher_heartbeat_ttl_s * 1000)
+
+    async def _keep_heartbeat(self) -> None:
+        """Renew the heartbeat every third of its lifetime, also while a batch is being generated (the
+        backends generate off the event loop), so that only a dead teacher's heartbeat expires."""
+        key = self.keys.heartbeat("teacher", self.settings.teacher_name)
+        while True:
+            await asyncio.sleep(self.settings.teacher_heartbeat_ttl_s / 3)
+            try:
+                await self.redis.set(key, f"{time.time():.3f}", px=self._heartbeat_ms)
+            except (RedisConnectionError, RedisTimeoutError):
+                log.warning("could not renew the heartbeat")
+
     async def _heartbeat(self) -> None:
         """Say this teacher is alive, and tell gateways a teacher is about to read the query stream (they
         go student-only when none has for a while), in one round trip before each read, none after it."""
         now = f"{time.time():.3f}"
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.heartbeat("teacher", self.settings.teacher_name), now, ex=60)
+            pipe.set(self.keys.heartbeat("teacher", self.settings.teacher_name), now, px=self._heartbeat_ms)
             pipe.set(self.keys.teacher_read, now, ex=_READ_MARK_TTL_S)
             await pipe.execute()
 
