@@ -129,6 +129,12 @@ class Keys:
         return f"{self.prefix}:queries"
 
     @property
+    def student_queue(self) -> str:
+        """The Redis list of Celery's student queue: kombu puts `{prefix}:` before every key it makes
+        (`gkt.config.celery_broker`), so the queue named STUDENT_QUEUE is this list."""
+        return f"{self.prefix}:{STUDENT_QUEUE}"
+
+    @property
     def dead_letters(self) -> str:
         return f"{self.prefix}:deadletter"
 

@@ -27,7 +27,6 @@ from gkt.jobs import (
     decode_event,
 )
 from gkt.queue import (
-    STUDENT_QUEUE,
     TAKE_SLOT,
     AnyEvent,
     Keys,
@@ -67,7 +66,7 @@ class GatewayService:
         self.settings = settings
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
-        self._celery = student_client(broker_url=settings.redis_url)
+        self._celery = student_client(broker_url=settings.redis_url, key_prefix=settings.key_prefix)
         self._take_slot = redis.register_script(TAKE_SLOT)
         self._replace_request = redis.register_script(_REPLACE_REQUEST)
         self._was_degraded = False
@@ -117,7 +116,7 @@ class GatewayService:
         degraded = await self.degraded()
         if degraded:
             job = _student_only(job)
-            depth = int(await self.redis.llen(STUDENT_QUEUE))
+            depth = int(await self.redis.llen(self.keys.student_queue))
         else:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.queries)
@@ -301,7 +300,7 @@ class GatewayService:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.xlen(self.keys.queries)
-                    pipe.llen(STUDENT_QUEUE)
+                    pipe.llen(self.keys.student_queue)
                     pipe.xrange(self.keys.queries, count=1)
                     pipe.time()
                     depth, student_depth, oldest, (seconds, micros) = await pipe.execute()
