@@ -152,8 +152,11 @@ class EventReader:
             self._waking = asyncio.create_task(self._unblock(self._round), name="gkt-event-reader-wake")
 
     async def _unblock(self, round_: int) -> None:
-        # The read of `round_` may still be on its way to Redis, where CLIENT UNBLOCK finds nothing to
-        # unblock yet: try again until it is unblocked or a newer read has begun anyway.
+        # Under load a read returns within milliseconds anyway, with events of other jobs, and the next one
+        # includes the new stream: wait that long before paying for a wake-up (and for the read it cuts).
+        # The read of `round_` may also still be on its way to Redis, where CLIENT UNBLOCK finds nothing to
+        # unblock yet: try again until it is unblocked or a newer read has begun.
+        await asyncio.sleep(_UNBLOCK_POLL_S)
         while self._round == round_:
             if self._client_id is not None:
                 try:
