@@ -17,6 +17,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt.jobs import decode_event
@@ -107,7 +108,7 @@ class EventReader:
             # 2) read, retrying once on a fresh connection; a second failure ends every call's wait
             try:
                 if self._client_id is None:
-                    self._client_id = int(await self.reader.client_id())
+                    self._client_id = await self._own_client_id()
                 reply: Any = await self.reader.xread(streams, block=MAX_BLOCK_MS, count=_ENTRIES_PER_READ)
                 failed = False
             except (RedisConnectionError, RedisTimeoutError, ConnectionError) as exc:
@@ -120,6 +121,11 @@ class EventReader:
                     await asyncio.sleep(_RETRY_AFTER_FAILURE_S)
                 failed = True
                 continue
+            except Exception as exc:  # e.g. a refused command: the calls end with it, the reader goes on
+                log.exception("event reader: read failed")
+                self._fail_all(exc)
+                await asyncio.sleep(_RETRY_AFTER_FAILURE_S)
+                continue
             # 3) route each entry to the calls that have not seen it
             for stream, entries in reply or []:
                 try:
@@ -128,6 +134,17 @@ class EventReader:
                     log.exception("event reader: undecodable entry", extra={"stream": stream})
                     for inbox in self._inboxes.pop(_text(stream), set()):
                         inbox.queue.put_nowait(exc)
+
+    async def _own_client_id(self) -> int:
+        """This connection's CLIENT ID, for CLIENT UNBLOCK; 0 where the server refuses CLIENT (some managed
+        Redis services do): reads then end by their timeout, and a new call waits up to that long."""
+        try:
+            return int(await self.reader.client_id())
+        except ResponseError:
+            log.warning(
+                "CLIENT ID refused: new calls may wait up to %d ms for their first event", MAX_BLOCK_MS
+            )
+            return 0
 
     def _route(self, stream: str, entries: list[Any]) -> None:
         batch: list[tuple[tuple[int, int], str, AnyEvent]] = []
@@ -157,8 +174,8 @@ class EventReader:
         # The read of `round_` may also still be on its way to Redis, where CLIENT UNBLOCK finds nothing to
         # unblock yet: try again until it is unblocked or a newer read has begun.
         await asyncio.sleep(_UNBLOCK_POLL_S)
-        while self._round == round_:
-            if self._client_id is not None:
+        while self._round == round_ and self._client_id != 0:
+            if self._client_id:
                 try:
                     if await self.commands.client_unblock(self._client_id):
                         return
