@@ -107,7 +107,8 @@ async def test_sigterm_drains_streams_in_flight_refuses_new_calls_and_exits(
 
         await _until(all_queued, timeout_s=10, what="the three jobs are queued")
         entries: Any = redis.xrange(KEYS.queries)
-        jobs = [Job.model_validate_json(fields[b"job"]) for _, fields in entries]
+        # in the calls' order (they may reach the queue in another)
+        jobs = sorted((Job.model_validate_json(f[b"job"]) for _, f in entries), key=lambda job: job.query)
         guidance = Guidance(text="g", token_count=1, finish_reason="length")
         await _publish(redis_url, [(job.id, GuidanceEvent(guidance=guidance)) for job in jobs])
 
