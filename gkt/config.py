@@ -81,13 +81,24 @@ def with_password(url: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
-def celery_broker(url: str) -> dict[str, Any]:
-    """Celery's broker settings for a Redis URL: TLS options go to `broker_use_ssl` alone, because kombu
-    would let the URL's `ssl_*` query parameters replace them (dropping the certificate requirement)."""
+def celery_broker(
+    url: str, *, key_prefix: str, transport_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Celery's broker settings for a Redis URL and key prefix.
+
+    Every key Celery makes (the task queues, `unacked`, kombu's bindings) starts with `{key_prefix}:`
+    (kombu's `global_keyprefix`), so two deployments with different prefixes on one Redis database share
+    nothing. TLS options go to `broker_use_ssl` alone, because kombu would let the URL's `ssl_*` query
+    parameters replace them (dropping the certificate requirement).
+    """
     parts = urlsplit(url)
     query = [(name, value) for name, value in parse_qsl(parts.query) if not name.startswith("ssl_")]
     plain = urlunsplit(parts._replace(query="&".join(f"{n}={quote(v, safe='')}" for n, v in query)))
-    return {"broker_url": plain, "broker_use_ssl": broker_tls_options(url)}
+    return {
+        "broker_url": plain,
+        "broker_use_ssl": broker_tls_options(url),
+        "broker_transport_options": {"global_keyprefix": f"{key_prefix}:", **(transport_options or {})},
+    }
 
 
 def broker_tls_options(url: str) -> dict[str, Any] | None:

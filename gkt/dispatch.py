@@ -9,11 +9,13 @@ from gkt.jobs import Guidance, Job
 from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
 
 
-def student_client(*, broker_url: str) -> Celery:
-    """A Celery app used only to send tasks (no worker, no result backend)."""
+def student_client(*, broker_url: str, key_prefix: str) -> Celery:
+    """A Celery app used only to send tasks (no worker, no result backend), its keys under `key_prefix`."""
     app = Celery("gkt-dispatch")
     app.conf.update(
-        task_ignore_result=True, broker_connection_retry_on_startup=True, **celery_broker(broker_url)
+        task_ignore_result=True,
+        broker_connection_retry_on_startup=True,
+        **celery_broker(broker_url, key_prefix=key_prefix),
     )
     return app
 

@@ -244,10 +244,19 @@ def _workload_rules(workload: Obj, config_maps: dict[str, dict[str, str]]) -> It
             missing = {"cpu", "memory"} - set(resources.get(bound, {}))
             if missing:
                 yield f"container {name}: resources.{bound} lacks {', '.join(sorted(missing))}"
+        settings: dict[str, str] = {}
+        for source in container.get("envFrom", []):
+            settings.update(config_maps.get(_dig(source, "configMapRef").get("name", ""), {}))
+        if _is_gateway(container):
+            drain_s = float(settings.get("GKT_GATEWAY_GRACE_S", "10"))
+            pre_stop_s = int(_dig(container, "lifecycle", "preStop", "sleep").get("seconds", 0))
+            grace = pod.get("terminationGracePeriodSeconds", 30)
+            if grace <= pre_stop_s + drain_s:
+                yield (
+                    f"container {name}: terminationGracePeriodSeconds ({grace}) must exceed its preStop sleep "
+                    f"({pre_stop_s}) + GKT_GATEWAY_GRACE_S ({drain_s:g}) so calls in flight can finish"
+                )
         if _is_celery_worker(container):
-            settings: dict[str, str] = {}
-            for source in container.get("envFrom", []):
-                settings.update(config_maps.get(_dig(source, "configMapRef").get("name", ""), {}))
             limit = int(settings.get("GKT_STUDENT_TASK_TIME_LIMIT_S", "300"))
             grace = pod.get("terminationGracePeriodSeconds", 30)
             if grace <= limit:
@@ -255,6 +264,11 @@ def _workload_rules(workload: Obj, config_maps: dict[str, dict[str, str]]) -> It
                     f"container {name}: terminationGracePeriodSeconds ({grace}) must exceed "
                     f"GKT_STUDENT_TASK_TIME_LIMIT_S ({limit}) so a warm shutdown can finish the running jobs"
                 )
+
+
+def _is_gateway(container: Obj) -> bool:
+    words = [*container.get("command", []), *container.get("args", [])]
+    return "gateway" in words
 
 
 def _is_celery_worker(container: Obj) -> bool:

@@ -15,7 +15,7 @@ from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gkt.config import CommonSettings
-from gkt.queue import HEARTBEAT_TTL_S, STUDENT_QUEUE, TEACHER_GROUP, Keys, connect, parse_heartbeat
+from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, connect, parse_heartbeat
 from services.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a
@@ -118,8 +118,8 @@ def read_status(redis: Redis, *, keys: Keys, now: float | None = None) -> Status
         for name, (at, busy, capacity) in _beats(redis, keys=keys, role="student", now=now)
     ]
     oldest: Any = redis.xrange(keys.queries, count=1)
-    celery_lists = [STUDENT_QUEUE] + [
-        f"{STUDENT_QUEUE}{_CELERY_PRIORITY_SEPARATOR}{s}" for s in _CELERY_PRIORITY_STEPS[1:]
+    celery_lists = [keys.student_queue] + [
+        f"{keys.student_queue}{_CELERY_PRIORITY_SEPARATOR}{s}" for s in _CELERY_PRIORITY_STEPS[1:]
     ]
     return Status(
         teachers=teachers,

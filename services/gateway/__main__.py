@@ -24,7 +24,6 @@ async def serve(settings: GatewaySettings) -> None:
     serve_metrics(port=settings.gateway_metrics_port, addr=settings.metrics_addr)
     await gateway.start()
     await stopping.wait()
-    log.info("gateway draining")
     await gateway.stop()
 
 

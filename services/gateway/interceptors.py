@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import logs, metrics, tracing
-from gkt.errors import GktError, InvalidArgument
+from gkt.errors import GktError, InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ class _Call:
             try:
                 with self._scope(request):
                     return await behaviour(request, context)
-            except BaseException:
-                code = _final_code(context)
+            except BaseException as exc:
+                code = _final_code(context, exc)
                 raise
             finally:
                 _record(self.rpc, code, started)
@@ -202,8 +202,8 @@ class _Call:
                     async with contextlib.aclosing(behaviour(request, context)) as replies:
                         async for reply in replies:
                             yield reply
-            except BaseException:
-                code = _final_code(context)
+            except BaseException as exc:
+                code = _final_code(context, exc)
                 raise
             finally:
                 _record(self.rpc, code, started)
@@ -219,20 +219,110 @@ class _Call:
             yield
 
 
-def _final_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status an RPC that raised ends with: the one it aborted with, else CANCELLED or UNKNOWN."""
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """The status an RPC that raised ends with: the one it aborted with; else, when gRPC cancelled its task,
+    what the client saw: DEADLINE_EXCEEDED once the client's deadline has passed, CANCELLED before (the
+    client cancelled or went away). Client outcomes are never counted as the server's UNKNOWN."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code
     if isinstance(code, int):
         return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    return grpc.StatusCode.CANCELLED if context.cancelled() else grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
 
 
 def _record(rpc: str, code: grpc.StatusCode, started: float) -> None:
     metrics.GATEWAY_IN_FLIGHT.labels(rpc).dec()
     metrics.GATEWAY_REQUESTS.labels(rpc, code.name).inc()
     metrics.GATEWAY_LATENCY.labels(rpc).observe(time.perf_counter() - started)
+
+
+class InFlightLimitInterceptor(grpc.aio.ServerInterceptor):
+    """Counts the `gkt.v1` calls in flight in this process: refuses those beyond `max_in_flight` with
+    RESOURCE_EXHAUSTED, and every new one with UNAVAILABLE once draining (shutdown), when `drained` tells
+    when the last has ended.
+
+    Install it inside the error-mapping interceptor, which maps the refusals.
+    """
+
+    def __init__(self, *, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def drain(self) -> None:
+        """Refuse new calls from now on (the ones in flight go on)."""
+        self.draining = True
+
+    async def drained(self) -> None:
+        """Return once no call is in flight."""
+        await self._idle.wait()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._slot():
+                return await behaviour(request, context)
+
+        return limited
+
+    def _stream(
+        self, behaviour: Callable[..., AsyncGenerator[Any, None]]
+    ) -> Callable[..., AsyncGenerator[Any, None]]:
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
+            with self._slot():
+                async with contextlib.aclosing(behaviour(request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
+
+        return limited
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        if self.draining:
+            metrics.GATEWAY_REJECTED.labels("draining").inc()
+            raise Unavailable("this gateway is shutting down; retry, and another replica will answer")
+        if self.in_flight >= self.max_in_flight:
+            metrics.GATEWAY_REJECTED.labels("in_flight").inc()
+            raise ResourceExhausted(
+                f"this gateway serves {self.max_in_flight} calls at once already; retry shortly"
+            )
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):

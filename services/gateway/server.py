@@ -9,7 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gkt.queue import Keys, connect_async
+from gkt.queue import Keys, connect_bounded
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
 from services.gateway.access import AccessInterceptor, Limiter
 from services.gateway.auth import ApiKeys
@@ -17,9 +17,10 @@ from services.gateway.interceptors import (
     DEADLINE_SLACK_S,
     DeadlineInterceptor,
     ErrorMappingInterceptor,
+    InFlightLimitInterceptor,
     MetricsInterceptor,
 )
-from services.gateway.service import GatewayService
+from services.gateway.service import COMMANDS_CLIENT_NAME, GatewayService
 from services.gateway.servicer import GuidanceServicer
 from services.gateway.settings import GatewaySettings
 
@@ -33,7 +34,12 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.redis = connect_async(settings.redis_url)
+        self.redis = connect_bounded(
+            settings.redis_url,
+            max_connections=settings.gateway_redis_max_connections,
+            wait_s=settings.gateway_redis_wait_s,
+            client_name=COMMANDS_CLIENT_NAME,
+        )
         self.service = GatewayService(settings=settings, redis=self.redis)
         api_keys = (
             ApiKeys.from_file(settings.gateway_api_keys_file) if settings.gateway_api_keys_file else None
@@ -45,11 +51,14 @@ class Gateway:
         )
         # Outermost first. The deadline is outside everything, so a call stuck writing to a client that
         # does not read is cut too. Metrics record the status the error mapping chose, and the error
-        # mapping maps what access control raises, so refusals are counted by their status code too.
+        # mapping maps what access control raises, so refusals are counted by their status code too. The
+        # in-flight cap comes before access control: a refused call costs no Redis round trip.
+        self.calls = InFlightLimitInterceptor(max_in_flight=settings.gateway_max_in_flight)
         interceptors = [
             DeadlineInterceptor(default_timeout_s=settings.gateway_default_timeout_s),
             MetricsInterceptor(),
             ErrorMappingInterceptor(),
+            self.calls,
             access,
         ]
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
@@ -94,13 +103,32 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        """Report NOT_SERVING (load balancers drain), then let in-flight RPCs finish within the grace."""
+        """Drain, then stop.
+
+        1) health says NOT_SERVING at once, and keeps being served, so probes and load balancers see it;
+        2) new API calls are refused (UNAVAILABLE: a client retries them on another replica); 3) the calls
+        in flight, streams too, get `gateway_grace_s` to finish; 4) whatever still runs then is cancelled
+        (its job with it) and the server stops.
+        """
         await self._set_serving(False)
-        await self.server.stop(self.settings.gateway_grace_s)
+        self.calls.drain()
+        log.info("gateway draining", extra={"in_flight": self.calls.in_flight})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.gateway_grace_s
+        try:
+            await asyncio.wait_for(self.calls.drained(), timeout=self.settings.gateway_grace_s)
+        except TimeoutError:
+            log.warning(
+                "grace period over: cancelling the calls still in flight",
+                extra={"in_flight": self.calls.in_flight},
+            )
+        # what is left of the grace lets the last replies reach their clients; none left cancels the rest
+        await self.server.stop(max(0.0, deadline - loop.time()))
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self._sampler:
             self._sampler.cancel()
+        await self.service.close()
         await self.redis.aclose()
 
     async def _set_serving(self, serving: bool) -> None:
@@ -117,6 +145,11 @@ def server_options(settings: GatewaySettings) -> list[tuple[str, int]]:
     age_ms = int(settings.gateway_max_connection_age_s * 1000)
     return [
         ("grpc.max_receive_message_length", settings.max_request_bytes),
+        # gRPC core drops calls that arrive while it holds this many not yet handed to the server (1,000
+        # and 3,000 by default, dropped at random in between, as CANCELLED): a burst up to the in-flight cap
+        # waits its turn instead; beyond the cap, calls are refused as RESOURCE_EXHAUSTED.
+        ("grpc.server.max_pending_requests", 2 * settings.gateway_max_in_flight),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.gateway_max_in_flight),
         ("grpc.max_concurrent_streams", settings.gateway_max_concurrent_streams),
         ("grpc.max_connection_idle_ms", int(settings.gateway_max_connection_idle_s * 1000)),
         ("grpc.max_connection_age_ms", age_ms),

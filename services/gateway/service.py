@@ -24,21 +24,39 @@ from gkt.jobs import (
     GuidanceSpec,
     Job,
     JobKind,
+    decode_event,
 )
 from gkt.queue import (
-    STUDENT_QUEUE,
     TAKE_SLOT,
     AnyEvent,
     Keys,
+    connect_reader,
     enqueue_job,
     publish_event,
-    read_events,
     teacher_capacity,
 )
+from services.gateway.events import EventReader
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenancy import Tenant
 
 log = logging.getLogger(__name__)
+
+# Set a request id's job to ARGV[2] (for ARGV[3] s) when the key is missing or still holds ARGV[1] (the
+# ended job a retry replaces; "" for none); otherwise return the job it holds.
+_REPLACE_REQUEST = """
+local current = redis.call('GET', KEYS[1])
+if not current or current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return false
+end
+return current
+"""
+
+_ENDED_BY_ITS_CALLER = {"CANCELLED", "DEADLINE_EXCEEDED"}
+
+COMMANDS_CLIENT_NAME = "gkt-gateway"
+READER_CLIENT_NAME = "gkt-gateway-reader"
+"""The gateway's Redis connections by name in CLIENT LIST: its command pool and its one event reader."""
 
 
 class GatewayService:
@@ -48,9 +66,18 @@ class GatewayService:
         self.settings = settings
         self.redis = redis
         self.keys = Keys(settings.key_prefix)
-        self._celery = student_client(broker_url=settings.redis_url)
+        self._celery = student_client(broker_url=settings.redis_url, key_prefix=settings.key_prefix)
         self._take_slot = redis.register_script(TAKE_SLOT)
+        self._replace_request = redis.register_script(_REPLACE_REQUEST)
         self._was_degraded = False
+        self.events = EventReader(
+            reader=connect_reader(settings.redis_url, client_name=READER_CLIENT_NAME),
+            commands=redis,
+            keys=self.keys,
+        )
+
+    async def close(self) -> None:
+        await self.events.close()
 
     async def run(self, job: Job, *, tenant: Tenant) -> AsyncGenerator[tuple[Job, AnyEvent], None]:
         """Submit `job` (or attach to the tenant's job of the same request_id) and yield its events to the
@@ -60,16 +87,28 @@ class GatewayService:
         cancelled, so that no teacher or student spends time on it; a call that only attached to the job
         leaves it running for the caller that submitted it.
         """
-        job, created = await self.submit(job, tenant=tenant)
-        logs.bind(**logs.job_fields(job))
-        finished = False
+        deadline = job.deadline or time.time() + self.settings.gateway_default_timeout_s
+        accepted, created = await self.submit(job, tenant=tenant)
+        logs.bind(**logs.job_fields(accepted))
+        finished = shown = False
         try:
-            async for event in self._follow(job):
-                finished = isinstance(event, FinalEvent | ErrorEvent)
-                yield job, event
+            while True:
+                try:
+                    async for event in self._follow(accepted, deadline=deadline):
+                        finished = isinstance(event, FinalEvent | ErrorEvent)
+                        shown = True
+                        yield accepted, event
+                    return
+                except JobFailed as failure:
+                    # The job this retry attached to ended unanswered (its own caller cancelled it, or its
+                    # shorter deadline passed) while this call still has time: start it afresh, once.
+                    if created or shown or failure.code not in _ENDED_BY_ITS_CALLER:
+                        raise
+                    accepted, created = await self.submit(job, tenant=tenant)
+                    logs.bind(**logs.job_fields(accepted))
         finally:
             if created and not finished:
-                await asyncio.shield(self._cancel(job))
+                await asyncio.shield(self._cancel(accepted))
 
     async def submit(self, job: Job, *, tenant: Tenant) -> tuple[Job, bool]:
         """Admit and enqueue `job`. Returns the job to follow and whether this call created it; False when
@@ -77,7 +116,7 @@ class GatewayService:
         degraded = await self.degraded()
         if degraded:
             job = _student_only(job)
-            depth = int(await self.redis.llen(STUDENT_QUEUE))
+            depth = int(await self.redis.llen(self.keys.student_queue))
         else:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.queries)
@@ -97,18 +136,12 @@ class GatewayService:
         if holds_slot:
             await self._take_queue_slot(job, tenant=tenant)
         if job.request_id:
-            earlier: Any = await self.redis.set(
-                self.keys.request(tenant.id, job.request_id),
-                job.model_dump_json(),
-                nx=True,
-                ex=self.settings.job_ttl_s,
-                get=True,
-            )
+            earlier = await self._claim_request_id(job, tenant=tenant)
             if earlier is not None:
                 if holds_slot:
                     await self.redis.zrem(self.keys.queued(tenant.id), job.id)
                 log.info("request_id seen before: attaching to its job", extra={"request_id": job.request_id})
-                return Job.model_validate_json(earlier), False
+                return earlier, False
         if degraded:
             await self._dispatch_student(job)
         else:
@@ -123,6 +156,40 @@ class GatewayService:
             },
         )
         return job, True
+
+    async def _claim_request_id(self, job: Job, *, tenant: Tenant) -> Job | None:
+        """Make `job` the job of its request id, unless the id names a job to attach to: one answered (its
+        stored answer is replayed) or one still on its way within its deadline. A job that ended without an
+        answer (cancelled, failed, or past its deadline) is replaced, so a retry starts afresh. Returns the
+        job to attach to, or None when `job` is the request's job now."""
+        key = self.keys.request(tenant.id, job.request_id)
+        replacing: Any = None
+        while True:
+            current: Any = await self._replace_request(
+                keys=[key], args=[replacing or "", job.model_dump_json(), self.settings.job_ttl_s]
+            )
+            if current is None:
+                if replacing is not None:
+                    log.info(
+                        "request_id's earlier job ended unanswered: starting afresh",
+                        extra={"request_id": job.request_id},
+                    )
+                return None
+            earlier = Job.model_validate_json(current)
+            if not await self._ended_unanswered(earlier):
+                return earlier
+            replacing = current  # unless another retry replaced it first, then that one is followed
+
+    async def _ended_unanswered(self, job: Job) -> bool:
+        """Whether a job will never be answered: it failed, was cancelled, or its deadline passed first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrevrange(self.keys.events(job.id), count=1)
+            pipe.exists(self.keys.cancelled(job.id))
+            last, cancelled = await pipe.execute()
+        event = decode_event(last[0][1][b"e"]) if last else None
+        if isinstance(event, FinalEvent):
+            return False
+        return isinstance(event, ErrorEvent) or bool(cancelled) or job.expired()
 
     async def _take_queue_slot(self, job: Job, *, tenant: Tenant) -> None:
         """Count the job among its tenant's jobs waiting for a teacher, or refuse it when the tenant has
@@ -192,30 +259,29 @@ class GatewayService:
         )
         await asyncio.to_thread(dispatch_student, self._celery, job=job, guidance=guidance)
 
-    async def _follow(self, job: Job) -> AsyncIterator[AnyEvent]:
-        after = "0-0"
+    async def _follow(self, job: Job, *, deadline: float) -> AsyncIterator[AnyEvent]:
+        """The job's events until its last, by this call's `deadline` (a retry's may differ from its job's)."""
         shown = 0  # characters of student text already yielded: a redelivered job repeats its deltas
-        while True:
-            remaining_ms = int(((job.deadline or time.time() + 3600) - time.time()) * 1000)
-            if remaining_ms <= 0:
-                raise DeadlineExceeded("the deadline passed before the answer was complete")
-            events = await read_events(
-                self.redis, keys=self.keys, job_id=job.id, after=after, block_ms=remaining_ms
-            )
-            for entry_id, event in events:
-                after = entry_id
-                if isinstance(event, DeltaEvent):
-                    unseen = _unseen(event, shown)
-                    if unseen is None:
-                        continue
-                    event, shown = unseen, unseen.offset + len(unseen.text)
-                if isinstance(event, ErrorEvent):
-                    if event.code == InvalidArgument.code and event.field:
-                        raise InvalidArgument(event.field, event.message)
-                    raise JobFailed(event.code, event.message)
-                yield event
-                if isinstance(event, FinalEvent):
-                    return
+        async with self.events.follow(job.id) as inbox:
+            while True:
+                try:
+                    async with asyncio.timeout(deadline - time.time()):
+                        events = await inbox.next()
+                except TimeoutError:
+                    raise DeadlineExceeded("the deadline passed before the answer was complete") from None
+                for _entry_id, event in events:
+                    if isinstance(event, DeltaEvent):
+                        unseen = _unseen(event, shown)
+                        if unseen is None:
+                            continue
+                        event, shown = unseen, unseen.offset + len(unseen.text)
+                    if isinstance(event, ErrorEvent):
+                        if event.code == InvalidArgument.code and event.field:
+                            raise InvalidArgument(event.field, event.message)
+                        raise JobFailed(event.code, event.message)
+                    yield event
+                    if isinstance(event, FinalEvent):
+                        return
 
     async def _cancel(self, job: Job) -> None:
         try:
@@ -234,7 +300,7 @@ class GatewayService:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.xlen(self.keys.queries)
-                    pipe.llen(STUDENT_QUEUE)
+                    pipe.llen(self.keys.student_queue)
                     pipe.xrange(self.keys.queries, count=1)
                     pipe.time()
                     depth, student_depth, oldest, (seconds, micros) = await pipe.execute()

@@ -93,6 +93,23 @@ class GatewaySettings(CommonSettings):
         description="Refuse (RESOURCE_EXHAUSTED) a job whose deadline passes before the teachers can reach "
         "it, estimated from the queue ahead and the teachers' measured seconds per batch.",
     )
+    gateway_max_in_flight: int = Field(
+        default=2000,
+        ge=1,
+        description="API calls one gateway process serves at once; more get RESOURCE_EXHAUSTED at once.",
+    )
+    gateway_redis_max_connections: int = Field(
+        default=32,
+        ge=2,
+        le=10_000,
+        description="Redis connections one gateway process uses for commands (its event reader holds one "
+        "more); a command waits for a free one, and a call that waits too long gets RESOURCE_EXHAUSTED.",
+    )
+    gateway_redis_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a free Redis connection before a call gets RESOURCE_EXHAUSTED.",
+    )
     gateway_default_timeout_s: float = Field(
         default=300.0, gt=0, description="Deadline of a request whose client set none."
     )

@@ -33,22 +33,26 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_ignore_result=True,
-    # Unacknowledged tasks come back after this long, checked every 2 s: a task whose worker died
-    # before claiming its job is run again; one whose job is running or answered is dropped by its claim
-    # (a running job is covered by its lease, so this need not outlast a job).
-    broker_transport_options={
-        "visibility_timeout": settings.student_redelivery_s,
-        "unacked_restore_interval": 2,
-        "unacked_restore_throttle": 1,
-    },
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
     # A Redis blip must not abandon running jobs: they finish, publish once Redis is back, and their
     # unacknowledgeable tasks return later only to be dropped by their claim.
     worker_cancel_long_running_tasks_on_connection_loss=False,
-    # rediss://: kombu needs the TLS options spelled out (None keeps a plain connection).
-    **celery_broker(settings.redis_url),
+    # rediss://: kombu needs the TLS options spelled out (None keeps a plain connection). Every key under
+    # GKT_KEY_PREFIX.
+    **celery_broker(
+        settings.redis_url,
+        key_prefix=settings.key_prefix,
+        # Unacknowledged tasks come back after this long, checked every 2 s: a task whose worker died
+        # before claiming its job is run again; one whose job is running or answered is dropped by its
+        # claim (a running job is covered by its lease, so this need not outlast a job).
+        transport_options={
+            "visibility_timeout": settings.student_redelivery_s,
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+        },
+    ),
 )
 
 log = logging.getLogger("gkt.student")

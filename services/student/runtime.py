@@ -17,7 +17,7 @@ from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import Guidance, GuidanceMode, Job
 from gkt.models import load_model
-from gkt.queue import STUDENT_QUEUE, Keys, SyncEventPublisher, connect
+from gkt.queue import Keys, SyncEventPublisher, connect
 from services.student.completion import JobLimits, run_job
 from services.student.heartbeat import Heartbeat
 from services.student.jobbook import JobBook
@@ -144,7 +144,7 @@ class StudentRuntime:
         orphans = leases.sweep(
             self.publisher.redis,
             keys=self.publisher.keys,
-            queue=STUDENT_QUEUE,
+            queue=self.publisher.keys.student_queue,
             now=time.time(),
             redelivery_s=self.settings.student_redelivery_s,
             ttl_s=self.settings.job_ttl_s,

@@ -30,7 +30,7 @@ async def serve(settings: TeacherSettings) -> None:
     await backend.start()
     backend.check_limits(max_new_tokens=settings.teacher_max_guidance_tokens)
     redis = connect_async(settings.redis_url)
-    celery = student_client(broker_url=settings.redis_url)
+    celery = student_client(broker_url=settings.redis_url, key_prefix=settings.key_prefix)
     worker = TeacherWorker(
         settings=settings,
         redis=redis,

@@ -15,6 +15,8 @@ from gkt.queue import MAX_BLOCK_MS, TEACHER_GROUP, Keys
 
 log = logging.getLogger(__name__)
 
+_CLAIM_MIN_IDLE_MS = 1000
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -73,6 +75,49 @@ async def claim_stale(
             count=len(claimed) + 16,
         )
         counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+    return batch, broken, counts
+
+
+async def claim_from_dead(
+    redis: Redis, *, keys: Keys, consumer: str, count: int
+) -> tuple[list[Delivery], list[str], dict[str, int]]:
+    """Take over the jobs of teachers whose heartbeat is gone, and remove from the group the dead teachers
+    that hold none (any more).
+
+    Returns the deliveries, unreadable ids, and how many times each entry has been delivered. An entry is
+    claimed only if idle for a second, so two teachers claiming at once never both take it.
+    """
+    consumers: Any = await redis.xinfo_consumers(keys.queries, TEACHER_GROUP)
+    others = [(_text(c["name"]), int(c["pending"])) for c in consumers if _text(c["name"]) != consumer]
+    if not others:
+        return [], [], {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for name, _ in others:
+            pipe.exists(keys.heartbeat("teacher", name))
+        alive = await pipe.execute()
+    batch: list[Delivery] = []
+    broken: list[str] = []
+    counts: dict[str, int] = {}
+    for (name, pending), beating in zip(others, alive, strict=True):
+        if beating:
+            continue
+        if not pending:
+            await redis.xgroup_delconsumer(keys.queries, TEACHER_GROUP, name)
+            log.info("a dead teacher left the group", extra={"consumer": name})
+            continue
+        if len(batch) >= count:
+            continue
+        rows: Any = await redis.xpending_range(
+            keys.queries, TEACHER_GROUP, min="-", max="+", count=count - len(batch), consumername=name
+        )
+        ids: list[Any] = [_text(row["message_id"]) for row in rows]
+        claimed: Any = await redis.xclaim(
+            keys.queries, TEACHER_GROUP, consumer, min_idle_time=_CLAIM_MIN_IDLE_MS, message_ids=ids
+        )
+        _parse([entry for entry in claimed if entry and entry[1] is not None], batch, broken)
+        # XCLAIM counts one more delivery
+        counts.update({_text(row["message_id"]): int(row["times_delivered"]) + 1 for row in rows})
+        log.warning("took over a dead teacher's jobs", extra={"consumer": name, "jobs": len(claimed)})
     return batch, broken, counts
 
 

@@ -44,7 +44,17 @@ class TeacherSettings(CommonSettings):
     )
     teacher_top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
     teacher_claim_idle_ms: int = Field(
-        default=60_000, ge=1_000, description="Jobs a teacher held this long without acking are reclaimed."
+        default=60_000,
+        ge=1_000,
+        description="Jobs a teacher held this long without acking are reclaimed even though its heartbeat "
+        "goes on (a teacher that hangs).",
+    )
+    teacher_heartbeat_ttl_s: float = Field(
+        default=10.0,
+        ge=1.0,
+        le=600.0,
+        description="Lifetime of a teacher's heartbeat, renewed every third of it, generating or not: other "
+        "teachers take over the jobs of one whose heartbeat expired (checked every 2 s at most).",
     )
     teacher_max_deliveries: int = Field(
         default=3,

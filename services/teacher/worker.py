@@ -29,8 +29,6 @@ from gkt.jobs import (
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
 from gkt.queue import (
     DEAD_LETTERS_MAXLEN,
-    HEARTBEAT_EVERY_S,
-    HEARTBEAT_TTL_S,
     MAX_BLOCK_MS,
     TEACHER_GROUP,
     AnyEvent,
@@ -43,7 +41,7 @@ from gkt.queue import (
     teacher_pace,
 )
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
-from services.teacher.batching import Delivery, claim_stale, collect_batch
+from services.teacher.batching import Delivery, claim_from_dead, claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +49,7 @@ log = logging.getLogger(__name__)
 Dispatch = Callable[[Job, Guidance], None]
 _REDIS_RETRY_S = 1.0
 _READ_MARK_TTL_S = 86_400
+_TAKEOVER_CHECK_S = 2.0
 
 
 class TeacherWorker:
@@ -66,6 +65,7 @@ class TeacherWorker:
         self.keys = Keys(settings.key_prefix)
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
+        self._last_takeover = 0.0
         self._batch_s: float | None = None
         """Seconds per batch (a moving average), published as this teacher's pace."""
 
@@ -77,16 +77,19 @@ class TeacherWorker:
         log.info(
             "teacher serving", extra={"consumer": self.settings.teacher_name, "backend": self.backend.name}
         )
-        beating = asyncio.create_task(self._beat_forever())
+        beating = asyncio.create_task(self._keep_heartbeat(), name="gkt-teacher-heartbeat")
         try:
             await self._serve()
         finally:
             beating.cancel()
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
                 # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting
-                # it, and it leaves the status at once.
-                await self.redis.hdel(self.keys.teacher_pace, self.settings.teacher_name)
-                await self.redis.delete(self._heartbeat_key)
+                # it. Its heartbeat goes too: it leaves the status at once, and jobs it still holds are taken
+                # over at once.
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hdel(self.keys.teacher_pace, self.settings.teacher_name)
+                    pipe.delete(self._heartbeat_key)
+                    await pipe.execute()
 
     async def _serve(self) -> None:
         while not self._stopping.is_set():
@@ -212,8 +215,18 @@ class TeacherWorker:
         )
 
     async def _next_batch(self) -> list[Delivery]:
-        """Stale jobs of dead teachers first (checked every few seconds), then new ones."""
+        """Jobs of dead teachers first (checked every few seconds), then new ones. A teacher is dead when its
+        heartbeat expired; one that hangs with its heartbeat going is passed over after the claim idle time."""
         s = self.settings
+        if time.monotonic() - self._last_takeover > min(_TAKEOVER_CHECK_S, s.teacher_heartbeat_ttl_s / 3):
+            self._last_takeover = time.monotonic()
+            claimed, broken, deliveries = await claim_from_dead(
+                self.redis, keys=self.keys, consumer=s.teacher_name, count=s.teacher_max_batch_size
+            )
+            await self._ack(broken)
+            if claimed:
+                metrics.TEACHER_CLAIMED.inc(len(claimed))
+                return await self._drop_poisoned(claimed, deliveries)
         if time.monotonic() - self._last_claim > min(5.0, s.teacher_claim_idle_ms / 2000):
             self._last_claim = time.monotonic()
             claimed, broken, deliveries = await claim_stale(
@@ -292,15 +305,17 @@ class TeacherWorker:
     def _heartbeat_key(self) -> str:
         return self.keys.heartbeat("teacher", self.settings.teacher_name)
 
-    async def _beat_forever(self) -> None:
-        """Say this teacher is alive every few seconds, from a timer: a batch longer than the heartbeat's
-        lifetime, or an idle wait, must not make it look dead."""
+    async def _keep_heartbeat(self) -> None:
+        """Say this teacher is alive now and every third of the heartbeat's lifetime, from a timer: a batch
+        being generated (off the event loop) or an idle wait must not make it look dead, and only a dead
+        teacher's heartbeat expires (its jobs are then taken over)."""
+        ttl_ms = int(self.settings.teacher_heartbeat_ttl_s * 1000)
         while True:
             try:
-                await self.redis.set(self._heartbeat_key, heartbeat_value(at=time.time()), ex=HEARTBEAT_TTL_S)
+                await self.redis.set(self._heartbeat_key, heartbeat_value(at=time.time()), px=ttl_ms)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("heartbeat not written", extra={"error": str(exc)})
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
+            await asyncio.sleep(self.settings.teacher_heartbeat_ttl_s / 3)
 
     async def _mark_read(self) -> None:
         """Tell gateways a teacher is about to read the query stream (they go student-only when none has

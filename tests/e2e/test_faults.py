@@ -151,6 +151,43 @@ def test_jobs_of_a_teacher_killed_mid_batch_are_reclaimed_and_answered_once(
         assert "claimed" in stack.log("teacher") or all(r.timings.teacher_batch_size == 4 for r in replies)
 
 
+def test_a_teacher_killed_holding_a_batch_is_taken_over_when_its_heartbeat_expires_and_leaves_the_group(
+    tiny_models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # The claim idle time is far beyond the calls' deadline: only the heartbeat can explain a takeover.
+    with (
+        _stack(
+            tiny_models,
+            tmp_path,
+            GKT_TEACHER_MAX_WAIT_MS="5000",
+            GKT_TEACHER_CLAIM_IDLE_MS="600000",
+            GKT_TEACHER_HEARTBEAT_TTL_S="3",
+        ) as stack,
+        _client(stack) as (stub, redis),
+    ):
+        sampling = pb.SamplingParams(temperature=0, max_new_tokens=8)
+        futures: list[Future[pb.GenerateResponse]] = [
+            stub.Generate.future(_request(f"Question {i}?", sampling), timeout=60) for i in range(4)
+        ]
+        _until(
+            lambda: redis.xpending(KEYS.queries, TEACHER_GROUP)["pending"] == 4,
+            what="the teacher to read 4 jobs",
+        )
+        (holder,) = [c["name"] for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP) if c["pending"]]
+        stack.kill("teacher")
+        stack.restart("teacher")
+
+        replies = [f.result() for f in futures]
+
+        _assert_each_answered_once(redis, replies, submitted=4)
+        assert "took over a dead teacher's jobs" in stack.log("teacher")
+        _until(
+            lambda: holder not in [c["name"] for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)],
+            timeout_s=30,
+            what="the dead teacher to leave the group",
+        )
+
+
 def test_a_student_killed_mid_job_is_redelivered_and_answered_once(
     tiny_models: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -136,11 +136,8 @@ def test_status_reports_workers_and_queues_and_fails_without_students(redis_url:
     redis.xadd(keys.queries, {"job": "{}"}, id=f"{int((now - 30) * 1000)}-0")
     redis.xadd(keys.queries, {"job": "{}"})
     redis.xadd(keys.dead_letters, {"job": "{}", "reason": "test"})
-    redis.rpush("student", "task-1", "task-2")
-    try:
-        _check_status(redis, keys=keys, env={"GKT_REDIS_URL": redis_url, "GKT_KEY_PREFIX": "status"}, now=now)
-    finally:
-        redis.delete("student")  # no Celery worker of another test may take these
+    redis.rpush(keys.student_queue, "task-1", "task-2")  # under the prefix, apart from other tests' workers
+    _check_status(redis, keys=keys, env={"GKT_REDIS_URL": redis_url, "GKT_KEY_PREFIX": "status"}, now=now)
 
 
 def _check_status(redis: Redis, *, keys: Keys, env: dict[str, str], now: float) -> None:

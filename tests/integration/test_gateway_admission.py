@@ -13,7 +13,8 @@ import grpc
 import pytest
 from redis import Redis
 
-from gkt.queue import Keys, teacher_pace
+from gkt.errors import ResourceExhausted
+from gkt.queue import Keys, connect_bounded, teacher_pace
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.gateway.server import Gateway
@@ -109,3 +110,21 @@ async def test_a_deadline_the_queue_ahead_will_outlast_is_refused_at_once(
                 call.cancel()
     finally:
         await gateway.stop()
+
+
+async def test_a_command_that_waits_too_long_for_a_redis_connection_is_overload_not_an_outage(
+    redis_url: str, redis: Redis
+) -> None:
+    client = connect_bounded(redis_url, max_connections=2, wait_s=0.2, client_name="gkt-gateway-test")
+    try:
+        # both connections busy for a second (blocking pops on an empty list)
+        busy = [asyncio.ensure_future(client.blpop(["admission:nothing"], timeout=1)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(ResourceExhausted, match=r"all 2 Redis connections stayed busy for 0\.2 s"):
+            await client.ping()
+        await asyncio.gather(*busy)
+        assert await client.ping()  # a connection is free again
+        names = [c["name"] for c in redis.client_list()]
+        assert names.count("gkt-gateway-test") == 2
+    finally:
+        await client.aclose()

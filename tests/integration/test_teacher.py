@@ -28,7 +28,7 @@ from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_event
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.echo import EchoBackend
 from services.teacher.backends.local import LocalBackend
-from services.teacher.batching import claim_stale, collect_batch
+from services.teacher.batching import claim_from_dead, claim_stale, collect_batch
 from services.teacher.settings import TeacherSettings
 from services.teacher.worker import TeacherWorker
 
@@ -219,3 +219,33 @@ async def test_cancelled_jobs_are_answered_cancelled_ungenerated_and_free_their_
     assert isinstance(last, ErrorEvent) and last.code == "CANCELLED"
     assert await aredis.zcard(KEYS.queued("tenant-1")) == 0  # both slots freed with the ack
     assert await aredis.xlen(KEYS.queries) == 0
+
+
+async def test_jobs_of_a_teacher_whose_heartbeat_is_gone_are_taken_over_and_dead_teachers_leave_the_group(
+    aredis: AsyncRedis,
+) -> None:
+    await ensure_group(aredis, keys=KEYS)
+    for i in range(4):
+        await enqueue_job(aredis, keys=KEYS, job=Job(query=f"Held {i}?"))
+    # "dead" read three jobs and has no heartbeat; "alive" read one and beats; "gone" holds nothing
+    await aredis.xreadgroup(TEACHER_GROUP, "dead", {KEYS.queries: ">"}, count=3)
+    await aredis.xreadgroup(TEACHER_GROUP, "alive", {KEYS.queries: ">"}, count=1)
+    await aredis.xreadgroup(TEACHER_GROUP, "gone", {KEYS.queries: ">"}, count=1)
+    await aredis.set(KEYS.heartbeat("teacher", "alive"), "1", ex=60)
+    await asyncio.sleep(1.1)  # entries are claimed only once idle for a second
+
+    claimed, broken, deliveries = await claim_from_dead(aredis, keys=KEYS, consumer="me", count=8)
+
+    assert ([d.job.query for d in claimed], broken) == (["Held 0?", "Held 1?", "Held 2?"], [])
+    assert set(deliveries.values()) == {2}
+    consumers = {
+        c["name"].decode(): c["pending"] for c in await aredis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)
+    }
+    assert consumers == {"dead": 0, "alive": 1, "me": 3}
+    # the next round removes the dead teacher that holds nothing any more; a claim is taken once
+    again, _, _ = await claim_from_dead(aredis, keys=KEYS, consumer="other", count=8)
+    assert again == []
+    consumers = {
+        c["name"].decode(): c["pending"] for c in await aredis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)
+    }
+    assert consumers == {"alive": 1, "me": 3}

@@ -211,6 +211,11 @@ BROKEN: dict[str, tuple[Mutation, str]] = {
         "Deployment gkt/student: container student: terminationGracePeriodSeconds (360) must exceed "
         "GKT_STUDENT_TASK_TIME_LIMIT_S (600)",
     ),
+    "gateway grace period shorter than its preStop and drain": (
+        _replace("base/config.env", "GKT_GATEWAY_GRACE_S=40", "GKT_GATEWAY_GRACE_S=55"),
+        "Deployment gkt/gateway: container gateway: terminationGracePeriodSeconds (60) must exceed its preStop "
+        "sleep (5) + GKT_GATEWAY_GRACE_S (55) so calls in flight can finish",
+    ),
     "writable root filesystem": (
         _replace("base/teacher.yaml", "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
         "Deployment gkt/teacher: container teacher: securityContext.readOnlyRootFilesystem must be true",

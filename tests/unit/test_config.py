@@ -70,7 +70,7 @@ def test_a_rediss_url_gives_celery_verified_tls_options() -> None:
 
 def test_the_celery_apps_carry_the_tls_options_of_a_rediss_url() -> None:
     url = "rediss://:pw@redis.internal:6380/0?ssl_ca_certs=/ca.pem"
-    app = student_client(broker_url=url)
+    app = student_client(broker_url=url, key_prefix="gkt")
     assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/ca.pem"}
     with app.connection_for_write() as connection:  # the kombu connection Celery would open
         assert connection.ssl == app.conf.broker_use_ssl
