@@ -202,7 +202,9 @@ def test_a_student_killed_mid_job_is_redelivered_and_answered_once(
         _assert_each_answered_once(redis, replies, submitted=3)
         assert killer.killed, "no job was caught mid-generation"
         for job_id, _attempt in killer.killed:
-            assert int(redis.get(KEYS.attempts(job_id)) or 0) == 2  # died once, answered by the redelivery
+            # Died at least once and answered by a later delivery: a worker decodes several jobs at once,
+            # so a kill aimed at one job's first attempt can also catch another's second.
+            assert int(redis.get(KEYS.attempts(job_id)) or 0) >= 2
 
 
 def test_a_job_that_keeps_killing_its_students_is_dead_lettered_with_an_error(

@@ -70,14 +70,12 @@ class _StuckBackend:
     async def close(self) -> None: ...
 
 
-async def test_a_teacher_heartbeat_is_rewritten_during_a_long_batch(
-    redis_url: str, redis: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("services.teacher.worker.HEARTBEAT_EVERY_S", 0.05)
+async def test_a_teacher_heartbeat_is_rewritten_during_a_long_batch(redis_url: str, redis: Redis) -> None:
     aredis = AsyncRedis.from_url(redis_url)
     await ensure_group(aredis, keys=KEYS)
     backend = _StuckBackend()
-    settings = TeacherSettings(key_prefix=KEYS.prefix, teacher_name="t1")
+    # renewed every third of its lifetime: every 0.33 s here
+    settings = TeacherSettings(key_prefix=KEYS.prefix, teacher_name="t1", teacher_heartbeat_ttl_s=1.0)
     worker = TeacherWorker(settings=settings, redis=aredis, backend=backend, dispatch=lambda job, g: None)
     key = KEYS.heartbeat("teacher", "t1")
     running = asyncio.create_task(worker.run())
