@@ -28,28 +28,6 @@ from gkt.errors import GktError, InvalidArgument, ResourceExhausted, Unavailable
 log = logging.getLogger(__name__)
 
 
-def wrapped(
-    handler: grpc.RpcMethodHandler,
-    *,
-    unary: Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]],
-    stream: Callable[[Callable[..., AsyncGenerator[Any, None]]], Callable[..., Any]],
-) -> grpc.RpcMethodHandler:
-    """`handler` with its behaviour wrapped by `unary` or `stream` (the API has no client streaming)."""
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler
-
-
 DEADLINE_SLACK_S = 1.0
 """How long after its deadline a call is cut: the service's own deadline check normally ends it first."""
 
@@ -73,7 +51,19 @@ class DeadlineInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
             return handler
-        return wrapped(handler, unary=self._unary, stream=self._stream)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def ended_by_deadline(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -161,7 +151,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith("/gkt.v1."):
             return handler
         call = _Call(rpc=method.rsplit("/", 1)[-1], span=method.lstrip("/"), details=handler_call_details)
-        return wrapped(handler, unary=call.unary, stream=call.stream)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                call.unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                call.stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 class _Call:
@@ -271,7 +273,19 @@ class InFlightLimitInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
             return handler
-        return wrapped(handler, unary=self._unary, stream=self._stream)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -323,7 +337,19 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
             return handler
-        return wrapped(handler, unary=_wrap_unary, stream=_wrap_stream)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 def _wrap_unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
