@@ -15,7 +15,8 @@ from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gkt.config import CommonSettings
-from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, connect, parse_heartbeat
+from gkt.connections import connect
+from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, parse_heartbeat
 from services.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a

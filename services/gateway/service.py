@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gkt import logs, metrics, tracing
+from gkt.connections import connect_reader
 from gkt.dispatch import dispatch_student, student_client
 from gkt.errors import DeadlineExceeded, InvalidArgument, JobFailed, ResourceExhausted, Unavailable
 from gkt.jobs import (
@@ -30,7 +31,6 @@ from gkt.queue import (
     TAKE_SLOT,
     AnyEvent,
     Keys,
-    connect_reader,
     enqueue_job,
     publish_event,
     teacher_capacity,

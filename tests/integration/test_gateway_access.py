@@ -22,9 +22,10 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from redis import Redis
 
+from gkt.connections import connect_async
 from gkt.jobs import DeltaEvent, Guidance, GuidanceEvent, Job
 from gkt.logs import JsonFormatter
-from gkt.queue import AnyEvent, Keys, connect_async, publish_events
+from gkt.queue import AnyEvent, Keys, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.gateway.access import Limiter

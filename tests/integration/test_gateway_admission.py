@@ -13,8 +13,9 @@ import grpc
 import pytest
 from redis import Redis
 
+from gkt.connections import connect_bounded
 from gkt.errors import ResourceExhausted
-from gkt.queue import Keys, connect_bounded, teacher_pace
+from gkt.queue import Keys, teacher_pace
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.gateway.server import Gateway
