@@ -13,17 +13,22 @@ from collections.abc import Callable
 import torch
 
 from gkt import leases, metrics
+from gkt.connections import connect, outlasting
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import Guidance, GuidanceMode, Job
 from gkt.models import load_model
-from gkt.queue import Keys, SyncEventPublisher, connect
+from gkt.queue import Keys, SyncEventPublisher
 from services.student.completion import JobLimits, run_job
 from services.student.heartbeat import Heartbeat
 from services.student.jobbook import JobBook
 from services.student.settings import StudentSettings
 
 log = logging.getLogger(__name__)
+
+REDIS_OUTAGE_S = 30.0
+"""A Redis restart or a Sentinel failover this long is waited out: a job's next publish blocks until Redis
+is back, and the job goes on (a longer outage leaves the job to its lease)."""
 
 SendTask = Callable[[str, str], None]
 """Sends a student task (job JSON, guidance JSON) to the queue: how orphaned jobs are sent again."""
@@ -82,7 +87,7 @@ class StudentRuntime:
             engine.generate([EngineRequest(prompt_ids=encode(lm, "Q: 1+1?\nA:"), max_new_tokens=2)])
         engine.start()
         keys = Keys(settings.key_prefix)
-        redis = connect(settings.redis_url)
+        redis = connect(settings.redis_url, retry=outlasting(REDIS_OUTAGE_S))
         publisher = SyncEventPublisher(redis, keys=keys, ttl_s=settings.job_ttl_s)
         publisher.watch_cancellations()
         name = f"{socket.gethostname()}-{os.getpid()}"
