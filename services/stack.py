@@ -21,9 +21,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from redis import Redis
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
+from gkt.connections import connect
 from gkt.queue import Keys
 from services.startup import READY, ProgressLines, last_message, worker_phase
 
@@ -98,8 +98,9 @@ class Stack:
             )
 
     def stop(self, *, timeout_s: float = 30) -> None:
-        """Stop in reverse start order, each before the next (gateway drains first, Redis goes last)."""
-        for name in reversed(list(self.processes)):
+        """Stop in reverse start order, each before the next (gateway drains first, Redis goes last), even
+        after `restart()` started some again."""
+        for name in sorted(self.processes, key=_start_order, reverse=True):
             process = self.processes.pop(name)
             _terminate(process.pid)
             try:
@@ -138,7 +139,7 @@ class Stack:
         self._spawn("redis", [*command, "--dir", str(self.state_dir)], dict(os.environ))
         url = f"redis://127.0.0.1:{port}/0"
         _wait(
-            lambda: Redis.from_url(url).ping(),
+            lambda: connect(url).ping(),
             timeout_s=10,
             stack=self,
             stuck=lambda: f"redis-server does not answer at {url} (log {self.log_path('redis')})",
@@ -206,7 +207,7 @@ class Stack:
 
     def _wait_ready(self, *, timeout_s: float, progress: bool) -> None:
         """Until every worker has a heartbeat and the gateway serves; `progress`: a line per worker."""
-        redis = Redis.from_url(self.redis_url or "")
+        redis = connect(self.redis_url or "")
         keys = Keys(self.env.get("GKT_KEY_PREFIX", os.environ.get("GKT_KEY_PREFIX", "gkt")))
         workers = [name for name in self.processes if name not in ("redis", "gateway")]
         lines = ProgressLines(workers) if progress else None
@@ -280,6 +281,11 @@ def stop_detached(state_dir: Path, *, timeout_s: float = 30) -> list[str]:
             _kill_group(pid)
     record.unlink()
     return list(pids)
+
+
+def _start_order(name: str) -> int:
+    """Where a process comes in the order `start()` starts them."""
+    return {"redis": 0, "teacher": 1, "gateway": 3}.get(name, 2)
 
 
 def _student_command(name: str) -> list[str]:
