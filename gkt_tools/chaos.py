@@ -1,0 +1,224 @@
+"""`gkt chaos`: the fault matrix against a real local stack (every scenario of `gkt_tools.scenarios`), with
+a progress bar while it runs and a table of what the calls came to, on stdout and in a Markdown file.
+
+The stack runs the models GKT_TEACHER_MODEL and GKT_STUDENT_MODEL name (the bundled ones by default);
+the Sentinel failover runs on a second stack whose Redis is a Sentinel group of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gkt.arguments import whole_number
+from gkt.connections import connect, outlasting
+from gkt.queue import Keys
+from gkt_tools import scenarios
+from gkt_tools.load import Tally
+from gkt_tools.scenarios import SCENARIOS, Row, Target, wait_healthy
+from gkt_tools.sentinel import SentinelGroup
+from services.stack import Stack, StackError, free_port
+
+RECOVERY_GOAL_S = 30.0
+KEY_PREFIX = "chaos"
+CHAOS_ENV = {
+    "GKT_KEY_PREFIX": KEY_PREFIX,
+    # the burst is one tenant: its 500 jobs may all wait for a teacher at once
+    "GKT_GATEWAY_KEY_MAX_QUEUED": "0",
+    "GKT_GATEWAY_METRICS_PORT": "0",
+    "GKT_TEACHER_METRICS_PORT": "0",
+    "GKT_STUDENT_METRICS_PORT": "0",
+}
+"""Settings of the stacks chaos starts, unless the environment sets them."""
+_HEADER = (
+    "| scenario | sent | answered | failed by status | lost | duplicated | seconds to recover "
+    "| student worker restarts |"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(SCENARIOS)
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"comma list of {names} (default: all)"
+    )
+    parser.add_argument(
+        "--calls",
+        type=whole_number(1, 1000),
+        default=16,
+        help="calls in flight at each fault (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=whole_number(1, 1024),
+        default=48,
+        help="student tokens per call: long enough that a fault meets running jobs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--deadline", type=whole_number(10, 3600), default=180,
+        help="each call's deadline in seconds: a call still unanswered then is lost (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--students", type=whole_number(2, 16), default=2, help="student workers (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(".gkt/chaos.md"),
+        help="the table's Markdown file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".gkt/chaos"),
+        help="the stacks' state and logs (default: %(default)s)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown or not chosen:
+        print(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}", file=sys.stderr
+        )
+        return 2
+    chosen = [name for name in SCENARIOS if name in chosen]
+    # A plain SIGTERM would skip the `finally` that stops the stacks: exit through it instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = datetime.now(UTC)
+    rows: list[Row | tuple[str, str]] = []
+    bar = tqdm(total=len(chosen), desc="chaos", unit="scenario", file=sys.stderr, dynamic_ncols=True)
+    try:
+        plain = [name for name in chosen if name != "sentinel-failover"]
+        if plain:
+            with _target(args, bar, sentinel=False) as target:
+                rows += _run_scenarios(plain, target, bar)
+        if "sentinel-failover" in chosen:
+            with _target(args, bar, sentinel=True) as target:
+                rows += _run_scenarios(["sentinel-failover"], target, bar)
+    except StackError as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    report = _report(rows, args=args, started=started)
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report + "\n")
+    print(f"table written to {args.out}", file=sys.stderr)
+    return 0 if all(isinstance(row, Row) and not _misses(row) for row in rows) else 1
+
+
+def _run_scenarios(names: list[str], target: Target, bar: tqdm[None]) -> list[Row | tuple[str, str]]:
+    rows: list[Row | tuple[str, str]] = []
+    for name in names:
+        target.step = _showing(bar, name)
+        try:
+            wait_healthy(target)
+            rows.append(SCENARIOS[name](target))
+        except (TimeoutError, RuntimeError) as exc:
+            rows.append((name, str(exc)))
+        bar.update(1)
+    return rows
+
+
+def _showing(bar: tqdm[None], scenario: str) -> Callable[[str], None]:
+    """What the bar says a scenario is doing."""
+
+    def step(text: str) -> None:
+        bar.set_postfix_str(f"{scenario}: {text}")
+
+    return step
+
+
+@contextlib.contextmanager
+def _target(args: argparse.Namespace, bar: tqdm[None], *, sentinel: bool) -> Iterator[Target]:
+    state = args.state_dir / ("sentinel" if sentinel else "stack")
+    group = SentinelGroup(state / "redis") if sentinel else None
+    env = {name: value for name, value in CHAOS_ENV.items() if name not in os.environ}
+    stack = Stack(state_dir=state, env=env, students=args.students, gateway_addr=f"127.0.0.1:{free_port()}")
+    try:
+        if group is not None:
+            bar.set_postfix_str("starting a Sentinel group")
+            group.start()
+            stack.redis_url = group.url
+        bar.set_postfix_str(f"starting a stack (logs in {state / 'logs'})")
+        stack.start()
+        keys = Keys(os.environ.get("GKT_KEY_PREFIX", KEY_PREFIX))
+        yield Target(
+            stack=stack,
+            redis=connect(stack.redis_url or "", retry=outlasting(30)),
+            keys=keys,
+            request=lambda index: scenarios.request(index, max_new_tokens=args.max_new_tokens),
+            calls=args.calls,
+            deadline_s=args.deadline,
+            sentinels=group,
+        )
+    finally:
+        stack.stop()
+        if group is not None:
+            group.stop()
+
+
+def _misses(row: Row) -> list[str]:
+    """The goals a scenario missed: nothing lost, nothing twice, no INTERNAL/UNKNOWN, recovery in 30 s."""
+    counted: Tally = row.tally
+    missed = [f"{counted.lost} lost"] if counted.lost else []
+    if counted.duplicated:
+        missed.append(f"{counted.duplicated} duplicated")
+    if counted.server_faults:
+        missed.append(f"{counted.server_faults} INTERNAL/UNKNOWN")
+    if not row.recovered:
+        missed.append("never answered again")
+    elif row.recovery_s is not None and row.recovery_s > RECOVERY_GOAL_S:
+        missed.append(f"recovered in {row.recovery_s:.1f} s")
+    return missed
+
+
+def _report(rows: list[Row | tuple[str, str]], *, args: argparse.Namespace, started: datetime) -> str:
+    command = (
+        f"gkt chaos --scenarios {args.scenarios} --calls {args.calls} --max-new-tokens {args.max_new_tokens} "
+        f"--deadline {args.deadline} --students {args.students}"
+    )
+    lines = [
+        f"`{command}`, {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({platform.machine()}); teacher "
+        f"{os.environ.get('GKT_TEACHER_MODEL', 'gemma-3-270m')}, student "
+        f"{os.environ.get('GKT_STUDENT_MODEL', 'smollm2-135m-instruct')}, {args.students} students; "
+        f"{args.calls} streaming calls in flight at each fault, {args.max_new_tokens} new tokens each, "
+        f"deadline {args.deadline} s",
+        "",
+        _HEADER,
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    missed: list[str] = []
+    for row in rows:
+        if not isinstance(row, Row):
+            lines.append(f"| {row[0]} | – | – | could not run: {row[1]} | – | – | – | – |")
+            missed.append(f"{row[0]}: could not run")
+            continue
+        counted = row.tally
+        recovery = (
+            "never" if not row.recovered else "–" if row.recovery_s is None else f"{row.recovery_s:.1f}"
+        )
+        lines.append(
+            f"| {row.scenario} | {counted.sent} | {counted.answered} | {counted.failed_text()} | "
+            f"{counted.lost} | {counted.duplicated} | {recovery} | {row.worker_restarts} |"
+        )
+        missed += [f"{row.scenario}: {miss}" for miss in _misses(row)]
+    took = f"(the matrix took {time.time() - started.timestamp():.0f} s)"
+    if missed:
+        lines += ["", f"goal missed {took}: " + "; ".join(missed)]
+    else:
+        lines += ["", f"goal met {took}: nothing lost or answered twice, no INTERNAL or UNKNOWN, every "
+                  f"recovery within {RECOVERY_GOAL_S:.0f} s"]  # fmt: skip
+    return "\n".join(lines)
