@@ -24,7 +24,9 @@ def test_a_sentinel_url_names_its_sentinels_master_database_and_password() -> No
         db=2,
         password="s3cret",
     )
-    assert sentinel_target("redis+sentinel://[::1]:26379/m") == SentinelTarget(sentinels=(("::1", 26379),), master="m")
+    assert sentinel_target("redis+sentinel://[::1]:26379/m") == SentinelTarget(
+        sentinels=(("::1", 26379),), master="m"
+    )
     assert sentinel_target("redis://127.0.0.1:6379/0") is None
 
 
