@@ -38,6 +38,8 @@ CHAOS_ENV = {
     "GKT_GATEWAY_METRICS_PORT": "0",
     "GKT_TEACHER_METRICS_PORT": "0",
     "GKT_STUDENT_METRICS_PORT": "0",
+    # long enough for most streams in flight to finish as the gateway drains (Kubernetes gives it 40 s)
+    "GKT_GATEWAY_GRACE_S": "20",
 }
 """Settings of the stacks chaos starts, unless the environment sets them."""
 _HEADER = (
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calls",
         type=whole_number(1, 1000),
-        default=16,
+        default=8,
         help="calls in flight at each fault (default: %(default)s)",
     )
     parser.add_argument(
@@ -70,6 +72,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--students", type=whole_number(2, 16), default=2, help="student workers (default: %(default)s)"
     )
+    parser.add_argument(
+        "--teachers", type=whole_number(1, 8), default=2,
+        help="teacher workers: with 2 or more, a killed teacher's batch is taken over by another (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument(
         "--out",
         type=Path,
@@ -146,7 +152,13 @@ def _target(args: argparse.Namespace, bar: tqdm[None], *, sentinel: bool) -> Ite
     state = args.state_dir / ("sentinel" if sentinel else "stack")
     group = SentinelGroup(state / "redis") if sentinel else None
     env = {name: value for name, value in CHAOS_ENV.items() if name not in os.environ}
-    stack = Stack(state_dir=state, env=env, students=args.students, gateway_addr=f"127.0.0.1:{free_port()}")
+    stack = Stack(
+        state_dir=state,
+        env=env,
+        students=args.students,
+        teachers=args.teachers,
+        gateway_addr=f"127.0.0.1:{free_port()}",
+    )
     try:
         if group is not None:
             bar.set_postfix_str("starting a Sentinel group")
@@ -188,12 +200,13 @@ def _misses(row: Row) -> list[str]:
 def _report(rows: list[Row | tuple[str, str]], *, args: argparse.Namespace, started: datetime) -> str:
     command = (
         f"gkt chaos --scenarios {args.scenarios} --calls {args.calls} --max-new-tokens {args.max_new_tokens} "
-        f"--deadline {args.deadline} --students {args.students}"
+        f"--deadline {args.deadline} --students {args.students} --teachers {args.teachers}"
     )
     lines = [
         f"`{command}`, {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({platform.machine()}); teacher "
         f"{os.environ.get('GKT_TEACHER_MODEL', 'gemma-3-270m')}, student "
-        f"{os.environ.get('GKT_STUDENT_MODEL', 'smollm2-135m-instruct')}, {args.students} students; "
+        f"{os.environ.get('GKT_STUDENT_MODEL', 'smollm2-135m-instruct')}, {args.teachers} teachers, "
+        f"{args.students} students; "
         f"{args.calls} streaming calls in flight at each fault, {args.max_new_tokens} new tokens each, "
         f"deadline {args.deadline} s",
         "",

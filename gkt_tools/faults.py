@@ -50,10 +50,20 @@ def student_names(stack: Stack) -> list[str]:
     return [name for name in stack.processes if name.startswith("student-")]
 
 
-def teacher_holds_a_batch(redis: Redis, *, keys: Keys) -> bool:
-    """Whether a teacher has read jobs it has not acknowledged yet (a batch being generated)."""
-    pending: Any = redis.xpending(keys.queries, TEACHER_GROUP)
-    return int(pending["pending"]) > 0
+def teacher_names(stack: Stack) -> list[str]:
+    return [name for name in stack.processes if name.startswith("teacher")]
+
+
+def teacher_holding_a_batch(stack: Stack, redis: Redis, *, keys: Keys) -> str | None:
+    """A teacher (by its name in the stack) that has read jobs it has not acknowledged yet (a batch being
+    generated), else None."""
+    consumers: Any = redis.xinfo_consumers(keys.queries, TEACHER_GROUP)
+    holders = {_text(c["name"]) for c in consumers if int(c["pending"]) > 0}
+    host = socket.gethostname()
+    for name in teacher_names(stack):
+        if f"{host}-{stack.processes[name].pid}" in holders:
+            return name
+    return None
 
 
 def kill_worker_process(stack: Stack, name: str) -> int:
@@ -79,9 +89,9 @@ def all_workers_alive(stack: Stack, redis: Redis, *, keys: Keys) -> bool:
     if any(process.poll() is not None for process in stack.processes.values()):
         return False
     host = socket.gethostname()
-    beats = []
-    if "teacher" in stack.processes:
-        beats.append(keys.heartbeat("teacher", f"{host}-{stack.processes['teacher'].pid}"))
+    beats = [
+        keys.heartbeat("teacher", f"{host}-{stack.processes[name].pid}") for name in teacher_names(stack)
+    ]
     for name in student_names(stack):
         pid = worker_pid(stack, name)
         if pid is None:
@@ -101,3 +111,7 @@ def wait_until(check: Callable[[], object], *, timeout_s: float, what: str, ever
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(every_s)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -114,16 +114,30 @@ def redis_restart(target: Target) -> Row:
 
 
 def teacher(target: Target) -> Row:
-    """SIGKILL the teacher while it holds a batch, and start a new one: it takes the batch over once the
-    dead teacher's heartbeat expires."""
-    return _under_fault(
-        target,
-        "teacher killed holding a batch",
-        ready=lambda _load: faults.teacher_holds_a_batch(target.redis, keys=target.keys),
-        what="the teacher to hold a batch",
-        fault=lambda: target.stack.kill("teacher"),
-        repair=lambda: target.stack.restart("teacher"),
-    )
+    """SIGKILL a teacher while it holds a batch: another teacher takes the batch over once the dead one's
+    heartbeat expires. With a single teacher, a new one is started at once and takes it over when it has
+    loaded its model; with more, the killed one is started again once counted."""
+    victim: list[str] = []
+
+    def holding() -> bool:
+        name = faults.teacher_holding_a_batch(target.stack, target.redis, keys=target.keys)
+        if name is not None:
+            victim.append(name)
+        return name is not None
+
+    alone = len(faults.teacher_names(target.stack)) == 1
+    try:
+        return _under_fault(
+            target,
+            "teacher killed holding a batch",
+            ready=lambda _load: holding(),
+            what="a teacher to hold a batch",
+            fault=lambda: target.stack.kill(victim[0]),
+            repair=(lambda: target.stack.restart(victim[0])) if alone else None,
+        )
+    finally:
+        if victim and victim[0] not in target.stack.processes:
+            target.stack.restart(victim[0])
 
 
 def gateway_sigterm(target: Target) -> Row:
@@ -233,12 +247,11 @@ def _under_fault(
         target.step("sending")
         load.send(target.calls)
 
-        def moment() -> object:
-            if load.ended() == target.calls:
-                raise RuntimeError(f"every call ended before {what}: send longer jobs (--max-new-tokens)")
-            return ready(load)
-
-        faults.wait_until(moment, timeout_s=TRIGGER_TIMEOUT_S, what=what)
+        faults.wait_until(
+            lambda: load.ended() == target.calls or ready(load), timeout_s=TRIGGER_TIMEOUT_S, what=what
+        )
+        if load.ended() == target.calls:
+            raise RuntimeError(f"every call ended before {what}: send longer jobs (--max-new-tokens)")
         target.step("fault")
         fault_at = time.monotonic()
         fault()

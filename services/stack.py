@@ -50,6 +50,9 @@ class Stack:
     detach: bool = False
     teacher: bool = True
     """False starts no teacher: a gateway with GKT_GATEWAY_DEGRADED_AFTER_S then answers student-only."""
+    teachers: int = 1
+    """Teacher workers when `teacher` is true: `teacher`, then `teacher-1`, … (one takes over another's
+    batch when it dies)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     free_metrics_ports: bool = False
@@ -73,9 +76,10 @@ class Stack:
                 self.redis_url = self._start_redis()
                 self.private_redis = True
             env = self._service_env()
-            if self.teacher:
-                teacher_env = self._metrics_env(env, "teacher", "GKT_TEACHER_METRICS_PORT", 9102)
-                self._spawn("teacher", [sys.executable, "-m", "services.teacher"], teacher_env)
+            for i in range(self.teachers if self.teacher else 0):
+                name = f"teacher-{i}" if i else "teacher"
+                teacher_env = self._metrics_env(env, name, "GKT_TEACHER_METRICS_PORT", 9102, i * 10)
+                self._spawn(name, [sys.executable, "-m", "services.teacher"], teacher_env)
             for i in range(self.students):
                 self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i))
             gateway_env = self._metrics_env(env, "gateway", "GKT_GATEWAY_METRICS_PORT", 9101)
@@ -215,7 +219,7 @@ class Stack:
         def workers_up() -> bool:
             teachers = list(redis.scan_iter(match=keys.heartbeat("teacher", "*")))
             students = list(redis.scan_iter(match=keys.heartbeat("student", "*")))
-            up = (bool(teachers) or not self.teacher) and len(students) >= self.students
+            up = (len(teachers) >= self.teachers or not self.teacher) and len(students) >= self.students
             if lines is not None:
                 lines.show({n: READY if up else worker_phase(self.log(n)) for n in workers})
             return up
@@ -285,7 +289,7 @@ def stop_detached(state_dir: Path, *, timeout_s: float = 30) -> list[str]:
 
 def _start_order(name: str) -> int:
     """Where a process comes in the order `start()` starts them."""
-    return {"redis": 0, "teacher": 1, "gateway": 3}.get(name, 2)
+    return {"redis": 0, "gateway": 3}.get(name, 1 if name.startswith("teacher") else 2)
 
 
 def _student_command(name: str) -> list[str]:
