@@ -7,8 +7,10 @@ import socket
 from typing import Literal
 
 from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from gkt.config import CommonSettings
+from gkt.remote.settings import RemoteServerSettings
 
 
 class TeacherSettings(CommonSettings):
@@ -30,9 +32,29 @@ class TeacherSettings(CommonSettings):
         default=True,
         description="local backend: prefill each task's few-shot prefix once and reuse its KV cache.",
     )
-    teacher_max_batch_size: int = Field(default=8, ge=1, le=512, description="Most jobs in one batch.")
+    teacher_pipeline: bool = Field(
+        default=True,
+        description="Keep up to teacher_max_in_flight jobs generating, admitting each new job as an earlier one "
+        "finishes and publishing each job's guidance the moment it is ready; false = one batch at a time.",
+    )
+    teacher_max_in_flight: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Pipelined teacher: jobs generating at once; 0 = the backend's concurrency (the "
+        "server's limit or GKT_TEACHER_MAX_CONCURRENCY for tgi/openai, the engine's rows for local).",
+    )
+    teacher_max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=512,
+        description="Most jobs in one batch (one batch at a time); rows the local backend's engine decodes at once.",
+    )
     teacher_max_wait_ms: int = Field(
-        default=20, ge=0, le=10_000, description="A batch closes this long after its first job arrived."
+        default=20,
+        ge=0,
+        le=10_000,
+        description="One batch at a time: a batch closes this long after its first job arrived.",
     )
     teacher_max_guidance_tokens: int = Field(
         default=512,
@@ -76,3 +98,16 @@ class TeacherSettings(CommonSettings):
     )
     teacher_metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus port (0 = off).")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0 = torch's default).")
+
+
+class TeacherServerSettings(RemoteServerSettings):
+    """How the teacher reaches its remote inference server (`tgi` or `openai` backend): `GKT_TEACHER_*`."""
+
+    model_config = SettingsConfigDict(env_prefix="GKT_TEACHER_", extra="ignore", env_ignore_empty=True)
+
+    max_concurrency: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="Requests in flight; 0 = TGI's /info limit (tgi) or 32 (openai).",
+    )

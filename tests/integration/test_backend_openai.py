@@ -22,7 +22,7 @@ from pydantic import HttpUrl
 from gkt.errors import Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.openai import DEFAULT_CONCURRENCY, OpenAIBackend
-from services.teacher.backends.resilience import RemoteBackendSettings
+from services.teacher.settings import TeacherServerSettings
 from tests.integration.fake_inference_server import (
     FakeInferenceServer,
     Reply,
@@ -42,7 +42,7 @@ def servers() -> Iterator[ServerFactory]:
         yield start
 
 
-def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
+def settings_for(url: str, **overrides: Any) -> TeacherServerSettings:
     """Small timeouts and backoff so failure paths take milliseconds."""
     values: dict[str, Any] = {
         "url": url,
@@ -57,11 +57,11 @@ def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
         "api_key": None,
         "api_key_file": None,
     }
-    return RemoteBackendSettings(**(values | overrides))
+    return TeacherServerSettings(**(values | overrides))
 
 
 @asynccontextmanager
-async def running(settings: RemoteBackendSettings) -> AsyncIterator[OpenAIBackend]:
+async def running(settings: TeacherServerSettings) -> AsyncIterator[OpenAIBackend]:
     backend = OpenAIBackend(settings=settings)
     await backend.start()
     try:
@@ -268,7 +268,7 @@ async def test_api_key_file_wins_over_the_environment_and_is_never_logged(
     monkeypatch.setenv("GKT_TEACHER_API_KEY", "sk-from-env")
     monkeypatch.setenv("GKT_TEACHER_API_KEY_FILE", str(key_file))
     caplog.set_level(logging.DEBUG)
-    settings = RemoteBackendSettings(url=HttpUrl(server.url), max_retries=0)
+    settings = TeacherServerSettings(url=HttpUrl(server.url), max_retries=0)
     async with running(settings) as backend:
         [result] = await backend.generate_batch([ask("secret garden")])
     assert succeeded(result).finish_reason == "stop"

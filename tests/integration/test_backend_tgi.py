@@ -22,7 +22,7 @@ import pytest
 
 from gkt.errors import Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
-from services.teacher.backends.resilience import RemoteBackendSettings
+from services.teacher.settings import TeacherServerSettings
 from services.teacher.backends.tgi import TgiBackend
 from tests.integration.fake_inference_server import (
     FakeInferenceServer,
@@ -43,7 +43,7 @@ def servers() -> Iterator[ServerFactory]:
         yield start
 
 
-def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
+def settings_for(url: str, **overrides: Any) -> TeacherServerSettings:
     """Small timeouts and backoff so failure paths take milliseconds."""
     values: dict[str, Any] = {
         "url": url,
@@ -56,11 +56,11 @@ def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
         "api_key": None,
         "api_key_file": None,
     }
-    return RemoteBackendSettings(**(values | overrides))
+    return TeacherServerSettings(**(values | overrides))
 
 
 @asynccontextmanager
-async def running(settings: RemoteBackendSettings) -> AsyncIterator[TgiBackend]:
+async def running(settings: TeacherServerSettings) -> AsyncIterator[TgiBackend]:
     backend = TgiBackend(settings=settings)
     await backend.start()
     try:

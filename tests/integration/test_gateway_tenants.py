@@ -47,6 +47,10 @@ class RecordingEcho(EchoBackend):
         self.prompts.extend(request.prompt for request in requests)
         return await super().generate_batch(requests)
 
+    async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
+        self.prompts.append(request.prompt)
+        return await super().generate(request)
+
 
 def _no_student(job: Job, guidance: Guidance) -> None:
     raise AssertionError(f"job {job.id} asked for a student: these tests use Guide and mode FULL only")

@@ -48,9 +48,10 @@ def test_a_student_heartbeat_is_rewritten_while_idle_and_says_how_busy_it_is(red
 
 
 class _StuckBackend:
-    """A teacher backend whose batch never ends until released: a batch longer than a heartbeat's life."""
+    """A teacher backend whose generation never ends until released: longer than a heartbeat's life."""
 
     name = "stuck"
+    concurrency = 4
 
     def __init__(self) -> None:
         self.entered = asyncio.Event()
@@ -66,6 +67,9 @@ class _StuckBackend:
         self.entered.set()
         await self.release.wait()
         return [GenerationResult(text="g", token_count=1, finish_reason="length") for _ in requests]
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
+        return (await self.generate_batch([request]))[0]
 
     async def close(self) -> None: ...
 

@@ -20,14 +20,15 @@ def build_backend(settings: TeacherSettings) -> TeacherBackend:
             device=settings.teacher_device,
             dtype=settings.teacher_dtype,
             prefix_cache=settings.teacher_prefix_cache,
+            max_rows=settings.teacher_max_batch_size,
         )
     if settings.teacher_backend == "echo-benchmark-only":
         from services.teacher.backends.echo import EchoBackend
 
         return EchoBackend()
-    from services.teacher.backends.resilience import RemoteBackendSettings
+    from services.teacher.settings import TeacherServerSettings
 
-    remote = RemoteBackendSettings()
+    remote = TeacherServerSettings()
     if settings.teacher_backend == "tgi":
         from services.teacher.backends.tgi import TgiBackend
 

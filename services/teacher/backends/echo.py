@@ -18,12 +18,16 @@ class EchoBackend:
     """Returns the first `max_new_tokens` words of each prompt's last question, instantly."""
 
     name = "echo-benchmark-only"
+    concurrency = 256
 
     async def start(self) -> None:
         log.warning("teacher backend echo-benchmark-only: guidance is not generated (benchmarks only)")
 
     def check_limits(self, *, max_new_tokens: int) -> None:
         """Any length is fine: nothing is generated."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
+        return echo(request)
 
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]

@@ -1,0 +1,178 @@
+"""The pipelined teacher: up to N jobs generating at once, a new one admitted as each ends, each job's
+guidance published the moment it is ready and its entry acknowledged only after that.
+
+A server that batches continuously (TGI, vLLM, the local engine) then always has work: no batch waits
+for its slowest row, and the server does not idle while a batch is published and the next collected.
+The steps of each job are those of a batch: 1) admit (read, drop what expired or was cancelled),
+2) generate, 3) publish guidance and dispatch its student, 4) acknowledge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gkt import metrics
+from gkt.jobs import GuidanceMode
+from gkt.queue import MAX_BLOCK_MS
+from services.teacher.backends.base import BackendError, GenerationResult
+from services.teacher.batching import Delivery
+
+if TYPE_CHECKING:
+    from services.teacher.worker import TeacherWorker
+
+log = logging.getLogger(__name__)
+
+NO_GUIDANCE = GenerationResult(text="", token_count=0, finish_reason="none")
+"""The result of a job that needs no teacher (guidance mode `none`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generated:
+    """One job whose generation ended, ready to publish."""
+
+    delivery: Delivery
+    result: GenerationResult | BackendError
+    started_at: float
+    """Epoch seconds its generation began."""
+    seconds: float
+    """Teacher time of its generation (0 when it needed none)."""
+    batch_size: int
+    """Jobs generating beside it: its batch, or those in flight when it was admitted (itself included)."""
+
+
+class Pipeline:
+    """Keeps `limit` jobs generating; one task per job, one publisher for whatever is ready."""
+
+    def __init__(self, *, worker: TeacherWorker, limit: int) -> None:
+        self.worker = worker
+        self.limit = limit
+        self.generating: dict[str, asyncio.Task[None]] = {}
+        """Entry id → the task generating it."""
+        self.held: set[str] = set()
+        """Entries read and not yet acknowledged (generating, ready, or being published)."""
+        self._ready: list[tuple[Generated, float]] = []
+        self._ready_now = asyncio.Event()
+        self._room = asyncio.Event()
+        self._idle = asyncio.Event()
+        """Set each time the publisher has published everything ready."""
+        self._publisher: asyncio.Task[None] | None = None
+
+    async def admit(self, *, stopping: asyncio.Event) -> None:
+        """Step 1, once: wait for room, then read up to that many jobs and start each."""
+        if self._publisher is None:
+            self._publisher = asyncio.create_task(self._publish_ready(), name="gkt-teacher-publisher")
+        while not self._has_room():
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(MAX_BLOCK_MS / 1000):
+                    await self._room.wait()
+            if stopping.is_set():
+                return
+        await self.worker.mark_read()
+        room = min(self.limit - len(self.generating), 2 * self.limit - len(self.held))
+        deliveries = await self.worker.next_deliveries(count=room, held=self.held)
+        if not deliveries:
+            return
+        self.held.update(d.entry_id for d in deliveries)
+        try:
+            live = await self.worker.screen(deliveries)
+        except BaseException:
+            self.held.difference_update(d.entry_id for d in deliveries)
+            raise
+        dropped = [d for d in deliveries if d not in live]
+        await self._ack(dropped)
+        for delivery in live:
+            self._start(delivery, began=time.perf_counter())
+
+    async def drain(self) -> None:
+        """Let every job in flight finish and be published (a stopping teacher keeps its promises)."""
+        await asyncio.gather(*self.generating.values(), return_exceptions=True)
+        while self._publisher is not None and (self._ready or self._ready_now.is_set()):
+            self._idle.clear()
+            await self._idle.wait()
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+
+    def _has_room(self) -> bool:
+        # Jobs ready but not yet published count too: a Redis that cannot take them stops admission.
+        return len(self.generating) < self.limit and len(self.held) < 2 * self.limit
+
+    def _start(self, delivery: Delivery, *, began: float) -> None:
+        batch_size = len(self.generating) + 1
+        metrics.TEACHER_BATCH_SIZE.observe(batch_size)
+        if delivery.job.guidance.mode == GuidanceMode.NONE:
+            done = Generated(
+                delivery=delivery, result=NO_GUIDANCE, started_at=time.time(), seconds=0.0, batch_size=1
+            )
+            self._ready.append((done, began))
+            self._ready_now.set()
+            return
+        task = asyncio.create_task(self._generate(delivery, batch_size=batch_size, began=began))
+        self.generating[delivery.entry_id] = task
+
+    async def _generate(self, delivery: Delivery, *, batch_size: int, began: float) -> None:
+        """Step 2 for one job."""
+        started, started_at = time.perf_counter(), time.time()
+        try:
+            result = await self.worker.backend.generate(self.worker.request(delivery.job))
+        except Exception as exc:  # a bug in a backend fails its job, never the teacher
+            log.exception("teacher generation failed unexpectedly", extra={"job_id": delivery.job.id})
+            result = BackendError(
+                f"the teacher failed ({type(exc).__name__})", code="INTERNAL", kind="internal"
+            )
+        seconds = time.perf_counter() - started
+        metrics.TEACHER_GENERATION.observe(seconds)
+        del self.generating[delivery.entry_id]
+        done = Generated(
+            delivery=delivery, result=result, started_at=started_at, seconds=seconds, batch_size=batch_size
+        )
+        self._ready.append((done, began))
+        self._ready_now.set()
+        self._room.set()
+
+    async def _publish_ready(self) -> None:
+        """Steps 3 and 4 for whatever is ready: one job alone when the teacher is quiet, all that ended
+        meanwhile in one round trip when it is busy."""
+        while True:
+            await self._ready_now.wait()
+            ready, self._ready = self._ready, []
+            if not ready:
+                self._ready_now.clear()
+                continue
+            try:
+                await self.worker.publish([done for done, _ in ready])
+                at_once = self.limit
+                pace = None
+                for _, began in ready:
+                    pace = self.worker.record_pace(seconds=time.perf_counter() - began, at_once=at_once)
+                await self._ack([done.delivery for done, _ in ready], pace=pace)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                # Not acknowledged: the jobs stay pending and are claimed again after the claim idle time.
+                log.warning(
+                    "guidance not published (redis unavailable)",
+                    extra={"error": str(exc), "jobs": len(ready)},
+                )
+            except Exception:
+                log.exception("guidance not published", extra={"jobs": len(ready)})
+            finally:
+                self.held.difference_update(done.delivery.entry_id for done, _ in ready)
+                if not self._ready:
+                    self._ready_now.clear()
+                    self._idle.set()
+                self._room.set()
+
+    async def _ack(self, deliveries: list[Delivery], *, pace: str | None = None) -> None:
+        try:
+            await self.worker.ack([d.entry_id for d in deliveries], pace=pace, taken=deliveries)
+        finally:
+            self.held.difference_update(d.entry_id for d in deliveries)
