@@ -22,8 +22,8 @@ import pytest
 
 from gkt.errors import Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
-from services.teacher.settings import TeacherServerSettings
 from services.teacher.backends.tgi import TgiBackend
+from services.teacher.settings import TeacherServerSettings
 from tests.integration.fake_inference_server import (
     FakeInferenceServer,
     Reply,
