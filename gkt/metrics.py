@@ -89,6 +89,11 @@ STUDENT_WORKERS = Gauge(
 STUDENT_BATCH_ROWS = Histogram(
     "gkt_student_batch_rows", "Jobs decoded together, per engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
+STUDENT_BACKEND_ERRORS = Counter(
+    "gkt_student_backend_errors_total",
+    "Failed requests to the students' inference server (openai / tgi backends), by kind.",
+    ["kind"],
+)
 STUDENT_TAKEOVERS = Counter(
     "gkt_student_takeovers_total",
     "Jobs sent again because the student running them stopped renewing its lease.",

@@ -61,6 +61,10 @@ class ResilientCaller:
         self.retries: Counter[str] = Counter()
         """Attempts that failed and were retried, by kind."""
 
+    @property
+    def request_timeout_s(self) -> float:
+        return self._settings.request_timeout_s
+
     async def call(self, attempt: Callable[[], Awaitable[T]], *, limit: asyncio.Semaphore | None = None) -> T:
         """Return the first successful attempt's value, or raise the request's `BackendError`. Each
         attempt runs under the request timeout and, when given, holds a place of `limit` while it runs."""

@@ -15,6 +15,7 @@ from gkt.engine import Engine, EngineRequest, Generation
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
 from gkt.models import LoadedModel, load_model
 from gkt.queue import AnyEvent, Keys, SyncEventPublisher
+from services.student.backends.local import LocalStudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from tests.events import job_events
@@ -52,7 +53,14 @@ LIMITS = JobLimits(max_attempts=3, time_limit_s=60)
 def _run(
     job: Job, engine: Engine, publisher: SyncEventPublisher, book: JobBook, limits: JobLimits = LIMITS
 ) -> None:
-    run_job(engine=engine, job=job, guidance=GUIDANCE, publisher=publisher, book=book, limits=limits)
+    run_job(
+        backend=LocalStudentBackend(engine),
+        job=job,
+        guidance=GUIDANCE,
+        publisher=publisher,
+        book=book,
+        limits=limits,
+    )
 
 
 def _events(redis: Redis, job: Job) -> list[AnyEvent]:

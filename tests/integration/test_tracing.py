@@ -20,6 +20,7 @@ from gkt.v1 import guidance_pb2_grpc
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from services.stack import free_port
+from services.student.backends.local import LocalStudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from services.teacher.backends.local import LocalBackend
@@ -95,7 +96,7 @@ async def test_one_jobs_spans_share_one_trace_under_the_gateways_span(
         try:
             await asyncio.to_thread(
                 lambda: run_job(
-                    engine=engine,
+                    backend=LocalStudentBackend(engine),
                     job=job,
                     guidance=guidance,
                     publisher=publisher,
