@@ -158,11 +158,7 @@ class FakeInferenceServer:
     def generation_requests(self, match: str = "") -> list[Exchange]:
         """The generation requests received (either API) whose prompt contains `match`."""
         with self._lock:
-            return [
-                e
-                for e in self.exchanges
-                if e.path in _GENERATION_PATHS and match in _prompt(e)
-            ]
+            return [e for e in self.exchanges if e.path in _GENERATION_PATHS and match in _prompt(e)]
 
     def exchange(self, index: int) -> Exchange:
         with self._lock:
@@ -360,7 +356,9 @@ class FakeInferenceServer:
     def _events(self, *, path: str, request: dict[str, Any]) -> list[dict[str, Any]]:
         if path == "/generate_stream":
             params = request.get("parameters") or {}
-            tokens, finish = _decode(request["inputs"], params.get("max_new_tokens", 100), params.get("stop") or [])
+            tokens, finish = _decode(
+                request["inputs"], params.get("max_new_tokens", 100), params.get("stop") or []
+            )
             return tgi_events(tokens, finish, seed=params.get("seed") if params.get("do_sample") else None)
         prompt, stop = _prompt_of(request), request.get("stop") or []
         tokens, finish = _decode(prompt, request.get("max_tokens", 100), stop)

@@ -17,7 +17,12 @@ def tgi_events(tokens: list[str], finish: str, *, seed: int | None) -> list[dict
     events: list[dict[str, Any]] = [
         {
             "index": i,
-            "token": {"id": i + 1, "text": text, "logprob": -0.25, "special": finish == "eos_token" and i == len(tokens)},
+            "token": {
+                "id": i + 1,
+                "text": text,
+                "logprob": -0.25,
+                "special": finish == "eos_token" and i == len(tokens),
+            },
             "generated_text": None,
             "details": None,
         }
@@ -58,11 +63,19 @@ def completion_chunks(
     base = {"id": "cmpl-stream", "object": "text_completion", "created": int(time.time()), "model": model}
     base["system_fingerprint"] = fingerprint
     chunks = [{**base, "choices": [{"index": 0, "text": p, "finish_reason": ""}]} for p in pieces]
-    last: dict[str, Any] = {"index": 0, "text": "", "finish_reason": "length" if finish == "length" else "stop"}
+    last: dict[str, Any] = {
+        "index": 0,
+        "text": "",
+        "finish_reason": "length" if finish == "length" else "stop",
+    }
     if stop_reason_field:
         last["stop_reason"] = matched
     chunks.append({**base, "choices": [last]})
     if include_usage:
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens), "total_tokens": prompt_tokens + len(tokens)}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(tokens),
+            "total_tokens": prompt_tokens + len(tokens),
+        }
         chunks.append({**base, "choices": [], "usage": usage})
     return chunks
