@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -443,6 +444,11 @@ class FakeInferenceServer:
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # a whole batch connects at once; the default backlog of 5 would serialize it
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closed its kept-alive connection is no error; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionResetError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
