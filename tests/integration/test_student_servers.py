@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pydantic import HttpUrl
 from redis import Redis
 
 from gkt import leases
@@ -32,7 +33,7 @@ from tests.integration.fake_inference_server import FakeInferenceServer, Reply, 
 KEYS = Keys("servers")
 GUIDANCE = Guidance(text="Let us count:", token_count=3, published_at=1.0)
 LIMITS = JobLimits(max_attempts=3, time_limit_s=60)
-CLIENTS = {"openai": OpenAIClient, "tgi": TgiClient}
+CLIENTS: dict[str, type[OpenAIClient] | type[TgiClient]] = {"openai": OpenAIClient, "tgi": TgiClient}
 ServerFactory = Callable[..., FakeInferenceServer]
 BackendFactory = Callable[..., RemoteStudentBackend]
 
@@ -365,7 +366,9 @@ def test_start_refuses_a_server_that_cannot_generate_the_longest_completion(
 
 def test_start_refuses_more_jobs_at_once_than_tgi_serves(servers: ServerFactory) -> None:
     server = servers(info={"max_concurrent_requests": 8})
-    backend = RemoteStudentBackend(TgiClient(settings=StudentServerSettings(url=server.url), connections=16))
+    backend = RemoteStudentBackend(
+        TgiClient(settings=StudentServerSettings(url=HttpUrl(server.url)), connections=16)
+    )
     with pytest.raises(ValueError, match=r"GKT_STUDENT_MAX_BATCH \(16\).*max_concurrent_requests \(8\)"):
         backend.start(max_new_tokens=100, max_batch=16)
 

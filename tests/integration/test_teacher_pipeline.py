@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import HttpUrl
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import ErrorEvent, FinalEvent, Guidance, GuidanceEvent, GuidanceSpec, Job, JobKind
@@ -51,7 +52,7 @@ def _guide(query: str, tokens: int = 3) -> Job:
 
 
 async def _openai(server: FakeInferenceServer) -> OpenAIBackend:
-    settings = TeacherServerSettings(url=server.url, max_retries=0, request_timeout_s=30)
+    settings = TeacherServerSettings(url=HttpUrl(server.url), max_retries=0, request_timeout_s=30)
     backend = OpenAIBackend(settings=settings)
     await backend.start()
     return backend
@@ -98,7 +99,7 @@ async def _published(aredis: AsyncRedis, job: Job) -> bool:
 
 async def _acked_only_after_published(aredis: AsyncRedis, entries: dict[str, Job]) -> list[str]:
     """Jobs whose entry is gone from the query stream (acknowledged and deleted) yet have no guidance."""
-    present = {e[0].decode() for e in await aredis.xrange(KEYS.queries)}
+    present = set(await _entry_ids(aredis))
     return [
         job.id for entry, job in entries.items() if entry not in present and not await _published(aredis, job)
     ]
@@ -210,12 +211,17 @@ async def test_a_job_whose_student_cannot_be_sent_stays_unacknowledged_for_a_lat
         await _until(lambda: _stream_holds(aredis, [stuck_entry]), what="the second job to be acknowledged")
         assert fine_entry != stuck_entry and await _published(aredis, fine)
         # the teacher went on, and the job it could not hand to a student is still pending, to be claimed
-        pending = await aredis.xpending_range(KEYS.queries, TEACHER_GROUP, min="-", max="+", count=10)
+        pending: Any = await aredis.xpending_range(KEYS.queries, TEACHER_GROUP, min="-", max="+", count=10)
         assert [p["message_id"].decode() for p in pending] == [stuck_entry]
 
 
 async def _stream_holds(aredis: AsyncRedis, entries: list[str]) -> bool:
-    return [e[0].decode() for e in await aredis.xrange(KEYS.queries)] == entries
+    return await _entry_ids(aredis) == entries
+
+
+async def _entry_ids(aredis: AsyncRedis) -> list[str]:
+    entries: Any = await aredis.xrange(KEYS.queries)
+    return [entry_id.decode() for entry_id, _ in entries]
 
 
 async def test_a_dead_teachers_jobs_are_taken_over_and_dead_lettered_one_by_one(
@@ -227,7 +233,7 @@ async def test_a_dead_teachers_jobs_are_taken_over_and_dead_lettered_one_by_one(
         await enqueue_job(aredis, keys=KEYS, job=job)
     # a dead teacher (no heartbeat) read both; the poisoned one had been delivered twice more before
     await aredis.xreadgroup(TEACHER_GROUP, "dead", {KEYS.queries: ">"}, count=2)
-    poisoned_entry = (await aredis.xrange(KEYS.queries, count=1))[0][0]
+    poisoned_entry = (await _entry_ids(aredis))[0]
     for _ in range(2):
         await aredis.xclaim(
             KEYS.queries, TEACHER_GROUP, "dead", min_idle_time=0, message_ids=[poisoned_entry]
@@ -238,7 +244,7 @@ async def test_a_dead_teachers_jobs_are_taken_over_and_dead_lettered_one_by_one(
     assert await _published(aredis, orphan)
     error = (await _events(aredis, poisoned))[-1]
     assert isinstance(error, ErrorEvent) and error.code == "INTERNAL" and "dead-lettered" in error.message
-    letters = await aredis.xrange(KEYS.dead_letters)
+    letters: Any = await aredis.xrange(KEYS.dead_letters)
     assert [Job.model_validate_json(fields[b"job"]).id for _, fields in letters] == [poisoned.id]
     assert len(server.generation_requests()) == 1  # the poisoned job never reached the server
 
