@@ -8,6 +8,8 @@ Scenarios (`--scenarios`, all by default):
   student-capacity  the bundled student under load (GSM8K prompts, 40 guidance words from the echo
             teacher), at GKT_STUDENT_MAX_BATCH and at 1, same jobs, one stack after the other
   determinism  seeded student requests alone and in a changing batch: how many texts agree (offline)
+  teacher-pipeline  Guide jobs through the pipelined teacher and through one batch at a time, at the
+            same fake continuously batching server (fixed time per step, M rows a step)
   gkt       GKT vs teacher alone vs student alone, wall-clock, on the bundled models
 Each starts its own stack (private Redis on a free port) unless `--addr` names a running gateway,
 in which case only the sweep runs, against that gateway.
@@ -39,9 +41,12 @@ from gkt.bench.load import closed_loop, grpc_call
 from gkt.bench.report import write_report
 from gkt.bench.stats import Sample, summarize
 from gkt.jobs import Task
+from services import bench_pipelining
 from services.stack import Stack, free_port
 
-SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "gkt")
+SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "teacher-pipeline", "gkt")
+_OWN_STACKS = ("overhead", "student-capacity", "determinism", "teacher-pipeline")
+"""Scenarios that start their own stacks (or none); the others share one on the bundled models."""
 _QUIET = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
 _TIMEOUT_S = 600.0
 
@@ -107,6 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="GKT_TORCH_THREADS of every model process, and of the offline runs (0 = torch's default)",
     )
+    bench_pipelining.add_arguments(parser)
     parser.add_argument("--data-dir", type=Path, help="where csqa_dev.jsonl lives (default: ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report directory")
 
@@ -141,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
         results["student_capacity"] = _student_capacity(args, state / "capacity")
     if "determinism" in chosen and not args.addr:
         results["determinism"] = _determinism(args)
-    real = [s for s in chosen if s not in ("overhead", "student-capacity", "determinism")]
+    if "teacher-pipeline" in chosen and not args.addr:
+        results["teacher_pipeline"] = bench_pipelining.run(
+            args, state / "pipeline", running_stack=running_stack, run_on=_run_on
+        )
+    real = [s for s in chosen if s not in _OWN_STACKS]
     if real and not args.addr:
         results.update(_real_scenarios(args, real, state / "real"))
     results["meta"]["load_average_at_end"] = os.getloadavg()

@@ -10,6 +10,7 @@ The steps of each job are those of a batch: 1) admit (read, drop what expired or
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -49,7 +50,9 @@ class Generated:
 
 
 class Pipeline:
-    """Keeps `limit` jobs generating; one task per job, one publisher for whatever is ready."""
+    """Keeps `limit` jobs generating: the reader keeps up to `limit` more read ahead, so a job that ends
+    is replaced at once, without a round trip to Redis; one task per job generating; one publisher for
+    whatever is ready."""
 
     def __init__(self, *, worker: TeacherWorker, limit: int) -> None:
         self.worker = worker
@@ -57,27 +60,29 @@ class Pipeline:
         self.generating: dict[str, asyncio.Task[None]] = {}
         """Entry id → the task generating it."""
         self.held: set[str] = set()
-        """Entries read and not yet acknowledged (generating, ready, or being published)."""
+        """Entries read and not yet acknowledged (read ahead, generating, ready, or being published)."""
+        self._ahead: collections.deque[tuple[Delivery, float]] = collections.deque()
         self._ready: list[tuple[Generated, float]] = []
+        self._changed = asyncio.Event()
+        """Set whenever a job starts, ends or is published: what the reader and the starter wait for."""
         self._ready_now = asyncio.Event()
-        self._room = asyncio.Event()
         self._idle = asyncio.Event()
         """Set each time the publisher has published everything ready."""
-        self._publisher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def admit(self, *, stopping: asyncio.Event) -> None:
-        """Step 1, once: wait for room, then read up to that many jobs and start each."""
-        if self._publisher is None:
-            self._publisher = asyncio.create_task(self._publish_ready(), name="gkt-teacher-publisher")
-        while not self._has_room():
-            self._room.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(MAX_BLOCK_MS / 1000):
-                    await self._room.wait()
+        """Step 1, once: wait until fewer than `limit` jobs are read ahead, then read up to that many."""
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._start_read(), name="gkt-teacher-starter"),
+                asyncio.create_task(self._publish_ready(), name="gkt-teacher-publisher"),
+            ]
+        # Jobs ready but not yet published count too: a Redis that cannot take them stops admission.
+        while (room := min(self.limit - len(self._ahead), 2 * self.limit - len(self.held))) <= 0:
+            await self._wait_for_change()
             if stopping.is_set():
                 return
         await self.worker.mark_read()
-        room = min(self.limit - len(self.generating), 2 * self.limit - len(self.held))
         deliveries = await self.worker.next_deliveries(count=room, held=self.held)
         if not deliveries:
             return
@@ -87,25 +92,37 @@ class Pipeline:
         except BaseException:
             self.held.difference_update(d.entry_id for d in deliveries)
             raise
-        dropped = [d for d in deliveries if d not in live]
-        await self._ack(dropped)
-        for delivery in live:
-            self._start(delivery, began=time.perf_counter())
+        await self._ack([d for d in deliveries if d not in live])
+        began = time.perf_counter()
+        self._ahead.extend((delivery, began) for delivery in live)
+        self._changed.set()
 
     async def drain(self) -> None:
-        """Let every job in flight finish and be published (a stopping teacher keeps its promises)."""
-        await asyncio.gather(*self.generating.values(), return_exceptions=True)
-        while self._publisher is not None and (self._ready or self._ready_now.is_set()):
+        """Let every job read finish and be published (a stopping teacher keeps its promises)."""
+        while self._ahead or self.generating:
+            await self._wait_for_change()
+        while self._tasks and (self._ready or self._ready_now.is_set()):
             self._idle.clear()
             await self._idle.wait()
-        if self._publisher is not None:
-            self._publisher.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher
+                await task
 
-    def _has_room(self) -> bool:
-        # Jobs ready but not yet published count too: a Redis that cannot take them stops admission.
-        return len(self.generating) < self.limit and len(self.held) < 2 * self.limit
+    async def _start_read(self) -> None:
+        """Start each job read ahead as soon as fewer than `limit` generate."""
+        while True:
+            while not self._ahead or len(self.generating) >= self.limit:
+                await self._wait_for_change()
+            delivery, began = self._ahead.popleft()
+            self._start(delivery, began=began)
+            self._changed.set()
+
+    async def _wait_for_change(self) -> None:
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(MAX_BLOCK_MS / 1000):
+                await self._changed.wait()
 
     def _start(self, delivery: Delivery, *, began: float) -> None:
         batch_size = len(self.generating) + 1
@@ -138,7 +155,7 @@ class Pipeline:
         )
         self._ready.append((done, began))
         self._ready_now.set()
-        self._room.set()
+        self._changed.set()
 
     async def _publish_ready(self) -> None:
         """Steps 3 and 4 for whatever is ready: one job alone when the teacher is quiet, all that ended
@@ -169,7 +186,7 @@ class Pipeline:
                 if not self._ready:
                     self._ready_now.clear()
                     self._idle.set()
-                self._room.set()
+                self._changed.set()
 
     async def _ack(self, deliveries: list[Delivery], *, pace: str | None = None) -> None:
         try:

@@ -119,3 +119,33 @@ def test_bench_sweeps_the_echo_stack_beside_both_floors_and_writes_a_consistent_
     assert "| bare Celery task | 1 |" in table
     for plot in ("overhead_latency.png", "overhead_throughput.png", "batch_sizes.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_teacher_pipeline_scenario_measures_every_teacher_at_one_server_and_reports_the_ratios(
+    tmp_path: Path,
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--scenarios", "teacher-pipeline", "--server-rows", "4", "--server-step-ms", "5",
+         "--pipeline-requests", "24", "--pipeline-rounds", "2", "--out", str(tmp_path)]
+    )  # fmt: skip
+
+    assert bench.run(args) == 0
+
+    result = json.loads((tmp_path / "results.json").read_text())["teacher_pipeline"]
+    assert result["server"] == {"rows": 4, "step_ms": 5, "median_tokens": 20, "sigma": 0.6}
+    runs = result["runs"]
+    assert set(runs) == {"batched", "pipelined", "pipelined-2m"}
+    for run in runs.values():
+        assert (run["requests"], run["ok"], run["errors"]) == (24, 24, {})
+        assert 0 < run["mean_rows_per_step"] <= 4 and 0 < run["server_row_utilization"] <= 1
+    # a batch of 4 is one teacher batch; pipelined jobs were admitted beside up to 3 others
+    assert max(int(size) for size in runs["batched"]["batch_sizes"]) <= 4
+    assert max(int(size) for size in runs["pipelined"]["batch_sizes"]) <= 4
+    assert max(int(size) for size in runs["pipelined-2m"]["batch_sizes"]) <= 8
+    for mode in ("pipelined", "pipelined-2m"):
+        assert result["vs_batched"][mode]["throughput"] == pytest.approx(
+            runs[mode]["throughput_rps"] / runs["batched"]["throughput_rps"]
+        )
+    assert "## Teacher pipelining" in (tmp_path / "results.md").read_text()
