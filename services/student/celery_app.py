@@ -7,6 +7,7 @@ the process's engine, which decodes all of them together (`services.student.runt
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,8 @@ from services.student import runtime
 from services.student.settings import StudentSettings
 
 settings = StudentSettings()
+STARTUP_FAILED = 3
+"""The worker's exit status when its backend cannot start (a model that does not load, a server refused)."""
 
 app = Celery("gkt-student", include=["services.student.tasks"])
 app.conf.update(
@@ -69,8 +72,14 @@ def _on_worker_init(**_: Any) -> None:
     log.info("settings %s", settings.describe())
     serve_metrics(port=settings.student_metrics_port, addr=settings.metrics_addr)
     tracing.configure(tracing.TracingSettings(), service="student")
-    # The model loads before the worker consumes: a task never waits for it.
-    runtime.install(runtime.StudentRuntime.start(settings, send_task=send_again))
+    # The model loads (or the server is checked) before the worker consumes: a task never waits for it.
+    try:
+        runtime.install(runtime.StudentRuntime.start(settings, send_task=send_again))
+    except Exception as exc:
+        # Celery would log a failed signal handler and consume anyway, failing every task: exit instead
+        # (the parent, `python -m services.student`, starts a new worker after a backoff).
+        log.critical("student cannot start: %s: %s", type(exc).__name__, exc)
+        os._exit(STARTUP_FAILED)
 
 
 @worker_shutdown.connect

@@ -7,6 +7,8 @@ APIs instead, and every request the workers send them is checked against TGI's O
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +19,8 @@ import pytest
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from services.stack import Stack, free_port
+from services.student.__main__ import worker_command
+from services.student.celery_app import STARTUP_FAILED
 from tests.integration.fake_inference_server import FakeInferenceServer, published_api_servers
 
 TIMEOUT = 60
@@ -102,3 +106,26 @@ def test_jobs_go_through_a_pipelined_teacher_server_and_thin_client_students(
     assert kinds[0] == "guidance" and kinds[-1] == "final" and "delta" in kinds
     deltas = "".join(m.delta.text for m in streamed if m.WhichOneof("event") == "delta")
     assert streamed[-1].final.text == streamed[0].guidance.guidance + deltas
+
+
+def test_a_student_whose_server_cannot_serve_its_limits_exits_instead_of_taking_jobs(
+    servers: tuple[FakeInferenceServer, FakeInferenceServer], redis_url: str
+) -> None:
+    _, student_server = servers
+    env = {
+        **os.environ,
+        "GKT_REDIS_URL": redis_url,
+        "GKT_KEY_PREFIX": "refused",
+        "GKT_STUDENT_BACKEND": "openai",
+        "GKT_STUDENT_URL": student_server.url,
+        "GKT_STUDENT_MAX_NEW_TOKENS": "4096",  # the fake server's context is 2048 tokens
+        "GKT_STUDENT_METRICS_PORT": "0",
+    }
+    # The worker alone, without the parent that would start it again.
+    worker = subprocess.run(
+        worker_command(name="refused", log_level="INFO"), env=env, capture_output=True, text=True, timeout=120
+    )
+    assert worker.returncode == STARTUP_FAILED
+    assert "student cannot start: ValueError: GKT_STUDENT_MAX_NEW_TOKENS (4096)" in worker.stderr
+    assert "max_model_len 2048" in worker.stderr
+    assert student_server.generation_requests() == []
