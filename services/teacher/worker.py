@@ -7,31 +7,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gkt import leases, logs, metrics, tracing
-from gkt.answers import extract_answer
+from gkt import logs, metrics
 from gkt.jobs import (
-    Completion,
     ErrorEvent,
-    FinalEvent,
-    Guidance,
-    GuidanceEvent,
     GuidanceMode,
     Job,
-    JobKind,
 )
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
 from gkt.queue import (
     DEAD_LETTERS_MAXLEN,
     MAX_BLOCK_MS,
     TEACHER_GROUP,
-    AnyEvent,
     Keys,
     cancelled_jobs,
     ensure_group,
@@ -40,14 +33,14 @@ from gkt.queue import (
     publish_final,
     teacher_pace,
 )
-from services.teacher.backends.base import BackendError, GenerationRequest, TeacherBackend
+from services.teacher.backends.base import GenerationRequest, TeacherBackend
 from services.teacher.batching import Delivery, claim_from_dead, claim_stale, collect_batch
 from services.teacher.pipeline import NO_GUIDANCE, Generated, Pipeline
+from services.teacher.publishing import Dispatch, publish_guidance
 from services.teacher.settings import TeacherSettings
 
 log = logging.getLogger(__name__)
 
-Dispatch = Callable[[Job, Guidance], None]
 _REDIS_RETRY_S = 1.0
 _READ_MARK_TTL_S = 86_400
 _TAKEOVER_CHECK_S = 2.0
@@ -173,51 +166,15 @@ class TeacherWorker:
         return await self._drop_cancelled(live)
 
     async def publish(self, done: Sequence[Generated]) -> None:
-        """Step 3 for jobs whose generation ended: publish every job's guidance (and the answer of Guide and
-        FULL jobs) in one round trip, then send the student tasks: a student never starts before its
-        guidance is in the job's stream. A failed generation fails its own job only."""
-        outbox: list[tuple[str, AnyEvent]] = []
-        students: list[tuple[Job, Guidance]] = []
-        for item in done:
-            job, result = item.delivery.job, item.result
-            if isinstance(result, BackendError):
-                metrics.TEACHER_BACKEND_ERRORS.labels(result.kind).inc()
-                await self._fail(job, result.code, result.message, field=result.field)
-                continue
-            guidance = Guidance(
-                text=result.text.strip(),
-                token_count=result.token_count,
-                finish_reason=result.finish_reason,
-                batch_size=item.batch_size,
-                dequeued_at=item.delivery.dequeued_at,
-                teacher_seconds=item.seconds,
-                published_at=time.time(),
-            )
-            _record_spans(item.delivery, guidance, generation_started_at=item.started_at)
-            metrics.TEACHER_GUIDANCE_TOKENS.inc(guidance.token_count)
-            outbox.append((job.id, GuidanceEvent(guidance=guidance)))
-            if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
-                outbox.append((job.id, FinalEvent(completion=_teacher_answer(job, guidance))))
-                metrics.TEACHER_JOBS.labels("answered").inc()
-            else:
-                students.append((job, guidance))
-        await publish_events(self.redis, keys=self.keys, events=outbox, ttl_s=self.settings.job_ttl_s)
-        # Recorded before they are sent: a task lost on its way is sent again by the students' sweepers.
-        await leases.record_dispatched(
-            self.redis,
+        """Step 3 for jobs whose generation ended (`services.teacher.publishing`)."""
+        await publish_guidance(
+            redis=self.redis,
             keys=self.keys,
-            payloads=[
-                (
-                    job.id,
-                    leases.Orphan(job_json=job.model_dump_json(), guidance_json=guidance.model_dump_json()),
-                )
-                for job, guidance in students
-            ],
-            at=time.time(),
+            ttl_s=self.settings.job_ttl_s,
+            dispatch=self.dispatch,
+            done=done,
+            fail=self._fail,
         )
-        # Celery sends block on a round trip each: off the event loop, and side by side.
-        await asyncio.gather(*(asyncio.to_thread(self.dispatch, job, guidance) for job, guidance in students))
-        metrics.TEACHER_JOBS.labels("dispatched").inc(len(students))
 
     def record_pace(self, *, seconds: float, at_once: int) -> str:
         """Fold one batch's (or pipelined job's) seconds into this teacher's pace: `at_once` jobs every that
@@ -364,31 +321,3 @@ class TeacherWorker:
         """Tell gateways a teacher is about to read the query stream (they go student-only when none has
         for a while): one write before each read, none after it."""
         await self.redis.set(self.keys.teacher_read, f"{time.time():.3f}", ex=_READ_MARK_TTL_S)
-
-
-def _teacher_answer(job: Job, guidance: Guidance) -> Completion:
-    """The whole answer of a job the teacher alone answers: the guidance (Guide), or the teacher's answer (FULL)."""
-    full = job.guidance.mode == GuidanceMode.FULL
-    return Completion(
-        text=guidance.text,
-        guidance=guidance,
-        answer=(extract_answer(task=job.task, text=guidance.text) or "") if full else "",
-        finish_reason=guidance.finish_reason,
-        seed=job.sampling.seed,
-    )
-
-
-def _record_spans(delivery: Delivery, guidance: Guidance, *, generation_started_at: float) -> None:
-    """The job's teacher stages as spans in its trace: waiting in the queue, then its batch's generation."""
-    job = delivery.job
-    tracing.record_span(
-        "gkt.teacher.queue_wait", traceparent=job.traceparent, start=job.enqueued_at, end=delivery.dequeued_at
-    )
-    if guidance.teacher_seconds:
-        tracing.record_span(
-            "gkt.teacher.generate",
-            traceparent=job.traceparent,
-            start=generation_started_at,
-            end=generation_started_at + guidance.teacher_seconds,
-            attributes={"gkt.batch_size": guidance.batch_size, "gkt.guidance_tokens": guidance.token_count},
-        )
