@@ -295,8 +295,9 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             for label, size in sizes.items()
         }
         for level in levels:
-            # Each level's jobs go in two halves, A B A B, so drift in the machine's load falls on both.
-            half = max(4, level)
+            # Each level's jobs go in two halves, A B A B, so drift in the machine's load falls on both;
+            # each half holds twice as many jobs as clients, so the batch runs full, not only its tail.
+            half = max(4, 2 * level)
             measured: dict[str, tuple[list[Sample], float]] = {label: ([], 0.0) for label in sizes}
             for offset in (0, half):
                 for label, stack in running.items():
