@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gkt.errors import StatusCode
+
 
 class Task(enum.StrEnum):
     """Which prompt family a query belongs to."""
@@ -130,10 +132,10 @@ class FinalEvent(_Frozen):
 
 
 class ErrorEvent(_Frozen):
-    """A job failed; `code` is a gRPC status name such as `DEADLINE_EXCEEDED`."""
+    """A job failed with `code`; a code outside `StatusCode` is refused when the event is built or read."""
 
     type: Literal["error"] = "error"
-    code: str
+    code: StatusCode
     message: str
     field: str = ""
     """For `INVALID_ARGUMENT`: the request field at fault (dotted path, as in the proto)."""

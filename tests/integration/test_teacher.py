@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.decoding import encode
+from gkt.errors import StatusCode
 from gkt.jobs import (
     ErrorEvent,
     FinalEvent,
@@ -130,7 +131,7 @@ async def test_worker_publishes_guidance_dispatches_students_and_acks(
         e for _, e in await read_events(aredis, keys=KEYS, job_id=jobs[3].id, after="0", block_ms=10)
     ]
     assert late_events == [
-        ErrorEvent(code="DEADLINE_EXCEEDED", message="the deadline passed while the job was queued")
+        ErrorEvent(code=StatusCode.DEADLINE_EXCEEDED, message="the deadline passed while the job was queued")
     ]
     # acknowledged and deleted: the stream holds nothing, nothing is pending
     assert await aredis.xlen(KEYS.queries) == 0

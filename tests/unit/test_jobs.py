@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gkt.errors import StatusCode
 from gkt.jobs import (
     Completion,
     DeltaEvent,
@@ -25,7 +26,7 @@ def test_every_event_kind_round_trips() -> None:
         FinalEvent(
             completion=Completion(text="There are 15 trees originally.", guidance=GUIDANCE, answer="15")
         ),
-        ErrorEvent(code="DEADLINE_EXCEEDED", message="too late"),
+        ErrorEvent(code=StatusCode.DEADLINE_EXCEEDED, message="too late"),
     ]
     for event in events:
         assert decode_event(encode_event(event)) == event

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gkt.errors import GktError
+from gkt.errors import GktError, StatusCode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,13 +37,18 @@ class GenerationResult:
 class BackendError(GktError):
     """Generation failed for one request; `code` says how the client should see it."""
 
-    code = "UNAVAILABLE"
+    code = StatusCode.UNAVAILABLE
 
     def __init__(
-        self, message: str, *, code: str = "UNAVAILABLE", kind: str = "error", field: str = ""
+        self,
+        message: str,
+        *,
+        code: StatusCode = StatusCode.UNAVAILABLE,
+        kind: str = "error",
+        field: str = "",
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = StatusCode(code)
         self.kind = kind
         """A bounded label for metrics: timeout, connection, overloaded, server, invalid, circuit_open…"""
         self.field = field

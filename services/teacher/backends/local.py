@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gkt.decoding import PrefixCache, check_room, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest, Sampler
-from gkt.errors import InvalidArgument
+from gkt.errors import InvalidArgument, StatusCode
 from gkt.jobs import GuidanceMode
 from gkt.models import LoadedModel, load_model
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
@@ -86,9 +86,9 @@ class LocalBackend:
             return await asyncio.to_thread(self._generate_fitting, requests)
         except Exception as exc:  # a failed forward pass fails the whole batch it ran
             log.exception("local teacher generation failed")
-            return [BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")] * len(
-                requests
-            )
+            return [
+                BackendError(f"teacher generation failed: {exc}", code=StatusCode.INTERNAL, kind="local")
+            ] * len(requests)
 
     def _generate_fitting(
         self, requests: Sequence[GenerationRequest]

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx2
 
-from gkt.errors import Unavailable
+from gkt.errors import StatusCode, Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.resilience import (
     AttemptError,
@@ -160,13 +160,13 @@ class OpenAIBackend:
             response = await self._http.post("completions", json=body)
         except httpx2.TimeoutException as exc:
             raise AttemptError(
-                f"timed out: {exc!r}", kind="timeout", code="UNAVAILABLE", server_fault=True
+                f"timed out: {exc!r}", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
             ) from exc
         except httpx2.TransportError as exc:
             raise AttemptError(
                 f"cannot reach {self._api_root}: {exc!r}",
                 kind="connection",
-                code="UNAVAILABLE",
+                code=StatusCode.UNAVAILABLE,
                 retryable=True,
                 server_fault=True,
             ) from exc
@@ -182,7 +182,7 @@ class OpenAIBackend:
             raise AttemptError(
                 _short(f"unreadable /v1/completions response: {exc}"),
                 kind="malformed",
-                code="INTERNAL",
+                code=StatusCode.INTERNAL,
                 server_fault=True,
             ) from exc
 

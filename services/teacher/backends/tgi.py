@@ -18,7 +18,7 @@ from huggingface_hub.errors import (
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from gkt.errors import Unavailable
+from gkt.errors import StatusCode, Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.resilience import (
     AttemptError,
@@ -169,13 +169,13 @@ class TgiBackend:
             raise _status_error(exc, detail=exc.server_message or exc.response.reason_phrase) from exc
         except (InferenceTimeoutError, httpx2.TimeoutException) as exc:
             raise AttemptError(
-                f"timed out: {exc}", kind="timeout", code="UNAVAILABLE", server_fault=True
+                f"timed out: {exc}", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
             ) from exc
         except httpx2.TransportError as exc:
             raise AttemptError(
                 f"cannot reach {self._base_url}: {exc!r}",
                 kind="connection",
-                code="UNAVAILABLE",
+                code=StatusCode.UNAVAILABLE,
                 retryable=True,
                 server_fault=True,
             ) from exc
@@ -227,7 +227,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 def _status_error(cause: BaseException | None, *, detail: str) -> AttemptError:
     if not isinstance(cause, HfHubHTTPError):
         return AttemptError(
-            _short(detail), kind="server", code="UNAVAILABLE", retryable=True, server_fault=True
+            _short(detail), kind="server", code=StatusCode.UNAVAILABLE, retryable=True, server_fault=True
         )
     response = cause.response
     return classify_status(
@@ -238,7 +238,7 @@ def _status_error(cause: BaseException | None, *, detail: str) -> AttemptError:
 
 
 def _malformed(message: str) -> AttemptError:
-    return AttemptError(_short(message), kind="malformed", code="INTERNAL", server_fault=True)
+    return AttemptError(_short(message), kind="malformed", code=StatusCode.INTERNAL, server_fault=True)
 
 
 def _short(text: str) -> str:
