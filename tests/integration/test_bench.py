@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from gkt.bench.stats import Sample, percentile, summarize
 from gkt.decoding import encode
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import ECHO_MODEL, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
-from services import bench
+from gkt_tools.bench import command as bench
+from gkt_tools.bench.stats import Sample, percentile, summarize
 from services.teacher.backends.base import GenerationRequest
 from services.teacher.backends.echo import EchoBackend
 

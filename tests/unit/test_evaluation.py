@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gkt.evaluation.command import add_arguments, build_plan
 from gkt.evaluation.datasets import DATASETS, SUMS_FILE, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord, RecordStore
 from gkt.evaluation.report import markdown_table, summarize, write_report
 from gkt.jobs import GuidanceMode, Task
+from gkt_tools.evaluation import add_arguments, build_plan
 
 GSM8K_LINES = [
     {

@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from gkt.arguments import UINT32_MAX, real_number, whole_number
 from gkt.client import (
     DEFAULT_GATEWAY_ADDR,
     ConnectionOptionError,
@@ -22,6 +21,7 @@ from gkt.evaluation.records import RecordStore
 from gkt.evaluation.report import markdown_table
 from gkt.jobs import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
+from gkt_tools.arguments import UINT32_MAX, real_number, whole_number
 
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 
-from gkt.arguments import UINT32_MAX, UINT64_MAX, real_number, whole_number
 from gkt.client import CONNECTION_ENV_HELP, ConnectionOptionError, GatewayConnection, add_connection_arguments
+from gkt_tools.arguments import UINT32_MAX, UINT64_MAX, real_number, whole_number
 
 TASKS = ("freeform", "gsm8k", "csqa", "aqua")
 MODES = ("cutoff", "concise", "hint", "none", "full")

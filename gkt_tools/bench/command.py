@@ -33,13 +33,13 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.arguments import whole_number
-from gkt.bench import floors
-from gkt.bench.load import closed_loop, grpc_call
-from gkt.bench.report import write_report
-from gkt.bench.stats import Sample, summarize
 from gkt.jobs import Task
-from services.stack import Stack, free_port
+from gkt_tools.arguments import whole_number
+from gkt_tools.bench import floors
+from gkt_tools.bench.load import closed_loop, grpc_call
+from gkt_tools.bench.report import write_report
+from gkt_tools.bench.stats import Sample, summarize
+from gkt_tools.stack import Stack, free_port
 
 SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "gkt")
 _QUIET = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
@@ -320,9 +320,9 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
 
 
 def _determinism(args: argparse.Namespace) -> dict[str, Any]:
-    from gkt.bench import determinism
     from gkt.evaluation.datasets import load_dataset, resolve_data_dir
     from gkt.models import load_model
+    from gkt_tools.bench import determinism
     from services.student.settings import StudentSettings
 
     if args.torch_threads:

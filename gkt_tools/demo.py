@@ -12,8 +12,8 @@ from pathlib import Path
 import grpc
 
 from gkt.client import GatewayConnection
-from services.ask import build_request, explain, generate, print_reply
-from services.stack import Stack, StackError, free_port
+from gkt_tools.ask import build_request, explain, generate, print_reply
+from gkt_tools.stack import Stack, StackError, free_port
 
 _BUNDLED = ("gemma-3-270m", "smollm2-135m-instruct")
 # (task, question, the right answer: None for a free-form question, which has none to check)
