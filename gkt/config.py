@@ -43,6 +43,13 @@ class CommonSettings(BaseSettings):
         "needs it (Kubernetes pods set 0.0.0.0).",
     )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
+    max_guidance_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=2**32 - 1,
+        description="Longest guidance a request may ask for (max_guidance_tokens): the gateway refuses longer "
+        "ones, and a teacher whose model or server cannot produce this much refuses to start.",
+    )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "gkt" / "models",
         description="Where converted bundled models are cached (first load converts GGUF, later loads read this).",

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis as AsyncRedis
 
+from gkt import paper
 from gkt.jobs import Task
 from gkt_tools.arguments import whole_number
 from gkt_tools.bench import floors
@@ -81,7 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-jobs", type=whole_number(1), default=8, help="student: jobs measured")
     parser.add_argument("--questions", type=whole_number(1), default=24, help="gkt: CSQA questions per run")
     parser.add_argument(
-        "--guidance-tokens", type=whole_number(1, 512), default=10, help="gkt and batching: guidance tokens"
+        "--guidance-tokens",
+        dest="max_guidance_tokens",
+        type=whole_number(1, 512),
+        default=10,
+        help="gkt and batching: guidance tokens",
     )
     parser.add_argument(
         "--capacity-concurrency", default="1,4,8,16", help="student-capacity: clients per level"
@@ -256,15 +261,21 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
 
     gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
     queries = [example.query for example in gsm8k.examples]
+    gsm8k_defaults = paper.TASK_DEFAULTS[Task.GSM8K]
     levels = concurrency_levels(args.capacity_concurrency)
 
     def request(index: int) -> Any:
         return pb.GenerateRequest(
             query=queries[index % len(queries)],
             task=pb.TASK_GSM8K,
-            guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=40),
+            guidance=pb.GuidanceParams(
+                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=gsm8k_defaults.max_guidance_tokens
+            ),
             sampling=pb.SamplingParams(
-                temperature=0.8, top_p=0.95, max_new_tokens=args.capacity_tokens, seed=index + 1
+                temperature=paper.STUDENT_TEMPERATURE,
+                top_p=paper.STUDENT_TOP_P,
+                max_new_tokens=args.capacity_tokens,
+                seed=index + 1,
             ),
         )
 
@@ -402,7 +413,7 @@ def _batching(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dic
             query=chosen[index % len(chosen)],
             task=pb.TASK_CSQA,
             guidance=pb.GuidanceParams(
-                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.guidance_tokens
+                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.max_guidance_tokens
             ),
         )
 
@@ -414,7 +425,7 @@ def _batching(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dic
     requests = [
         GenerationRequest(
             prompt=teacher_prompt(task=Task.CSQA, mode=GuidanceMode.CUTOFF, query=query),
-            max_new_tokens=args.guidance_tokens,
+            max_guidance_tokens=args.max_guidance_tokens,
             stop=(STOP_SEQUENCE,),
         )
         for query in chosen
@@ -506,7 +517,7 @@ def _gkt(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dict[str
     runs = {
         "student_alone": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_NONE),
         "teacher_alone": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_FULL),
-        "gkt": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.guidance_tokens),
+        "gkt": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.max_guidance_tokens),
     }
     results: dict[str, Any] = {
         "questions": len(chosen),

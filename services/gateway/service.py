@@ -333,7 +333,11 @@ def _student_only(job: Job) -> Job:
     if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
         raise Unavailable("no teacher is reading queries, so no guidance can be written; retry later")
     return job.model_copy(
-        update={"guidance": GuidanceSpec(mode=GuidanceMode.NONE, max_tokens=job.guidance.max_tokens)}
+        update={
+            "guidance": GuidanceSpec(
+                mode=GuidanceMode.NONE, max_guidance_tokens=job.guidance.max_guidance_tokens
+            )
+        }
     )
 
 

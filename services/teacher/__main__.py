@@ -28,7 +28,7 @@ async def serve(settings: TeacherSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
     backend = build_backend(settings)
     await backend.start()
-    backend.check_limits(max_new_tokens=settings.teacher_max_guidance_tokens)
+    backend.check_limits(max_guidance_tokens=settings.max_guidance_tokens)
     redis = connect_async(settings.redis_url)
     celery = student_client(broker_url=settings.redis_url, key_prefix=settings.key_prefix)
     worker = TeacherWorker(

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from gkt import paper
 from gkt.config import CommonSettings
 
 
@@ -34,15 +35,15 @@ class TeacherSettings(CommonSettings):
     teacher_max_wait_ms: int = Field(
         default=20, ge=0, le=10_000, description="A batch closes this long after its first job arrived."
     )
-    teacher_max_guidance_tokens: int = Field(
-        default=512,
-        ge=1,
-        description="Longest guidance the teacher must produce; checked against the model's limits at start-up.",
-    )
     teacher_temperature: float = Field(
-        default=0.8, ge=0.0, le=5.0, description="Teacher sampling (0 = greedy)."
+        default=paper.TEACHER_TEMPERATURE,
+        ge=0.0,
+        le=5.0,
+        description="Teacher sampling (0 = greedy), seeded by each job's seed.",
     )
-    teacher_top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
+    teacher_top_p: float = Field(
+        default=paper.TEACHER_TOP_P, gt=0.0, le=1.0, description="Teacher nucleus sampling."
+    )
     teacher_claim_idle_ms: int = Field(
         default=60_000,
         ge=1_000,

@@ -212,7 +212,7 @@ class TeacherWorker:
     def _request(self, job: Job) -> GenerationRequest:
         return GenerationRequest(
             prompt=teacher_prompt(task=job.task, mode=job.guidance.mode, query=job.query),
-            max_new_tokens=job.guidance.max_tokens,
+            max_guidance_tokens=job.guidance.max_guidance_tokens,
             temperature=self.settings.teacher_temperature,
             top_p=self.settings.teacher_top_p,
             seed=job.sampling.seed,

@@ -71,10 +71,10 @@ async def running(settings: RemoteBackendSettings) -> AsyncIterator[OpenAIBacken
 
 
 def ask(
-    question: str, *, max_new_tokens: int = 40, stop: tuple[str, ...] = (STOP,), **kw: Any
+    question: str, *, max_guidance_tokens: int = 40, stop: tuple[str, ...] = (STOP,), **kw: Any
 ) -> GenerationRequest:
     return GenerationRequest(
-        prompt=f"Q: {question}\nA:", max_new_tokens=max_new_tokens, temperature=0.8, stop=stop, **kw
+        prompt=f"Q: {question}\nA:", max_guidance_tokens=max_guidance_tokens, temperature=0.8, stop=stop, **kw
     )
 
 
@@ -94,7 +94,7 @@ async def test_batch_gets_guidance_and_usage_token_counts_from_the_only_served_m
     server = servers(models=["teacher-70b"])
     async with running(settings_for(server.url)) as backend:
         results = await backend.generate_batch(
-            [ask("apples", seed=7, top_p=0.9), ask("pears", max_new_tokens=3), ask("plums", stop=())]
+            [ask("apples", seed=7, top_p=0.9), ask("pears", max_guidance_tokens=3), ask("plums", stop=())]
         )
     assert backend.model == "teacher-70b" and backend.max_model_len == 2048
 
@@ -254,9 +254,9 @@ async def test_tgi_model_info_and_a_v1_base_url_are_accepted(servers: ServerFact
 async def test_check_limits_uses_the_model_length_vllm_reports(servers: ServerFactory) -> None:
     server = servers(info={"max_input_tokens": 30, "max_total_tokens": 64})
     async with running(settings_for(server.url)) as backend:
-        backend.check_limits(max_new_tokens=40)
-        with pytest.raises(ValueError, match=r"max_new_tokens \(64\).*max_model_len 64"):
-            backend.check_limits(max_new_tokens=64)
+        backend.check_limits(max_guidance_tokens=40)
+        with pytest.raises(ValueError, match=r"max_guidance_tokens \(64\).*max_model_len 64"):
+            backend.check_limits(max_guidance_tokens=64)
 
 
 async def test_api_key_file_wins_over_the_environment_and_is_never_logged(

@@ -55,8 +55,8 @@ async def test_the_echo_teacher_returns_the_first_words_of_the_question_at_once(
     prompt = teacher_prompt(
         task=Task.CSQA, mode=GuidanceMode.CUTOFF, query="Where is the plate?\n(A) x (B) y"
     )
-    short = GenerationRequest(prompt=prompt, max_new_tokens=2, stop=(STOP_SEQUENCE,))
-    long = GenerationRequest(prompt=prompt, max_new_tokens=50)
+    short = GenerationRequest(prompt=prompt, max_guidance_tokens=2, stop=(STOP_SEQUENCE,))
+    long = GenerationRequest(prompt=prompt, max_guidance_tokens=50)
 
     first, second = await backend.generate_batch([short, long])
 

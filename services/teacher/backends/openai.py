@@ -82,13 +82,13 @@ class OpenAIBackend:
             },
         )
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """Refuse a guidance length the server cannot generate (raises ValueError naming the values)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"guidance max_new_tokens ({max_new_tokens}) must be >= 1")
-        if self.max_model_len is not None and max_new_tokens >= self.max_model_len:
+        if max_guidance_tokens < 1:
+            raise ValueError(f"max_guidance_tokens ({max_guidance_tokens}) must be >= 1")
+        if self.max_model_len is not None and max_guidance_tokens >= self.max_model_len:
             raise ValueError(
-                f"guidance max_new_tokens ({max_new_tokens}) leaves no room for the prompt: model "
+                f"max_guidance_tokens ({max_guidance_tokens}) leaves no room for the prompt: model "
                 f"{self.model!r} has max_model_len {self.max_model_len}"
             )
 
@@ -146,7 +146,7 @@ class OpenAIBackend:
         assert self._http is not None
         body: dict[str, Any] = {
             "prompt": [request.prompt],
-            "max_tokens": request.max_new_tokens,
+            "max_tokens": request.max_guidance_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,

@@ -83,21 +83,21 @@ class TgiBackend:
             await self.close()
             raise
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """Refuse a guidance length the server cannot generate (raises ValueError naming the values)."""
         if self.info is None:
             raise RuntimeError("TgiBackend.start() was not awaited")
-        if max_new_tokens < 1:
-            raise ValueError(f"guidance max_new_tokens ({max_new_tokens}) must be >= 1")
-        if max_new_tokens >= self.info.max_total_tokens:
+        if max_guidance_tokens < 1:
+            raise ValueError(f"max_guidance_tokens ({max_guidance_tokens}) must be >= 1")
+        if max_guidance_tokens >= self.info.max_total_tokens:
             raise ValueError(
-                f"guidance max_new_tokens ({max_new_tokens}) leaves no room for the prompt: the server's "
+                f"max_guidance_tokens ({max_guidance_tokens}) leaves no room for the prompt: the server's "
                 f"max_total_tokens is {self.info.max_total_tokens} (TGI --max-total-tokens)"
             )
-        room = min(self.info.max_input_tokens, self.info.max_total_tokens - max_new_tokens)
+        room = min(self.info.max_input_tokens, self.info.max_total_tokens - max_guidance_tokens)
         log.info(
             "tgi limits checked: longer prompts will fail with INVALID_ARGUMENT",
-            extra={"max_new_tokens": max_new_tokens, "max_prompt_tokens": room},
+            extra={"max_guidance_tokens": max_guidance_tokens, "max_prompt_tokens": room},
         )
 
     async def generate_batch(
@@ -155,7 +155,7 @@ class TgiBackend:
                 request.prompt,
                 model=f"{self._base_url}/generate",
                 details=True,
-                max_new_tokens=request.max_new_tokens,
+                max_new_tokens=request.max_guidance_tokens,
                 do_sample=sampling,
                 temperature=request.temperature if sampling else None,
                 top_p=request.top_p if sampling and 0 < request.top_p < 1 else None,
