@@ -80,6 +80,15 @@ class CommonSettings(BaseSettings):
         return json.dumps(shown, sort_keys=True, default=str)
 
 
+def variable_name(settings_class: type[BaseSettings], name: str) -> str:
+    """The environment variable a settings field is read from: its class's prefix and its name, or the alias
+    of a variable another program names (PROMETHEUS_MULTIPROC_DIR)."""
+    alias = settings_class.model_fields[name].validation_alias
+    if isinstance(alias, str):
+        return alias
+    return f"{settings_class.model_config.get('env_prefix', '')}{name}".upper()
+
+
 def with_password(url: str, password: str) -> str:
     """`url` with its password replaced by `password` (quoted, so any character is safe)."""
     parts = urlsplit(url)

@@ -167,20 +167,29 @@ def _settings_help(service: str) -> str:
     """Each environment variable a service reads, with its default and description."""
     from pydantic_settings import BaseSettings
 
+    from gkt.config import variable_name
     from gkt.tracing import TracingSettings
 
-    settings_class: type[BaseSettings]
+    classes: list[type[BaseSettings]]
     if service == "gateway":
-        from services.gateway.settings import GatewaySettings as settings_class
+        from services.gateway.settings import GatewaySettings
+
+        classes = [GatewaySettings]
     elif service == "teacher":
-        from services.teacher.settings import TeacherSettings as settings_class
+        from services.teacher.backends.resilience import RemoteBackendSettings
+        from services.teacher.settings import TeacherSettings
+
+        classes = [TeacherSettings, RemoteBackendSettings]
     else:
-        from services.student.settings import StudentSettings as settings_class
+        from services.student.settings import StudentSettings
+
+        classes = [StudentSettings]
+    classes.append(TracingSettings)
     lines = []
-    for cls in (settings_class, TracingSettings):
+    for cls in classes:
         for name, info in cls.model_fields.items():
             default = "" if info.is_required() or info.default_factory else f" (default: {info.default})"
-            lines.append(f"  GKT_{name.upper()}{default}\n      {info.description}")
+            lines.append(f"  {variable_name(cls, name)}{default}\n      {info.description}")
     return "\n".join(lines)
 
 

@@ -11,6 +11,11 @@ from pydantic import Field
 from gkt import paper
 from gkt.config import CommonSettings
 
+BUNDLED_TEACHER = "gemma-3-270m"
+"""The model the local backend loads when GKT_TEACHER_MODEL is empty."""
+REMOTE_BACKENDS = ("tgi", "openai")
+"""The backends that call an inference server (`RemoteBackendSettings` says how)."""
+
 
 class TeacherSettings(CommonSettings):
     """How the teacher batches, which backend it calls, and its default sampling."""
@@ -21,7 +26,11 @@ class TeacherSettings(CommonSettings):
         "echo-benchmark-only: no model at all, for measuring the serving path (never for real traffic).",
     )
     teacher_model: str = Field(
-        default="gemma-3-270m", min_length=1, description="Bundled alias, Hugging Face id or local directory."
+        default="",
+        max_length=256,
+        description=f"The teacher model. local: a bundled alias, Hugging Face id or directory (empty: "
+        f"{BUNDLED_TEACHER}); openai: the name the server serves it under (empty: the only model its "
+        "/v1/models lists); tgi: unused (a TGI server serves one model).",
     )
     teacher_device: str = Field(default="cpu", description="torch device for the local backend.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -77,3 +86,8 @@ class TeacherSettings(CommonSettings):
     )
     teacher_metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus port (0 = off).")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0 = torch's default).")
+
+    @property
+    def local_model(self) -> str:
+        """The model the local backend loads."""
+        return self.teacher_model or BUNDLED_TEACHER

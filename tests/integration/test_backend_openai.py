@@ -46,7 +46,6 @@ def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
     """Small timeouts and backoff so failure paths take milliseconds."""
     values: dict[str, Any] = {
         "url": url,
-        "model": "",
         "request_timeout_s": 2.0,
         "max_retries": 3,
         "backoff_base_s": 0.01,
@@ -61,8 +60,8 @@ def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
 
 
 @asynccontextmanager
-async def running(settings: RemoteBackendSettings) -> AsyncIterator[OpenAIBackend]:
-    backend = OpenAIBackend(settings=settings)
+async def running(settings: RemoteBackendSettings, *, model: str = "") -> AsyncIterator[OpenAIBackend]:
+    backend = OpenAIBackend(settings=settings, model=model)
     await backend.start()
     try:
         yield backend
@@ -121,7 +120,7 @@ async def test_batch_gets_guidance_and_usage_token_counts_from_the_only_served_m
 
 async def test_finish_reason_without_vllm_stop_reason_follows_the_request(servers: ServerFactory) -> None:
     server = servers(stop_reason_field=False, models_format="absent")
-    async with running(settings_for(server.url, model="gpt-3.5-turbo-instruct")) as backend:
+    async with running(settings_for(server.url), model="gpt-3.5-turbo-instruct") as backend:
         with_stop, without_stop = await backend.generate_batch([ask("figs"), ask("dates", stop=())])
     assert succeeded(with_stop).finish_reason == "stop"
     assert succeeded(without_stop).finish_reason == "eos"
@@ -238,7 +237,7 @@ async def test_start_refuses_a_server_that_is_down() -> None:
 async def test_start_refuses_a_model_the_server_does_not_serve(servers: ServerFactory) -> None:
     server = servers(models=["a", "b"])
     with pytest.raises(ValueError, match=r"GKT_TEACHER_MODEL \('c'\) is not served.*\['a', 'b'\]"):
-        await OpenAIBackend(settings=settings_for(server.url, model="c")).start()
+        await OpenAIBackend(settings=settings_for(server.url), model="c").start()
     with pytest.raises(ValueError, match="set GKT_TEACHER_MODEL"):
         await OpenAIBackend(settings=settings_for(server.url)).start()
 

@@ -39,7 +39,11 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(
-        self, *, settings: RemoteBackendSettings, on_error: Callable[[str], None] | None = None
+        self,
+        *,
+        settings: RemoteBackendSettings,
+        model: str = "",
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         base = str(settings.url).rstrip("/")
@@ -47,8 +51,8 @@ class OpenAIBackend:
         self._api_root = base if base.endswith("/v1") else f"{base}/v1"
         self._http: httpx2.AsyncClient | None = None
         self._limit: asyncio.Semaphore | None = None
-        self.model = settings.model
-        """The model name sent with every request ("" = none: the server's only model)."""
+        self.model = model
+        """The model name sent with every request (GKT_TEACHER_MODEL; "" = the server's only model)."""
         self.max_model_len: int | None = None
         """Context length, when /v1/models reports it (vLLM's `max_model_len`)."""
         self.concurrency = settings.max_concurrency or DEFAULT_CONCURRENCY

@@ -25,7 +25,8 @@ BreakerState = Literal["closed", "open", "half_open"]
 
 
 class RemoteBackendSettings(BaseSettings):
-    """How the teacher reaches a remote inference server (`tgi` or `openai` backend)."""
+    """How the teacher reaches a remote inference server (`tgi` or `openai` backend); which model it asks
+    for is `TeacherSettings.teacher_model`."""
 
     # An empty variable (e.g. an unset secret rendered as "") means "not set", not an invalid value.
     model_config = SettingsConfigDict(env_prefix="GKT_TEACHER_", extra="ignore", env_ignore_empty=True)
@@ -33,11 +34,6 @@ class RemoteBackendSettings(BaseSettings):
     url: HttpUrl = Field(
         default=HttpUrl("http://127.0.0.1:8080"),
         description="Server base URL (TGI: its root; OpenAI-compatible: its root or the `/v1` URL).",
-    )
-    model: str = Field(
-        default="",
-        max_length=256,
-        description="Model name sent to OpenAI-compatible servers; empty = the one model /v1/models lists.",
     )
     api_key: SecretStr | None = Field(
         default=None, min_length=1, description="Bearer token for the server; never logged."
