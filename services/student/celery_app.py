@@ -67,7 +67,11 @@ def send_again(job_json: str, guidance_json: str) -> None:
 def _on_worker_init(**_: Any) -> None:
     configure_logging(level=settings.log_level, service="student")
     log.info("settings %s", settings.describe())
-    serve_metrics(port=settings.student_metrics_port, addr=settings.metrics_addr)
+    serve_metrics(
+        port=settings.student_metrics_port,
+        addr=settings.metrics_addr,
+        multiprocess_dir=settings.prometheus_multiproc_dir,
+    )
     tracing.configure(tracing.TracingSettings(), service="student")
     # The model loads before the worker consumes: a task never waits for it.
     runtime.install(runtime.StudentRuntime.start(settings, send_task=send_again))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -61,6 +62,12 @@ class StudentSettings(CommonSettings):
         ge=0,
         le=10_000,
         description="Token deltas are coalesced into one event (one Redis round trip) per this many ms.",
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus-client's multiprocess directory: the worker writes its metrics there and serves "
+        "them; emptied before each worker starts. Unset: plain metrics.",
     )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process (0 = default)."

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 
 # A long batching window makes concurrent requests land in one batch however slow the machine is.
 TINY_STACK_ENV = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gkt.decoding import PrefixCache, check_room, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest, Sampler
-from gkt.errors import InvalidArgument
+from gkt.errors import InvalidArgument, StatusCode
 from gkt.jobs import GuidanceMode
 from gkt.models import LoadedModel, load_model
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
@@ -70,11 +70,11 @@ class LocalBackend:
         if warm:
             self._engine.generate([EngineRequest(prompt_ids=encode(lm, "Q: 1+1?\nA:"), max_new_tokens=2)])
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         context = self._loaded().context_window
-        if context is not None and max_new_tokens >= context:
+        if context is not None and max_guidance_tokens >= context:
             raise ValueError(
-                f"guidance of {max_new_tokens} tokens leaves no room for a prompt: the model's context is {context}"
+                f"guidance of {max_guidance_tokens} tokens leaves no room for a prompt: the model's context is {context}"
             )
 
     async def generate_batch(
@@ -86,9 +86,9 @@ class LocalBackend:
             return await asyncio.to_thread(self._generate_fitting, requests)
         except Exception as exc:  # a failed forward pass fails the whole batch it ran
             log.exception("local teacher generation failed")
-            return [BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")] * len(
-                requests
-            )
+            return [
+                BackendError(f"teacher generation failed: {exc}", code=StatusCode.INTERNAL, kind="local")
+            ] * len(requests)
 
     def _generate_fitting(
         self, requests: Sequence[GenerationRequest]
@@ -105,7 +105,7 @@ class LocalBackend:
                 check_room(
                     lm,
                     prompt_tokens=len(ids),
-                    max_new_tokens=request.max_new_tokens,
+                    max_new_tokens=request.max_guidance_tokens,
                     length_field="guidance.max_guidance_tokens",
                 )
             except InvalidArgument as exc:
@@ -129,7 +129,7 @@ class LocalBackend:
                 EngineRequest(
                     prompt_ids=ids,
                     sampler=Sampler(temperature=r.temperature, top_p=r.top_p, seed=r.seed),
-                    max_new_tokens=r.max_new_tokens,
+                    max_new_tokens=r.max_guidance_tokens,
                     stop=r.stop,
                     prompt=r.prompt,
                 )

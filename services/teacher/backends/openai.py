@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx2
 
-from gkt.errors import Unavailable
+from gkt.errors import StatusCode, Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.resilience import (
     AttemptError,
@@ -39,7 +39,11 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(
-        self, *, settings: RemoteBackendSettings, on_error: Callable[[str], None] | None = None
+        self,
+        *,
+        settings: RemoteBackendSettings,
+        model: str = "",
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         base = str(settings.url).rstrip("/")
@@ -47,8 +51,8 @@ class OpenAIBackend:
         self._api_root = base if base.endswith("/v1") else f"{base}/v1"
         self._http: httpx2.AsyncClient | None = None
         self._limit: asyncio.Semaphore | None = None
-        self.model = settings.model
-        """The model name sent with every request ("" = none: the server's only model)."""
+        self.model = model
+        """The model name sent with every request (GKT_TEACHER_MODEL; "" = the server's only model)."""
         self.max_model_len: int | None = None
         """Context length, when /v1/models reports it (vLLM's `max_model_len`)."""
         self.concurrency = settings.max_concurrency or DEFAULT_CONCURRENCY
@@ -82,13 +86,13 @@ class OpenAIBackend:
             },
         )
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """Refuse a guidance length the server cannot generate (raises ValueError naming the values)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"guidance max_new_tokens ({max_new_tokens}) must be >= 1")
-        if self.max_model_len is not None and max_new_tokens >= self.max_model_len:
+        if max_guidance_tokens < 1:
+            raise ValueError(f"max_guidance_tokens ({max_guidance_tokens}) must be >= 1")
+        if self.max_model_len is not None and max_guidance_tokens >= self.max_model_len:
             raise ValueError(
-                f"guidance max_new_tokens ({max_new_tokens}) leaves no room for the prompt: model "
+                f"max_guidance_tokens ({max_guidance_tokens}) leaves no room for the prompt: model "
                 f"{self.model!r} has max_model_len {self.max_model_len}"
             )
 
@@ -146,7 +150,7 @@ class OpenAIBackend:
         assert self._http is not None
         body: dict[str, Any] = {
             "prompt": [request.prompt],
-            "max_tokens": request.max_new_tokens,
+            "max_tokens": request.max_guidance_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,
@@ -160,13 +164,13 @@ class OpenAIBackend:
             response = await self._http.post("completions", json=body)
         except httpx2.TimeoutException as exc:
             raise AttemptError(
-                f"timed out: {exc!r}", kind="timeout", code="UNAVAILABLE", server_fault=True
+                f"timed out: {exc!r}", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
             ) from exc
         except httpx2.TransportError as exc:
             raise AttemptError(
                 f"cannot reach {self._api_root}: {exc!r}",
                 kind="connection",
-                code="UNAVAILABLE",
+                code=StatusCode.UNAVAILABLE,
                 retryable=True,
                 server_fault=True,
             ) from exc
@@ -182,7 +186,7 @@ class OpenAIBackend:
             raise AttemptError(
                 _short(f"unreadable /v1/completions response: {exc}"),
                 kind="malformed",
-                code="INTERNAL",
+                code=StatusCode.INTERNAL,
                 server_fault=True,
             ) from exc
 

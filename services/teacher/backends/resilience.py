@@ -14,6 +14,7 @@ from typing import Literal, Self, TypeVar
 from pydantic import Field, FilePath, HttpUrl, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gkt.errors import StatusCode
 from services.teacher.backends.base import BackendError
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ BreakerState = Literal["closed", "open", "half_open"]
 
 
 class RemoteBackendSettings(BaseSettings):
-    """How the teacher reaches a remote inference server (`tgi` or `openai` backend)."""
+    """How the teacher reaches a remote inference server (`tgi` or `openai` backend); which model it asks
+    for is `TeacherSettings.teacher_model`."""
 
     # An empty variable (e.g. an unset secret rendered as "") means "not set", not an invalid value.
     model_config = SettingsConfigDict(env_prefix="GKT_TEACHER_", extra="ignore", env_ignore_empty=True)
@@ -32,11 +34,6 @@ class RemoteBackendSettings(BaseSettings):
     url: HttpUrl = Field(
         default=HttpUrl("http://127.0.0.1:8080"),
         description="Server base URL (TGI: its root; OpenAI-compatible: its root or the `/v1` URL).",
-    )
-    model: str = Field(
-        default="",
-        max_length=256,
-        description="Model name sent to OpenAI-compatible servers; empty = the one model /v1/models lists.",
     )
     api_key: SecretStr | None = Field(
         default=None, min_length=1, description="Bearer token for the server; never logged."
@@ -93,7 +90,7 @@ class AttemptError(Exception):
         message: str,
         *,
         kind: str,
-        code: str,
+        code: StatusCode,
         retryable: bool = False,
         server_fault: bool = False,
         retry_after_s: float | None = None,
@@ -101,7 +98,7 @@ class AttemptError(Exception):
         super().__init__(message)
         self.message = message
         self.kind = kind
-        self.code = code
+        self.code = StatusCode(code)
         self.retryable = retryable
         self.server_fault = server_fault
         self.retry_after_s = retry_after_s
@@ -112,7 +109,11 @@ def classify_status(*, status: int, detail: str, retry_after_s: float | None = N
     message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
     if status == 429:
         return AttemptError(
-            message, kind="overloaded", code="RESOURCE_EXHAUSTED", retryable=True, retry_after_s=retry_after_s
+            message,
+            kind="overloaded",
+            code=StatusCode.RESOURCE_EXHAUSTED,
+            retryable=True,
+            retry_after_s=retry_after_s,
         )
     if status == 503:
         # A 503 is an overloaded or absent upstream (TGI warming up, a proxy with no backend): it counts
@@ -120,22 +121,24 @@ def classify_status(*, status: int, detail: str, retry_after_s: float | None = N
         return AttemptError(
             message,
             kind="overloaded",
-            code="UNAVAILABLE",
+            code=StatusCode.UNAVAILABLE,
             retryable=True,
             server_fault=True,
             retry_after_s=retry_after_s,
         )
     if status == 408:
-        return AttemptError(message, kind="timeout", code="UNAVAILABLE", server_fault=True)
+        return AttemptError(message, kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True)
     if status in (400, 413, 422):
-        return AttemptError(message, kind="invalid", code="INVALID_ARGUMENT")
+        return AttemptError(message, kind="invalid", code=StatusCode.INVALID_ARGUMENT)
     if status in (401, 403):
         # The teacher's credentials are wrong: nothing the client can fix, nothing a retry can fix.
-        return AttemptError(message, kind="auth", code="INTERNAL")
+        return AttemptError(message, kind="auth", code=StatusCode.INTERNAL)
     if status == 424 or status >= 500:
         # TGI answers 424 when generation itself failed on the server (e.g. a CUDA error).
-        return AttemptError(message, kind="server", code="UNAVAILABLE", retryable=True, server_fault=True)
-    return AttemptError(message, kind="invalid", code="INTERNAL")
+        return AttemptError(
+            message, kind="server", code=StatusCode.UNAVAILABLE, retryable=True, server_fault=True
+        )
+    return AttemptError(message, kind="invalid", code=StatusCode.INTERNAL)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -278,7 +281,7 @@ class ResilientCaller:
                     error = AttemptError(
                         f"no response within {self._settings.request_timeout_s:g} s",
                         kind="timeout",
-                        code="UNAVAILABLE",
+                        code=StatusCode.UNAVAILABLE,
                         server_fault=True,
                     )
                 except AttemptError as exc:
@@ -312,7 +315,7 @@ class ResilientCaller:
         attempts = f" after {number + 1} attempts" if number else ""
         # The gateway validated every other field, so a request the server refuses as invalid is one whose
         # prompt does not fit its context (TGI: 422 "inputs tokens + max_new_tokens must be <= ...").
-        field = "query" if last.code == "INVALID_ARGUMENT" else ""
+        field = "query" if last.code == StatusCode.INVALID_ARGUMENT else ""
         raise self.fail(
             BackendError(
                 f"teacher backend {self._name}: {last.message}{attempts}",
@@ -336,7 +339,9 @@ class ResilientCaller:
             except Exception as exc:
                 log.exception("teacher backend %s: unexpected error", self._name)
                 return self.fail(
-                    BackendError(f"teacher backend {self._name}: {exc!r}", code="INTERNAL", kind="internal")
+                    BackendError(
+                        f"teacher backend {self._name}: {exc!r}", code=StatusCode.INTERNAL, kind="internal"
+                    )
                 )
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
@@ -361,7 +366,7 @@ class ResilientCaller:
             f"teacher backend {self._name} is unavailable: circuit open after "
             f"{self.breaker.consecutive_failures} consecutive failures, next probe in "
             f"{self.breaker.retry_in_s():.1f} s{cause}",
-            code="UNAVAILABLE",
+            code=StatusCode.UNAVAILABLE,
             kind="circuit_open",
         )
 

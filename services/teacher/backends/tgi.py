@@ -18,7 +18,7 @@ from huggingface_hub.errors import (
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from gkt.errors import Unavailable
+from gkt.errors import StatusCode, Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.resilience import (
     AttemptError,
@@ -83,21 +83,21 @@ class TgiBackend:
             await self.close()
             raise
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """Refuse a guidance length the server cannot generate (raises ValueError naming the values)."""
         if self.info is None:
             raise RuntimeError("TgiBackend.start() was not awaited")
-        if max_new_tokens < 1:
-            raise ValueError(f"guidance max_new_tokens ({max_new_tokens}) must be >= 1")
-        if max_new_tokens >= self.info.max_total_tokens:
+        if max_guidance_tokens < 1:
+            raise ValueError(f"max_guidance_tokens ({max_guidance_tokens}) must be >= 1")
+        if max_guidance_tokens >= self.info.max_total_tokens:
             raise ValueError(
-                f"guidance max_new_tokens ({max_new_tokens}) leaves no room for the prompt: the server's "
+                f"max_guidance_tokens ({max_guidance_tokens}) leaves no room for the prompt: the server's "
                 f"max_total_tokens is {self.info.max_total_tokens} (TGI --max-total-tokens)"
             )
-        room = min(self.info.max_input_tokens, self.info.max_total_tokens - max_new_tokens)
+        room = min(self.info.max_input_tokens, self.info.max_total_tokens - max_guidance_tokens)
         log.info(
             "tgi limits checked: longer prompts will fail with INVALID_ARGUMENT",
-            extra={"max_new_tokens": max_new_tokens, "max_prompt_tokens": room},
+            extra={"max_guidance_tokens": max_guidance_tokens, "max_prompt_tokens": room},
         )
 
     async def generate_batch(
@@ -155,7 +155,7 @@ class TgiBackend:
                 request.prompt,
                 model=f"{self._base_url}/generate",
                 details=True,
-                max_new_tokens=request.max_new_tokens,
+                max_new_tokens=request.max_guidance_tokens,
                 do_sample=sampling,
                 temperature=request.temperature if sampling else None,
                 top_p=request.top_p if sampling and 0 < request.top_p < 1 else None,
@@ -169,13 +169,13 @@ class TgiBackend:
             raise _status_error(exc, detail=exc.server_message or exc.response.reason_phrase) from exc
         except (InferenceTimeoutError, httpx2.TimeoutException) as exc:
             raise AttemptError(
-                f"timed out: {exc}", kind="timeout", code="UNAVAILABLE", server_fault=True
+                f"timed out: {exc}", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
             ) from exc
         except httpx2.TransportError as exc:
             raise AttemptError(
                 f"cannot reach {self._base_url}: {exc!r}",
                 kind="connection",
-                code="UNAVAILABLE",
+                code=StatusCode.UNAVAILABLE,
                 retryable=True,
                 server_fault=True,
             ) from exc
@@ -227,7 +227,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 def _status_error(cause: BaseException | None, *, detail: str) -> AttemptError:
     if not isinstance(cause, HfHubHTTPError):
         return AttemptError(
-            _short(detail), kind="server", code="UNAVAILABLE", retryable=True, server_fault=True
+            _short(detail), kind="server", code=StatusCode.UNAVAILABLE, retryable=True, server_fault=True
         )
     response = cause.response
     return classify_status(
@@ -238,7 +238,7 @@ def _status_error(cause: BaseException | None, *, detail: str) -> AttemptError:
 
 
 def _malformed(message: str) -> AttemptError:
-    return AttemptError(_short(message), kind="malformed", code="INTERNAL", server_fault=True)
+    return AttemptError(_short(message), kind="malformed", code=StatusCode.INTERNAL, server_fault=True)
 
 
 def _short(text: str) -> str:

@@ -34,13 +34,14 @@ from typing import Any
 import grpc
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.arguments import whole_number
-from gkt.bench import floors
-from gkt.bench.load import closed_loop, grpc_call
-from gkt.bench.report import write_report
-from gkt.bench.stats import Sample, summarize
+from gkt import paper
 from gkt.jobs import Task
-from services.stack import Stack, free_port
+from gkt_tools.arguments import whole_number
+from gkt_tools.bench import floors
+from gkt_tools.bench.load import closed_loop, grpc_call
+from gkt_tools.bench.report import write_report
+from gkt_tools.bench.stats import Sample, summarize
+from gkt_tools.stack import Stack, free_port
 
 SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "gkt")
 _QUIET = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
@@ -82,7 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-jobs", type=whole_number(1), default=8, help="student: jobs measured")
     parser.add_argument("--questions", type=whole_number(1), default=24, help="gkt: CSQA questions per run")
     parser.add_argument(
-        "--guidance-tokens", type=whole_number(1, 512), default=10, help="gkt and batching: guidance tokens"
+        "--guidance-tokens",
+        dest="max_guidance_tokens",
+        type=whole_number(1, 512),
+        default=10,
+        help="gkt and batching: guidance tokens",
     )
     parser.add_argument(
         "--capacity-concurrency", default="1,4,8,16", help="student-capacity: clients per level"
@@ -260,15 +265,21 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
 
     gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
     queries = [example.query for example in gsm8k.examples]
+    gsm8k_defaults = paper.TASK_DEFAULTS[Task.GSM8K]
     levels = concurrency_levels(args.capacity_concurrency)
 
     def request(index: int) -> Any:
         return pb.GenerateRequest(
             query=queries[index % len(queries)],
             task=pb.TASK_GSM8K,
-            guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=40),
+            guidance=pb.GuidanceParams(
+                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=gsm8k_defaults.max_guidance_tokens
+            ),
             sampling=pb.SamplingParams(
-                temperature=0.8, top_p=0.95, max_new_tokens=args.capacity_tokens, seed=index + 1
+                temperature=paper.STUDENT_TEMPERATURE,
+                top_p=paper.STUDENT_TOP_P,
+                max_new_tokens=args.capacity_tokens,
+                seed=index + 1,
             ),
         )
 
@@ -336,9 +347,9 @@ def _shifted(request: Callable[[int], Any], offset: int, index: int) -> Any:
 
 
 def _determinism(args: argparse.Namespace) -> dict[str, Any]:
-    from gkt.bench import determinism
     from gkt.evaluation.datasets import load_dataset, resolve_data_dir
     from gkt.models import load_model
+    from gkt_tools.bench import determinism
     from services.student.settings import StudentSettings
 
     if args.torch_threads:
@@ -418,7 +429,7 @@ def _batching(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dic
             query=chosen[index % len(chosen)],
             task=pb.TASK_CSQA,
             guidance=pb.GuidanceParams(
-                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.guidance_tokens
+                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.max_guidance_tokens
             ),
         )
 
@@ -430,7 +441,7 @@ def _batching(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dic
     requests = [
         GenerationRequest(
             prompt=teacher_prompt(task=Task.CSQA, mode=GuidanceMode.CUTOFF, query=query),
-            max_new_tokens=args.guidance_tokens,
+            max_guidance_tokens=args.max_guidance_tokens,
             stop=(STOP_SEQUENCE,),
         )
         for query in chosen
@@ -522,7 +533,7 @@ def _gkt(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dict[str
     runs = {
         "student_alone": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_NONE),
         "teacher_alone": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_FULL),
-        "gkt": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.guidance_tokens),
+        "gkt": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.max_guidance_tokens),
     }
     results: dict[str, Any] = {
         "questions": len(chosen),
