@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,13 +81,15 @@ def test_arrivals_in_one_step_are_prefilled_together_and_generate_what_they_gene
         alone = [_alone(lm, r) for r in requests]
         engine = Engine(lm, max_batch=6, prefix_cache=prefix_cache)
         passes: list[int] = []
-        forward = lm.model.forward
+        model: Any = lm.model
 
-        def counting(*args: object, **kwargs: object) -> object:
+        def counting(
+            *args: object, forward: Any = model.forward, passes: list[int] = passes, **kwargs: object
+        ) -> object:
             passes.append(1)
             return forward(*args, **kwargs)
 
-        lm.model.forward = counting  # type: ignore[method-assign]
+        model.forward = counting
         try:
             generations = [engine.submit(r) for r in requests]
             engine.step()  # admits all six
@@ -94,7 +97,7 @@ def test_arrivals_in_one_step_are_prefilled_together_and_generate_what_they_gene
             while any(g.result is None for g in generations):
                 engine.step()
         finally:
-            del lm.model.forward
+            del model.forward
         assert admitted < len(requests)
         assert [g.result for g in generations] == alone
 
