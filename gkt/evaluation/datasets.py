@@ -1,4 +1,5 @@
-"""Evaluation datasets: where each file comes from, the paper's settings for it, and loading it verified.
+"""Evaluation datasets: where each file comes from, and loading it verified (the paper's settings for each
+task are in `gkt.paper`).
 
 The files are never part of the project: they are read from a data directory that holds them next to a
 `SHA256SUMS` file (`sha256sum` format), and every file is checked against its sum before it is used.
@@ -22,15 +23,12 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One evaluation set and the paper's settings for it (DESIGN.md, "Paper settings to reproduce")."""
+    """One evaluation set: its file, size, origin and the sum of the copy the published results used."""
 
     task: Task
     file: str
     records: int
     source: str
-    few_shot: int
-    guidance_tokens: int
-    student_tokens: int
     published_sha256: str
     """The sum of the copy the published results used; a data directory with another copy still runs,
     but its summary says so."""
@@ -44,9 +42,6 @@ DATASETS: dict[Task, DatasetSpec] = {
             file="gsm8k_test.jsonl",
             records=1319,
             source="GSM8K test split: github.com/openai/grade-school-math, grade_school_math/data/test.jsonl (MIT)",
-            few_shot=8,
-            guidance_tokens=40,
-            student_tokens=300,
             published_sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
         ),
         DatasetSpec(
@@ -55,9 +50,6 @@ DATASETS: dict[Task, DatasetSpec] = {
             records=1221,
             source="CommonsenseQA dev split (dev_rand_split.jsonl): github.com/kojima-takeshi188/zero_shot_cot, "
             "dataset/CommonsenseQA/dev_rand_split.jsonl (MIT)",
-            few_shot=7,
-            guidance_tokens=30,
-            student_tokens=100,
             published_sha256="3210497fdaae614ac085d9eb873dd7f4d49b6f965a93adadc803e1229fd8a02a",
         ),
         DatasetSpec(
@@ -65,9 +57,6 @@ DATASETS: dict[Task, DatasetSpec] = {
             file="aqua_test.jsonl",
             records=254,
             source="AQuA-RAT test split: github.com/google-deepmind/AQuA, test.json (Apache-2.0)",
-            few_shot=4,
-            guidance_tokens=20,
-            student_tokens=100,
             published_sha256="de41581881ef95c5588c44ddc701c77fd480839241dd422a0d181262af24520c",
         ),
     )

@@ -75,7 +75,7 @@ class OfflineRunner:
                     query=example.query,
                     exemplar_set=self.plan.exemplar_set,
                 ),
-                max_new_tokens=condition.guidance_tokens,
+                max_new_tokens=condition.max_guidance_tokens,
                 sampler=Sampler(
                     temperature=_given(self.plan.teacher_temperature),
                     top_p=_given(self.plan.teacher_top_p),

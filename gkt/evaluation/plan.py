@@ -6,12 +6,9 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gkt.jobs import GuidanceMode, Task
+from gkt import paper
+from gkt.paper import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
-
-TEACHER_TEMPERATURE, TEACHER_TOP_P = 0.8, 0.9
-STUDENT_TEMPERATURE, STUDENT_TOP_P = 0.8, 0.95
-GKT_MODES = (GuidanceMode.CUTOFF, GuidanceMode.CONCISE, GuidanceMode.HINT)
 
 
 @dataclass(frozen=True)
@@ -19,7 +16,7 @@ class Condition:
     """One row of the report: the student alone, the teacher alone, or GKT with one mode and length N."""
 
     mode: GuidanceMode
-    guidance_tokens: int = 0
+    max_guidance_tokens: int = 0
     """N for the GKT modes; the length of the teacher's whole answer for the teacher-alone row."""
 
     @property
@@ -28,7 +25,7 @@ class Condition:
             return "student"
         if self.mode is GuidanceMode.FULL:
             return "teacher"
-        return f"{self.mode.value}-{self.guidance_tokens}"
+        return f"{self.mode.value}-{self.max_guidance_tokens}"
 
     @property
     def uses_teacher(self) -> bool:
@@ -47,15 +44,15 @@ class EvalPlan:
     teacher: str
     student: str
     modes: tuple[GuidanceMode, ...]
-    guidance_tokens: tuple[int, ...]
+    max_guidance_tokens: tuple[int, ...]
     student_tokens: int
     seed: int = 0
     exemplar_set: ExemplarSet = ExemplarSet.CORRECTED
-    teacher_temperature: float | None = TEACHER_TEMPERATURE
+    teacher_temperature: float | None = paper.TEACHER_TEMPERATURE
     """None: set by the server (live runs: GKT_TEACHER_TEMPERATURE), not by the request."""
-    teacher_top_p: float | None = TEACHER_TOP_P
-    student_temperature: float = STUDENT_TEMPERATURE
-    student_top_p: float = STUDENT_TOP_P
+    teacher_top_p: float | None = paper.TEACHER_TOP_P
+    student_temperature: float = paper.STUDENT_TEMPERATURE
+    student_top_p: float = paper.STUDENT_TOP_P
     runner: str = "offline"
     baselines: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -64,7 +61,7 @@ class EvalPlan:
     def conditions(self) -> list[Condition]:
         rows = [Condition(GuidanceMode.NONE), Condition(GuidanceMode.FULL, self.student_tokens)]
         rows = rows if self.baselines else []
-        return rows + [Condition(mode, n) for mode in self.modes for n in self.guidance_tokens]
+        return rows + [Condition(mode, n) for mode in self.modes for n in self.max_guidance_tokens]
 
     def example_seed(self, index: int) -> int:
         """A seed per example, the same in every row and every run, independent of batch-mates."""
@@ -74,6 +71,6 @@ class EvalPlan:
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the records it extends."""
         data = asdict(self)
-        for free in ("modes", "guidance_tokens", "baselines", "extra"):
+        for free in ("modes", "max_guidance_tokens", "baselines", "extra"):
             data.pop(free)
         return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}

@@ -27,6 +27,7 @@ class Row:
     name: str
     mode: str
     guidance_tokens: int
+    """The row's N (its max_guidance_tokens; 0 for the baselines), under the report's own column name."""
     models: str
     examples: int
     mean_guidance_tokens: float
@@ -62,7 +63,7 @@ def summarize(
         "plan": {
             **plan.identity(),
             "modes": [m.value for m in plan.modes],
-            "guidance_tokens": list(plan.guidance_tokens),
+            "guidance_tokens": list(plan.max_guidance_tokens),
             "baselines": plan.baselines,
             **plan.extra,
         },
@@ -117,7 +118,7 @@ def _row(
     return Row(
         name=condition.name,
         mode=condition.mode.value,
-        guidance_tokens=condition.guidance_tokens if condition.mode is not GuidanceMode.FULL else 0,
+        guidance_tokens=condition.max_guidance_tokens if condition.mode is not GuidanceMode.FULL else 0,
         models=f"{teacher_side} → {student_side}",
         examples=n,
         mean_guidance_tokens=sum(r.guidance_tokens for r in records) / n,

@@ -8,7 +8,7 @@ import time
 
 import httpx2
 
-from gkt.errors import GktError
+from gkt.errors import GktError, StatusCode
 
 _DETAIL_CHARS = 300
 
@@ -16,13 +16,18 @@ _DETAIL_CHARS = 300
 class BackendError(GktError):
     """Generation failed for one request; `code` says how the client should see it."""
 
-    code = "UNAVAILABLE"
+    code = StatusCode.UNAVAILABLE
 
     def __init__(
-        self, message: str, *, code: str = "UNAVAILABLE", kind: str = "error", field: str = ""
+        self,
+        message: str,
+        *,
+        code: StatusCode = StatusCode.UNAVAILABLE,
+        kind: str = "error",
+        field: str = "",
     ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = StatusCode(code)
         self.kind = kind
         """A bounded label for metrics: timeout, connection, overloaded, server, invalid, circuit_open…"""
         self.field = field
@@ -37,7 +42,7 @@ class AttemptError(Exception):
         message: str,
         *,
         kind: str,
-        code: str,
+        code: StatusCode,
         retryable: bool = False,
         server_fault: bool = False,
         retry_after_s: float | None = None,
@@ -45,7 +50,7 @@ class AttemptError(Exception):
         super().__init__(message)
         self.message = message
         self.kind = kind
-        self.code = code
+        self.code = StatusCode(code)
         self.retryable = retryable
         self.server_fault = server_fault
         self.retry_after_s = retry_after_s
@@ -56,7 +61,11 @@ def classify_status(*, status: int, detail: str, retry_after_s: float | None = N
     message = f"HTTP {status}: {detail}" if detail else f"HTTP {status}"
     if status == 429:
         return AttemptError(
-            message, kind="overloaded", code="RESOURCE_EXHAUSTED", retryable=True, retry_after_s=retry_after_s
+            message,
+            kind="overloaded",
+            code=StatusCode.RESOURCE_EXHAUSTED,
+            retryable=True,
+            retry_after_s=retry_after_s,
         )
     if status == 503:
         # A 503 is an overloaded or absent upstream (TGI warming up, a proxy with no backend): it counts
@@ -64,32 +73,36 @@ def classify_status(*, status: int, detail: str, retry_after_s: float | None = N
         return AttemptError(
             message,
             kind="overloaded",
-            code="UNAVAILABLE",
+            code=StatusCode.UNAVAILABLE,
             retryable=True,
             server_fault=True,
             retry_after_s=retry_after_s,
         )
     if status == 408:
-        return AttemptError(message, kind="timeout", code="UNAVAILABLE", server_fault=True)
+        return AttemptError(message, kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True)
     if status in (400, 413, 422):
-        return AttemptError(message, kind="invalid", code="INVALID_ARGUMENT")
+        return AttemptError(message, kind="invalid", code=StatusCode.INVALID_ARGUMENT)
     if status in (401, 403):
         # The worker's credentials are wrong: nothing the client can fix, nothing a retry can fix.
-        return AttemptError(message, kind="auth", code="INTERNAL")
+        return AttemptError(message, kind="auth", code=StatusCode.INTERNAL)
     if status == 424 or status >= 500:
         # TGI answers 424 when generation itself failed on the server (e.g. a CUDA error).
-        return AttemptError(message, kind="server", code="UNAVAILABLE", retryable=True, server_fault=True)
-    return AttemptError(message, kind="invalid", code="INTERNAL")
+        return AttemptError(
+            message, kind="server", code=StatusCode.UNAVAILABLE, retryable=True, server_fault=True
+        )
+    return AttemptError(message, kind="invalid", code=StatusCode.INTERNAL)
 
 
 def transport_error(exc: httpx2.TransportError, *, url: str) -> AttemptError:
     """A request that got no (complete) HTTP answer: a timeout is not retried, a broken connection is."""
     if isinstance(exc, httpx2.TimeoutException):
-        return AttemptError(f"timed out: {exc!r}", kind="timeout", code="UNAVAILABLE", server_fault=True)
+        return AttemptError(
+            f"timed out: {exc!r}", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
+        )
     return AttemptError(
         f"cannot reach {url}: {exc!r}",
         kind="connection",
-        code="UNAVAILABLE",
+        code=StatusCode.UNAVAILABLE,
         retryable=True,
         server_fault=True,
     )
@@ -97,7 +110,7 @@ def transport_error(exc: httpx2.TransportError, *, url: str) -> AttemptError:
 
 def malformed(message: str) -> AttemptError:
     """A reply that does not follow the server's published schema."""
-    return AttemptError(short(message), kind="malformed", code="INTERNAL", server_fault=True)
+    return AttemptError(short(message), kind="malformed", code=StatusCode.INTERNAL, server_fault=True)
 
 
 def parse_retry_after(value: str | None) -> float | None:

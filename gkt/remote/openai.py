@@ -28,7 +28,7 @@ _FINISH_REASONS = {
 class OpenAIServer:
     """The connection pool to one server and what `/v1/models` says about it."""
 
-    def __init__(self, *, settings: RemoteServerSettings, connections: int) -> None:
+    def __init__(self, *, settings: RemoteServerSettings, model: str, connections: int) -> None:
         self._settings = settings
         self._prefix = str(settings.model_config.get("env_prefix", ""))
         base = str(settings.url).rstrip("/")
@@ -36,7 +36,7 @@ class OpenAIServer:
         self.api_root = base if base.endswith("/v1") else f"{base}/v1"
         self._connections = connections
         self._http: httpx2.AsyncClient | None = None
-        self.model = settings.model
+        self.model = model
         """The model name sent with every request ("" = none: the server's only model)."""
         self.max_model_len: int | None = None
         """Context length, when /v1/models reports it (vLLM's `max_model_len`)."""

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
+from gkt.errors import StatusCode
 from gkt.remote.breaker import CircuitBreaker
 from gkt.remote.errors import AttemptError, BackendError
 from gkt.remote.settings import RemoteServerSettings
@@ -83,7 +84,7 @@ class ResilientCaller:
                     error = AttemptError(
                         f"no response within {self._settings.request_timeout_s:g} s",
                         kind="timeout",
-                        code="UNAVAILABLE",
+                        code=StatusCode.UNAVAILABLE,
                         server_fault=True,
                     )
                 except AttemptError as exc:
@@ -125,7 +126,9 @@ class ResilientCaller:
             return exc
         except Exception as exc:
             log.exception("%s: unexpected error", self._name)
-            return self.fail(BackendError(f"{self._name}: {exc!r}", code="INTERNAL", kind="internal"))
+            return self.fail(
+                BackendError(f"{self._name}: {exc!r}", code=StatusCode.INTERNAL, kind="internal")
+            )
 
     async def call_each(
         self, attempt: Callable[[R], Awaitable[T]], requests: Sequence[R], *, limit: asyncio.Semaphore
@@ -143,7 +146,7 @@ class ResilientCaller:
 
     def final(self, error: AttemptError, *, note: str = "") -> BackendError:
         """The request's failure as its job sees it."""
-        field = self._invalid_field(error.message) if error.code == "INVALID_ARGUMENT" else ""
+        field = self._invalid_field(error.message) if error.code == StatusCode.INVALID_ARGUMENT else ""
         return BackendError(
             f"{self._name}: {error.message}{note}", code=error.code, kind=error.kind, field=field
         )
@@ -169,7 +172,7 @@ class ResilientCaller:
             f"{self._name} is unavailable: circuit open after "
             f"{self.breaker.consecutive_failures} consecutive failures, next probe in "
             f"{self.breaker.retry_in_s():.1f} s{cause}",
-            code="UNAVAILABLE",
+            code=StatusCode.UNAVAILABLE,
             kind="circuit_open",
         )
 

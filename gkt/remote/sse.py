@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx2
 
+from gkt.errors import StatusCode
 from gkt.remote.errors import AttemptError, malformed, status_error, transport_error
 
 
@@ -62,4 +63,6 @@ class EventStream:
 
 def stream_broken(message: str) -> AttemptError:
     """A stream that ended before the server said why it ended."""
-    return AttemptError(message, kind="server", code="UNAVAILABLE", retryable=True, server_fault=True)
+    return AttemptError(
+        message, kind="server", code=StatusCode.UNAVAILABLE, retryable=True, server_fault=True
+    )

@@ -20,15 +20,16 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, descriptor, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from redis.asyncio import Redis
 
 from gkt import logs, metrics
-from gkt.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from gkt.errors import InvalidArgument, ResourceExhausted, StatusCode, Unauthenticated
 from gkt.queue import TAKE_SLOT, Keys
 from gkt.v1 import guidance_pb2
 from services.gateway import tenancy
 from services.gateway.auth import ANONYMOUS, ApiKey, ApiKeys
+from services.gateway.errors import rich_status
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ def _refuse(
         delay.FromMilliseconds(max(1, math.ceil(retry_after_s * 1000)))
         retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(retry)
-    status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=message, details=details)
+    status = rich_status(StatusCode.RESOURCE_EXHAUSTED, message, details)
     # The error-mapping interceptor aborts with the code and message; the details ride in the trailer.
     context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
     raise ResourceExhausted(message)

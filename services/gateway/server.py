@@ -13,13 +13,9 @@ from gkt.queue import Keys, connect_bounded
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
 from services.gateway.access import AccessInterceptor, Limiter
 from services.gateway.auth import ApiKeys
-from services.gateway.interceptors import (
-    DEADLINE_SLACK_S,
-    DeadlineInterceptor,
-    ErrorMappingInterceptor,
-    InFlightLimitInterceptor,
-    MetricsInterceptor,
-)
+from services.gateway.deadline import DEADLINE_SLACK_S, DeadlineInterceptor
+from services.gateway.errors import ErrorMappingInterceptor
+from services.gateway.interceptors import InFlightLimitInterceptor, MetricsInterceptor
 from services.gateway.service import COMMANDS_CLIENT_NAME, GatewayService
 from services.gateway.servicer import GuidanceServicer
 from services.gateway.settings import GatewaySettings

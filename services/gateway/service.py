@@ -13,7 +13,14 @@ from redis.asyncio import Redis
 
 from gkt import logs, metrics, tracing
 from gkt.dispatch import dispatch_student, student_client
-from gkt.errors import DeadlineExceeded, InvalidArgument, JobFailed, ResourceExhausted, Unavailable
+from gkt.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    JobFailed,
+    ResourceExhausted,
+    StatusCode,
+    Unavailable,
+)
 from gkt.jobs import (
     DeltaEvent,
     ErrorEvent,
@@ -52,7 +59,7 @@ end
 return current
 """
 
-_ENDED_BY_ITS_CALLER = {"CANCELLED", "DEADLINE_EXCEEDED"}
+_ENDED_BY_ITS_CALLER = {StatusCode.CANCELLED, StatusCode.DEADLINE_EXCEEDED}
 
 COMMANDS_CLIENT_NAME = "gkt-gateway"
 READER_CLIENT_NAME = "gkt-gateway-reader"
@@ -276,7 +283,7 @@ class GatewayService:
                             continue
                         event, shown = unseen, unseen.offset + len(unseen.text)
                     if isinstance(event, ErrorEvent):
-                        if event.code == InvalidArgument.code and event.field:
+                        if event.code == StatusCode.INVALID_ARGUMENT and event.field:
                             raise InvalidArgument(event.field, event.message)
                         raise JobFailed(event.code, event.message)
                     yield event
@@ -326,7 +333,11 @@ def _student_only(job: Job) -> Job:
     if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
         raise Unavailable("no teacher is reading queries, so no guidance can be written; retry later")
     return job.model_copy(
-        update={"guidance": GuidanceSpec(mode=GuidanceMode.NONE, max_tokens=job.guidance.max_tokens)}
+        update={
+            "guidance": GuidanceSpec(
+                mode=GuidanceMode.NONE, max_guidance_tokens=job.guidance.max_guidance_tokens
+            )
+        }
     )
 
 

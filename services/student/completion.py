@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from gkt import metrics, tracing
 from gkt.answers import extract_answer
 from gkt.engine import EngineResult
-from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument
+from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument, StatusCode
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
 from gkt.leases import Claim, Lease
 from gkt.prompts import STOP_SEQUENCE, student_prompt
@@ -85,7 +85,7 @@ def _run_claimed(
         log.error("student job dead-lettered", extra={"job_id": job.id, "attempts": lease.attempt - 1})
         publisher.dead_letter(job, reason=message)
         metrics.STUDENT_JOBS.labels("dead_lettered").inc()
-        publisher.publish_final(job.id, ErrorEvent(code="INTERNAL", message=message))
+        publisher.publish_final(job.id, ErrorEvent(code=StatusCode.INTERNAL, message=message))
         return
     tracing.record_span(
         "gkt.student.queue_wait", traceparent=job.traceparent, start=guidance.published_at, end=time.time()

@@ -19,7 +19,7 @@ from services.student.backends.base import StudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.heartbeat import Heartbeat
 from services.student.jobbook import JobBook
-from services.student.settings import StudentSettings
+from services.student.settings import StudentServerSettings, StudentSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ class StudentRuntime:
         self._timer = threading.Thread(target=self._keep_alive, name="gkt-student-timer", daemon=True)
 
     @classmethod
-    def start(cls, settings: StudentSettings, *, send_task: SendTask) -> StudentRuntime:
+    def start(
+        cls, settings: StudentSettings, *, remote: StudentServerSettings | None, send_task: SendTask
+    ) -> StudentRuntime:
         """Start the backend (load and warm the model, or connect to its server), the heartbeat and the
         timer; the first heartbeat says ready."""
-        backend = build_backend(settings)
+        backend = build_backend(settings, remote=remote)
         keys = Keys(settings.key_prefix)
         redis = connect(settings.redis_url)
         publisher = SyncEventPublisher(redis, keys=keys, ttl_s=settings.job_ttl_s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -9,6 +10,11 @@ from pydantic_settings import SettingsConfigDict
 
 from gkt.config import CommonSettings
 from gkt.remote.settings import RemoteServerSettings
+
+BUNDLED_STUDENT = "smollm2-135m-instruct"
+"""The model the local backend loads when GKT_STUDENT_MODEL is empty."""
+REMOTE_BACKENDS = ("openai", "tgi")
+"""The backends that stream from an inference server (`StudentServerSettings` says how)."""
 
 
 class StudentSettings(CommonSettings):
@@ -20,9 +26,11 @@ class StudentSettings(CommonSettings):
         "(vLLM, llama.cpp, TGI's /v1); tgi: TGI's /generate_stream. Remote ones read GKT_STUDENT_URL & co.",
     )
     student_model: str = Field(
-        default="smollm2-135m-instruct",
-        min_length=1,
-        description="Bundled alias, Hugging Face id or directory.",
+        default="",
+        max_length=256,
+        description=f"The student model. local: a bundled alias, Hugging Face id or directory (empty: "
+        f"{BUNDLED_STUDENT}); openai: the name the server serves it under (empty: the only model its "
+        "/v1/models lists); tgi: unused (a TGI server serves one model).",
     )
     student_device: str = Field(default="cpu", description="torch device.")
     student_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -76,13 +84,25 @@ class StudentSettings(CommonSettings):
         le=10_000,
         description="Token deltas are coalesced into one event (one Redis round trip) per this many ms.",
     )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus-client's multiprocess directory: the worker writes its metrics there and serves "
+        "them; emptied before each worker starts. Unset: plain metrics.",
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process (0 = default)."
     )
 
+    @property
+    def local_model(self) -> str:
+        """The model the local backend loads."""
+        return self.student_model or BUNDLED_STUDENT
+
 
 class StudentServerSettings(RemoteServerSettings):
-    """How a student reaches its remote inference server (`openai` or `tgi` backend): `GKT_STUDENT_*`."""
+    """How a student reaches its remote inference server (`openai` or `tgi` backend): `GKT_STUDENT_*`;
+    which model it asks for is `StudentSettings.student_model`."""
 
     model_config = SettingsConfigDict(env_prefix="GKT_STUDENT_", extra="ignore", env_ignore_empty=True)
 

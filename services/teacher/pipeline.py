@@ -14,20 +14,19 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import metrics
-from gkt.jobs import GuidanceMode
+from gkt.errors import StatusCode
+from gkt.jobs import GuidanceMode, Job
 from gkt.queue import MAX_BLOCK_MS
-from services.teacher.backends.base import BackendError, GenerationResult
+from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
 from services.teacher.batching import Delivery
-
-if TYPE_CHECKING:
-    from services.teacher.worker import TeacherWorker
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,34 @@ class Generated:
     """Jobs generating beside it: its batch, or those in flight when it was admitted (itself included)."""
 
 
+class Steps(Protocol):
+    """What the pipeline asks of its teacher (`services.teacher.worker.TeacherWorker`)."""
+
+    backend: TeacherBackend
+
+    def request(self, job: Job) -> GenerationRequest: ...
+
+    async def mark_read(self) -> None: ...
+
+    async def next_deliveries(self, *, count: int, held: Collection[str] = ()) -> list[Delivery]: ...
+
+    async def screen(self, deliveries: Sequence[Delivery]) -> list[Delivery]: ...
+
+    async def publish(self, done: Sequence[Generated]) -> None: ...
+
+    def record_pace(self, *, seconds: float, at_once: int) -> str: ...
+
+    async def ack(
+        self, entry_ids: list[str], *, pace: str | None = None, taken: Sequence[Delivery] = ()
+    ) -> None: ...
+
+
 class Pipeline:
     """Keeps `limit` jobs generating: the reader keeps up to `limit` more read ahead, so a job that ends
     is replaced at once, without a round trip to Redis; one task per job generating; one publisher for
     whatever is ready."""
 
-    def __init__(self, *, worker: TeacherWorker, limit: int) -> None:
+    def __init__(self, *, worker: Steps, limit: int) -> None:
         self.worker = worker
         self.limit = limit
         self.generating: dict[str, asyncio.Task[None]] = {}
@@ -145,7 +166,7 @@ class Pipeline:
         except Exception as exc:  # a bug in a backend fails its job, never the teacher
             log.exception("teacher generation failed unexpectedly", extra={"job_id": delivery.job.id})
             result = BackendError(
-                f"the teacher failed ({type(exc).__name__})", code="INTERNAL", kind="internal"
+                f"the teacher failed ({type(exc).__name__})", code=StatusCode.INTERNAL, kind="internal"
             )
         seconds = time.perf_counter() - started
         metrics.TEACHER_GENERATION.observe(seconds)

@@ -9,8 +9,14 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from gkt import paper
 from gkt.config import CommonSettings
 from gkt.remote.settings import RemoteServerSettings
+
+BUNDLED_TEACHER = "gemma-3-270m"
+"""The model the local backend loads when GKT_TEACHER_MODEL is empty."""
+REMOTE_BACKENDS = ("tgi", "openai")
+"""The backends that call an inference server (`TeacherServerSettings` says how)."""
 
 
 class TeacherSettings(CommonSettings):
@@ -22,7 +28,11 @@ class TeacherSettings(CommonSettings):
         "echo-benchmark-only: no model at all, for measuring the serving path (never for real traffic).",
     )
     teacher_model: str = Field(
-        default="gemma-3-270m", min_length=1, description="Bundled alias, Hugging Face id or local directory."
+        default="",
+        max_length=256,
+        description=f"The teacher model. local: a bundled alias, Hugging Face id or directory (empty: "
+        f"{BUNDLED_TEACHER}); openai: the name the server serves it under (empty: the only model its "
+        "/v1/models lists); tgi: unused (a TGI server serves one model).",
     )
     teacher_device: str = Field(default="cpu", description="torch device for the local backend.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -56,15 +66,15 @@ class TeacherSettings(CommonSettings):
         le=10_000,
         description="One batch at a time: a batch closes this long after its first job arrived.",
     )
-    teacher_max_guidance_tokens: int = Field(
-        default=512,
-        ge=1,
-        description="Longest guidance the teacher must produce; checked against the model's limits at start-up.",
-    )
     teacher_temperature: float = Field(
-        default=0.8, ge=0.0, le=5.0, description="Teacher sampling (0 = greedy)."
+        default=paper.TEACHER_TEMPERATURE,
+        ge=0.0,
+        le=5.0,
+        description="Teacher sampling (0 = greedy), seeded by each job's seed.",
     )
-    teacher_top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
+    teacher_top_p: float = Field(
+        default=paper.TEACHER_TOP_P, gt=0.0, le=1.0, description="Teacher nucleus sampling."
+    )
     teacher_claim_idle_ms: int = Field(
         default=60_000,
         ge=1_000,
@@ -99,9 +109,15 @@ class TeacherSettings(CommonSettings):
     teacher_metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus port (0 = off).")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0 = torch's default).")
 
+    @property
+    def local_model(self) -> str:
+        """The model the local backend loads."""
+        return self.teacher_model or BUNDLED_TEACHER
+
 
 class TeacherServerSettings(RemoteServerSettings):
-    """How the teacher reaches its remote inference server (`tgi` or `openai` backend): `GKT_TEACHER_*`."""
+    """How the teacher reaches its remote inference server (`tgi` or `openai` backend): `GKT_TEACHER_*`;
+    which model it asks for is `TeacherSettings.teacher_model`."""
 
     model_config = SettingsConfigDict(env_prefix="GKT_TEACHER_", extra="ignore", env_ignore_empty=True)
 

@@ -15,6 +15,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import logs, metrics
+from gkt.errors import StatusCode
 from gkt.jobs import (
     ErrorEvent,
     GuidanceMode,
@@ -162,7 +163,9 @@ class TeacherWorker:
             metrics.TEACHER_QUEUE_WAIT.observe(max(0.0, delivery.dequeued_at - delivery.job.enqueued_at))
         live = [d for d in deliveries if not d.job.expired()]
         for expired in (d for d in deliveries if d.job.expired()):
-            await self._fail(expired.job, "DEADLINE_EXCEEDED", "the deadline passed while the job was queued")
+            await self._fail(
+                expired.job, StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the job was queued"
+            )
         return await self._drop_cancelled(live)
 
     async def publish(self, done: Sequence[Generated]) -> None:
@@ -188,7 +191,9 @@ class TeacherWorker:
         cancelled = await cancelled_jobs(self.redis, keys=self.keys, job_ids=[d.job.id for d in deliveries])
         if not cancelled:
             return deliveries
-        event = ErrorEvent(code="CANCELLED", message="the client cancelled the job before a teacher took it")
+        event = ErrorEvent(
+            code=StatusCode.CANCELLED, message="the client cancelled the job before a teacher took it"
+        )
         await publish_events(
             self.redis,
             keys=self.keys,
@@ -202,7 +207,7 @@ class TeacherWorker:
     def request(self, job: Job) -> GenerationRequest:
         return GenerationRequest(
             prompt=teacher_prompt(task=job.task, mode=job.guidance.mode, query=job.query),
-            max_new_tokens=job.guidance.max_tokens,
+            max_guidance_tokens=job.guidance.max_guidance_tokens,
             temperature=self.settings.teacher_temperature,
             top_p=self.settings.teacher_top_p,
             seed=job.sampling.seed,
@@ -269,11 +274,13 @@ class TeacherWorker:
                 maxlen=DEAD_LETTERS_MAXLEN,
                 approximate=True,
             )
-            await self._fail(delivery.job, "INTERNAL", f"the job failed {count} times and was dead-lettered")
+            await self._fail(
+                delivery.job, StatusCode.INTERNAL, f"the job failed {count} times and was dead-lettered"
+            )
             await self.ack([delivery.entry_id], taken=[delivery])
         return keep
 
-    async def _fail(self, job: Job, code: str, message: str, *, field: str = "") -> None:
+    async def _fail(self, job: Job, code: StatusCode, message: str, *, field: str = "") -> None:
         log.warning("job failed", extra={**logs.job_fields(job), "code": code})
         metrics.TEACHER_JOBS.labels("failed").inc()
         await publish_final(

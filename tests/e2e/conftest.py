@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 
 # These tests read teacher batches: one batch at a time, and a long batching window makes concurrent
 # requests land in one batch however slow the machine is. The pipelined teacher (the default) has its

@@ -20,7 +20,7 @@ from redis import Redis
 from gkt.queue import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 
 CALLS = 2000
 MAX_CONNECTIONS = 16

@@ -18,7 +18,7 @@ import pytest
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 from services.student.__main__ import worker_command
 from services.student.celery_app import STARTUP_FAILED
 from tests.integration.fake_inference_server import FakeInferenceServer, published_api_servers

@@ -16,7 +16,7 @@ from redis import Redis
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 
 PREFIXES = ("alpha", "beta")
 CALLS = 12

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack
+from gkt_tools.stack import Stack
 from services.student.settings import StudentSettings
 
 TIMEOUT = 60

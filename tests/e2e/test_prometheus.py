@@ -30,11 +30,11 @@ import grpc
 import pytest
 import yaml
 
-from gkt.bench.load import closed_loop, grpc_call
-from gkt.bench.stats import Sample
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.bench.load import closed_loop, grpc_call
+from gkt_tools.bench.stats import Sample
+from gkt_tools.stack import Stack, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((REPO / "k8s" / "monitoring" / "dashboard.json").read_text(encoding="utf-8"))

@@ -20,7 +20,7 @@ from gkt.jobs import ErrorEvent, FinalEvent
 from gkt.queue import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack
+from gkt_tools.stack import Stack
 from tests.events import job_events
 
 REQUESTS = int(os.environ.get("GKT_SOAK_REQUESTS", "600"))

@@ -11,7 +11,7 @@ import grpc
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 from tests.e2e.conftest import TINY_STACK_ENV
 
 # Longer than a heartbeat's 60 s life: a student that beat only at start and per job would be gone.
@@ -53,7 +53,7 @@ def test_a_worker_that_fails_to_start_is_named_in_one_line_with_its_log(
            **{name: "0" for name in ("GKT_GATEWAY_METRICS_PORT", "GKT_TEACHER_METRICS_PORT", "GKT_STUDENT_METRICS_PORT")}}  # fmt: skip
     env.pop("GKT_REDIS_URL", None)
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "gkt_tools.cli", "up"], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -24,7 +24,7 @@ from gkt.jobs import ErrorEvent, FinalEvent
 from gkt.queue import Keys, parse_heartbeat
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack, free_port
 from tests.e2e.conftest import TINY_STACK_ENV
 from tests.events import job_events
 

@@ -46,7 +46,6 @@ def settings_for(url: str, **overrides: Any) -> TeacherServerSettings:
     """Small timeouts and backoff so failure paths take milliseconds."""
     values: dict[str, Any] = {
         "url": url,
-        "model": "",
         "request_timeout_s": 2.0,
         "max_retries": 3,
         "backoff_base_s": 0.01,
@@ -61,8 +60,8 @@ def settings_for(url: str, **overrides: Any) -> TeacherServerSettings:
 
 
 @asynccontextmanager
-async def running(settings: TeacherServerSettings) -> AsyncIterator[OpenAIBackend]:
-    backend = OpenAIBackend(settings=settings)
+async def running(settings: TeacherServerSettings, *, model: str = "") -> AsyncIterator[OpenAIBackend]:
+    backend = OpenAIBackend(settings=settings, model=model)
     await backend.start()
     try:
         yield backend
@@ -71,10 +70,10 @@ async def running(settings: TeacherServerSettings) -> AsyncIterator[OpenAIBacken
 
 
 def ask(
-    question: str, *, max_new_tokens: int = 40, stop: tuple[str, ...] = (STOP,), **kw: Any
+    question: str, *, max_guidance_tokens: int = 40, stop: tuple[str, ...] = (STOP,), **kw: Any
 ) -> GenerationRequest:
     return GenerationRequest(
-        prompt=f"Q: {question}\nA:", max_new_tokens=max_new_tokens, temperature=0.8, stop=stop, **kw
+        prompt=f"Q: {question}\nA:", max_guidance_tokens=max_guidance_tokens, temperature=0.8, stop=stop, **kw
     )
 
 
@@ -94,7 +93,7 @@ async def test_batch_gets_guidance_and_usage_token_counts_from_the_only_served_m
     server = servers(models=["teacher-70b"])
     async with running(settings_for(server.url)) as backend:
         results = await backend.generate_batch(
-            [ask("apples", seed=7, top_p=0.9), ask("pears", max_new_tokens=3), ask("plums", stop=())]
+            [ask("apples", seed=7, top_p=0.9), ask("pears", max_guidance_tokens=3), ask("plums", stop=())]
         )
     assert backend.model == "teacher-70b" and backend.max_model_len == 2048
 
@@ -121,7 +120,7 @@ async def test_batch_gets_guidance_and_usage_token_counts_from_the_only_served_m
 
 async def test_finish_reason_without_vllm_stop_reason_follows_the_request(servers: ServerFactory) -> None:
     server = servers(stop_reason_field=False, models_format="absent")
-    async with running(settings_for(server.url, model="gpt-3.5-turbo-instruct")) as backend:
+    async with running(settings_for(server.url), model="gpt-3.5-turbo-instruct") as backend:
         with_stop, without_stop = await backend.generate_batch([ask("figs"), ask("dates", stop=())])
     assert succeeded(with_stop).finish_reason == "stop"
     assert succeeded(without_stop).finish_reason == "eos"
@@ -238,7 +237,7 @@ async def test_start_refuses_a_server_that_is_down() -> None:
 async def test_start_refuses_a_model_the_server_does_not_serve(servers: ServerFactory) -> None:
     server = servers(models=["a", "b"])
     with pytest.raises(ValueError, match=r"GKT_TEACHER_MODEL \('c'\) is not served.*\['a', 'b'\]"):
-        await OpenAIBackend(settings=settings_for(server.url, model="c")).start()
+        await OpenAIBackend(settings=settings_for(server.url), model="c").start()
     with pytest.raises(ValueError, match="set GKT_TEACHER_MODEL"):
         await OpenAIBackend(settings=settings_for(server.url)).start()
 
@@ -254,9 +253,9 @@ async def test_tgi_model_info_and_a_v1_base_url_are_accepted(servers: ServerFact
 async def test_check_limits_uses_the_model_length_vllm_reports(servers: ServerFactory) -> None:
     server = servers(info={"max_input_tokens": 30, "max_total_tokens": 64})
     async with running(settings_for(server.url)) as backend:
-        backend.check_limits(max_new_tokens=40)
-        with pytest.raises(ValueError, match=r"max_new_tokens \(64\).*max_model_len 64"):
-            backend.check_limits(max_new_tokens=64)
+        backend.check_limits(max_guidance_tokens=40)
+        with pytest.raises(ValueError, match=r"max_guidance_tokens \(64\).*max_model_len 64"):
+            backend.check_limits(max_guidance_tokens=64)
 
 
 async def test_api_key_file_wins_over_the_environment_and_is_never_logged(

@@ -69,10 +69,12 @@ async def running(settings: TeacherServerSettings) -> AsyncIterator[TgiBackend]:
         await backend.close()
 
 
-def ask(question: str, *, max_new_tokens: int = 40, temperature: float = 0.8, **kw: Any) -> GenerationRequest:
+def ask(
+    question: str, *, max_guidance_tokens: int = 40, temperature: float = 0.8, **kw: Any
+) -> GenerationRequest:
     return GenerationRequest(
         prompt=f"Q: {question}\nA:",
-        max_new_tokens=max_new_tokens,
+        max_guidance_tokens=max_guidance_tokens,
         temperature=temperature,
         stop=(STOP,),
         **kw,
@@ -98,8 +100,8 @@ async def test_batch_gets_guidance_cut_before_stop_with_server_token_counts(
         results = await backend.generate_batch(
             [
                 ask("apples", seed=7, top_p=0.9),
-                ask("pears", max_new_tokens=3),
-                GenerationRequest(prompt="Q: plums\nA:", max_new_tokens=40, temperature=0.0),
+                ask("pears", max_guidance_tokens=3),
+                GenerationRequest(prompt="Q: plums\nA:", max_guidance_tokens=40, temperature=0.0),
             ]
         )
 
@@ -272,9 +274,9 @@ async def test_start_refuses_concurrency_above_the_server_limit(servers: ServerF
 async def test_check_limits_refuses_guidance_the_server_cannot_generate(servers: ServerFactory) -> None:
     server = servers(info={"max_input_tokens": 30, "max_total_tokens": 64})
     async with running(settings_for(server.url)) as backend:
-        backend.check_limits(max_new_tokens=40)
-        with pytest.raises(ValueError, match=r"max_new_tokens \(64\).*max_total_tokens is 64"):
-            backend.check_limits(max_new_tokens=64)
+        backend.check_limits(max_guidance_tokens=40)
+        with pytest.raises(ValueError, match=r"max_guidance_tokens \(64\).*max_total_tokens is 64"):
+            backend.check_limits(max_guidance_tokens=64)
 
 
 async def test_api_key_from_file_is_sent_and_never_logged(

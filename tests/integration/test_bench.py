@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from gkt.bench.stats import Sample, percentile, summarize
 from gkt.decoding import encode
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import ECHO_MODEL, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
-from services import bench
+from gkt_tools.bench import command as bench
+from gkt_tools.bench.stats import Sample, percentile, summarize
 from services.teacher.backends.base import GenerationRequest
 from services.teacher.backends.echo import EchoBackend
 
@@ -55,8 +55,8 @@ async def test_the_echo_teacher_returns_the_first_words_of_the_question_at_once(
     prompt = teacher_prompt(
         task=Task.CSQA, mode=GuidanceMode.CUTOFF, query="Where is the plate?\n(A) x (B) y"
     )
-    short = GenerationRequest(prompt=prompt, max_new_tokens=2, stop=(STOP_SEQUENCE,))
-    long = GenerationRequest(prompt=prompt, max_new_tokens=50)
+    short = GenerationRequest(prompt=prompt, max_guidance_tokens=2, stop=(STOP_SEQUENCE,))
+    long = GenerationRequest(prompt=prompt, max_guidance_tokens=50)
 
     first, second = await backend.generate_batch([short, long])
 

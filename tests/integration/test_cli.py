@@ -17,11 +17,11 @@ from redis import Redis
 
 from gkt.jobs import Task
 from gkt.queue import Keys, heartbeat_value, teacher_pace
-from services.cli import _parser
+from gkt_tools.cli import _parser
+from gkt_tools.stack import free_port
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 from tests.certificates import make_certificates
 from tests.unit.test_evaluation import CSQA_LINES, write_data_dir
 
@@ -31,7 +31,7 @@ UNREACHABLE_HINT = "is the stack up? `make up`, or `--addr`"
 
 def gkt(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "gkt_tools.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -44,7 +44,7 @@ def gkt(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subpr
 async def agkt(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """`gkt` without blocking the event loop (a gateway of this test serves on it)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, cwd=ROOT,
+        sys.executable, "-m", "gkt_tools.cli", *args, cwd=ROOT,
         env={**os.environ, "GKT_STATE_DIR": "/nonexistent-gkt-state", **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -170,7 +170,7 @@ def test_status_finds_the_redis_of_the_stack_gkt_up_started_here(
     redis.set(Keys("gkt").heartbeat("teacher", "t-here"), heartbeat_value(at=time.time()), ex=60)
     env = {k: v for k, v in os.environ.items() if k not in ("GKT_REDIS_URL", "GKT_KEY_PREFIX")}
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "status", "--json"],
+        [sys.executable, "-m", "gkt_tools.cli", "status", "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=60, env={**env, "GKT_STATE_DIR": str(tmp_path)},
     )  # fmt: skip
     status = json.loads(result.stdout)

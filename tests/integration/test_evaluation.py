@@ -9,7 +9,7 @@ import pytest
 
 from gkt.answers import extract_answer, is_correct
 from gkt.jobs import Task
-from services.cli import main
+from gkt_tools.cli import main
 from tests.unit.test_evaluation import GSM8K_LINES, write_data_dir
 
 

@@ -17,9 +17,9 @@ from gkt.errors import ResourceExhausted
 from gkt.queue import Keys, connect_bounded, teacher_pace
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.stack import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 
 REQUEST = pb.GenerateRequest(query="Waiting?", sampling=pb.SamplingParams(max_new_tokens=4))
 

@@ -18,13 +18,14 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from gkt.errors import StatusCode
 from gkt.jobs import Completion, ErrorEvent, FinalEvent, Guidance, GuidanceEvent, Job
 from gkt.queue import Keys, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.stack import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 
 KEYS = Keys("retries")
 
@@ -78,7 +79,7 @@ async def _answer(redis_url: str, job: Job, text: str) -> None:
 
 async def _fail(redis_url: str, job: Job) -> None:
     client = AsyncRedis.from_url(redis_url)
-    event = ErrorEvent(code="INTERNAL", message="the student crashed")
+    event = ErrorEvent(code=StatusCode.INTERNAL, message="the student crashed")
     await publish_events(client, keys=KEYS, events=[(job.id, event)], ttl_s=60)
     await client.aclose()
 

@@ -26,7 +26,7 @@ from gkt.jobs import Completion, DeltaEvent, FinalEvent, Guidance, GuidanceEvent
 from gkt.queue import Keys, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import free_port
+from gkt_tools.stack import free_port
 
 KEYS = Keys("shutdown")
 GRACE_S = 4.0

@@ -22,10 +22,10 @@ from gkt.jobs import Guidance, Job
 from gkt.queue import Keys, connect_async
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.stack import free_port
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.echo import EchoBackend
 from services.teacher.settings import TeacherSettings

@@ -59,7 +59,7 @@ class _StuckBackend:
 
     async def start(self) -> None: ...
 
-    def check_limits(self, *, max_new_tokens: int) -> None: ...
+    def check_limits(self, *, max_guidance_tokens: int) -> None: ...
 
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]
@@ -84,7 +84,7 @@ async def test_a_teacher_heartbeat_is_rewritten_during_a_long_batch(redis_url: s
     key = KEYS.heartbeat("teacher", "t1")
     running = asyncio.create_task(worker.run())
     try:
-        await enqueue_job(aredis, keys=KEYS, job=Job(query="q", guidance=GuidanceSpec(max_tokens=1)))
+        await enqueue_job(aredis, keys=KEYS, job=Job(query="q", guidance=GuidanceSpec(max_guidance_tokens=1)))
         await asyncio.wait_for(backend.entered.wait(), timeout=20)
         await aredis.delete(key)  # as if it had expired mid-batch
         deadline = time.monotonic() + 20

@@ -69,7 +69,7 @@ def _events(redis: Redis, job: Job) -> list[AnyEvent]:
 
 def _job(**sampling: object) -> Job:
     params = SamplingParams(**{"temperature": 0.9, "max_new_tokens": 12, "seed": 3, **sampling})  # type: ignore[arg-type]
-    return Job(query="How many trees?", guidance=GuidanceSpec(max_tokens=4), sampling=params)
+    return Job(query="How many trees?", guidance=GuidanceSpec(max_guidance_tokens=4), sampling=params)
 
 
 def test_deltas_add_up_to_the_final_text_which_continues_the_guidance(

@@ -95,7 +95,7 @@ def book(redis: Redis) -> JobBook:
 
 def _job(question: str = "How many apples?", **sampling: Any) -> Job:
     params = SamplingParams(**{"temperature": 0.0, "max_new_tokens": 40, "seed": 1, **sampling})
-    return Job(query=question, guidance=GuidanceSpec(max_tokens=3), sampling=params)
+    return Job(query=question, guidance=GuidanceSpec(max_guidance_tokens=3), sampling=params)
 
 
 def _run(

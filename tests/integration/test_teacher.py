@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.decoding import encode
+from gkt.errors import StatusCode
 from gkt.jobs import (
     ErrorEvent,
     FinalEvent,
@@ -51,7 +52,7 @@ def backend(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
 
 
 def _job(query: str, **kwargs: object) -> Job:
-    return Job(query=query, guidance=GuidanceSpec(max_tokens=4), **kwargs)  # type: ignore[arg-type]
+    return Job(query=query, guidance=GuidanceSpec(max_guidance_tokens=4), **kwargs)  # type: ignore[arg-type]
 
 
 async def test_a_batch_closes_when_full_without_waiting(aredis: AsyncRedis) -> None:
@@ -130,7 +131,7 @@ async def test_worker_publishes_guidance_dispatches_students_and_acks(
         e for _, e in await read_events(aredis, keys=KEYS, job_id=jobs[3].id, after="0", block_ms=10)
     ]
     assert late_events == [
-        ErrorEvent(code="DEADLINE_EXCEEDED", message="the deadline passed while the job was queued")
+        ErrorEvent(code=StatusCode.DEADLINE_EXCEEDED, message="the deadline passed while the job was queued")
     ]
     # acknowledged and deleted: the stream holds nothing, nothing is pending
     assert await aredis.xlen(KEYS.queries) == 0
@@ -163,14 +164,14 @@ async def test_a_prompt_beyond_the_models_context_fails_alone_naming_the_field(b
     context = backend._loaded().context_window
     assert context == 4096  # the tiny teacher's
 
-    def request(query: str, max_new_tokens: int = 4) -> GenerationRequest:
+    def request(query: str, max_guidance_tokens: int = 4) -> GenerationRequest:
         prompt = teacher_prompt(task=Task.GSM8K, mode=GuidanceMode.CUTOFF, query=query)
-        return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+        return GenerationRequest(prompt=prompt, max_guidance_tokens=max_guidance_tokens)
 
     # "x " is two tokens of the tiny vocabulary; the exemplars are about 730 more.
     assert len(encode(backend._loaded(), request("x " * 1500).prompt)) < 4096 - 300
     fits, too_long, too_much = await backend.generate_batch(
-        [request("How many trees?"), request("x " * 2500), request("x " * 1500, max_new_tokens=2000)]
+        [request("How many trees?"), request("x " * 2500), request("x " * 1500, max_guidance_tokens=2000)]
     )
     assert isinstance(fits, GenerationResult) and fits.token_count > 0
     assert isinstance(too_long, BackendError)

@@ -48,7 +48,7 @@ def servers() -> Iterator[ServerFactory]:
 
 
 def _guide(query: str, tokens: int = 3) -> Job:
-    return Job(query=query, kind=JobKind.GUIDE, guidance=GuidanceSpec(max_tokens=tokens))
+    return Job(query=query, kind=JobKind.GUIDE, guidance=GuidanceSpec(max_guidance_tokens=tokens))
 
 
 async def _openai(server: FakeInferenceServer) -> OpenAIBackend:
@@ -202,8 +202,8 @@ async def test_a_job_whose_student_cannot_be_sent_stays_unacknowledged_for_a_lat
         if "broker" in job.query:
             raise ConnectionError("the broker is away")
 
-    stuck = Job(query="Which one meets a broker outage?", guidance=GuidanceSpec(max_tokens=3))
-    fine = Job(query="Which one goes through?", guidance=GuidanceSpec(max_tokens=3))
+    stuck = Job(query="Which one meets a broker outage?", guidance=GuidanceSpec(max_guidance_tokens=3))
+    fine = Job(query="Which one goes through?", guidance=GuidanceSpec(max_guidance_tokens=3))
     stuck_entry = await enqueue_job(aredis, keys=KEYS, job=stuck)
     async with _running(aredis, await _openai(servers()), dispatch=dispatch):
         await _until(lambda: _published(aredis, stuck), what="the first job's guidance")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from gkt.evaluation.command import add_arguments, build_plan
 from gkt.evaluation.datasets import DATASETS, SUMS_FILE, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord, RecordStore
 from gkt.evaluation.report import markdown_table, summarize, write_report
 from gkt.jobs import GuidanceMode, Task
+from gkt_tools.evaluation import add_arguments, build_plan
 
 GSM8K_LINES = [
     {
@@ -106,7 +106,7 @@ def _args(*argv: str) -> argparse.Namespace:
 )
 def test_plan_defaults_are_the_papers(dataset: str, n: int, student_tokens: int) -> None:
     plan = build_plan(_args("--dataset", dataset))
-    assert plan.guidance_tokens == (n,)
+    assert plan.max_guidance_tokens == (n,)
     assert plan.student_tokens == student_tokens
     assert (plan.teacher_temperature, plan.teacher_top_p) == (0.8, 0.9)
     assert (plan.student_temperature, plan.student_top_p) == (0.8, 0.95)
@@ -145,7 +145,7 @@ def test_example_seeds_are_stable_and_distinct() -> None:
 
 def _plan() -> EvalPlan:
     return EvalPlan(
-        task=Task.GSM8K, teacher="big", student="small", modes=(GuidanceMode.CUTOFF,), guidance_tokens=(10, 20),
+        task=Task.GSM8K, teacher="big", student="small", modes=(GuidanceMode.CUTOFF,), max_guidance_tokens=(10, 20),
         student_tokens=300,
     )  # fmt: skip
 

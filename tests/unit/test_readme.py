@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic_settings import BaseSettings
 
+from gkt.config import variable_name
 from services.gateway.settings import GatewaySettings
 from services.student.settings import StudentServerSettings, StudentSettings
 from services.teacher.settings import TeacherServerSettings, TeacherSettings
@@ -16,9 +17,8 @@ README = (Path(__file__).parents[2] / "README.md").read_text()
 
 @pytest.mark.parametrize("settings_class", [GatewaySettings, TeacherSettings, StudentSettings])
 def test_every_setting_is_in_the_readme(settings_class: type[BaseSettings]) -> None:
-    missing = [
-        f"GKT_{name.upper()}" for name in settings_class.model_fields if f"`GKT_{name.upper()}`" not in README
-    ]
+    variables = [variable_name(settings_class, name) for name in settings_class.model_fields]
+    missing = [variable for variable in variables if f"`{variable}`" not in README]
     assert not missing
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gkt.bench.stepping_server import SteppingEngine
+from gkt_tools.bench.stepping_server import SteppingEngine
 
 
 async def test_a_request_lasts_its_length_in_steps_and_a_step_carries_at_most_its_rows() -> None:

@@ -7,9 +7,10 @@ from services.student.backends.base import StudentBackend
 from services.student.settings import StudentServerSettings, StudentSettings
 
 
-def build_backend(settings: StudentSettings) -> StudentBackend:
-    """The backend `GKT_STUDENT_BACKEND` names, started, and checked against GKT_STUDENT_MAX_NEW_TOKENS:
-    one that cannot generate that many tokens raises ValueError naming the values."""
+def build_backend(settings: StudentSettings, *, remote: StudentServerSettings | None) -> StudentBackend:
+    """The backend `GKT_STUDENT_BACKEND` names (`remote`: how to reach an openai or tgi server), started,
+    and checked against GKT_STUDENT_MAX_NEW_TOKENS: one that cannot generate that many tokens raises
+    ValueError naming the values."""
     if settings.student_backend == "local":
         from services.student.backends.local import LocalStudentBackend
 
@@ -22,21 +23,25 @@ def build_backend(settings: StudentSettings) -> StudentBackend:
         return local
     from services.student.backends.remote import RemoteStudentBackend, ServerClient
 
-    server = StudentServerSettings()
+    if remote is None:
+        raise ValueError(f"the {settings.student_backend} backend needs its StudentServerSettings")
     client: ServerClient
     count_error = metrics.STUDENT_BACKEND_ERRORS.labels
     if settings.student_backend == "tgi":
         from services.student.backends.tgi import TgiClient
 
         client = TgiClient(
-            settings=server, connections=settings.student_max_batch, on_error=lambda k: count_error(k).inc()
+            settings=remote, connections=settings.student_max_batch, on_error=lambda k: count_error(k).inc()
         )
     else:
         from services.student.backends.openai import OpenAIClient
 
         client = OpenAIClient(
-            settings=server, connections=settings.student_max_batch, on_error=lambda k: count_error(k).inc()
+            settings=remote,
+            model=settings.student_model,
+            connections=settings.student_max_batch,
+            on_error=lambda k: count_error(k).inc(),
         )
-    remote = RemoteStudentBackend(client)
-    remote.start(max_new_tokens=settings.student_max_new_tokens, max_batch=settings.student_max_batch)
-    return remote
+    backend = RemoteStudentBackend(client)
+    backend.start(max_new_tokens=settings.student_max_new_tokens, max_batch=settings.student_max_batch)
+    return backend

@@ -32,7 +32,7 @@ class LocalStudentBackend:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         lm = load_model(
-            name=settings.student_model,
+            name=settings.local_model,
             cache_dir=settings.model_cache_dir,
             device=settings.student_device,
             dtype=settings.student_dtype,

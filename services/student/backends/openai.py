@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from gkt.errors import StatusCode
 from gkt.remote.errors import AttemptError, malformed
 from gkt.remote.openai import OpenAIServer, finish_reason
 from gkt.remote.resilience import ResilientCaller
@@ -31,10 +32,11 @@ class OpenAIClient:
         self,
         *,
         settings: StudentServerSettings,
+        model: str = "",
         connections: int,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
-        self.server = OpenAIServer(settings=settings, connections=connections)
+        self.server = OpenAIServer(settings=settings, model=model, connections=connections)
         self.resilience = ResilientCaller(
             settings=settings, name="student backend openai", on_error=on_error, invalid_field=invalid_field
         )
@@ -100,7 +102,7 @@ class _CompletionStream:
             raise AttemptError(
                 f"the server failed mid-stream: {detail}",
                 kind="server",
-                code="UNAVAILABLE",
+                code=StatusCode.UNAVAILABLE,
                 server_fault=True,
             )
         usage = payload.get("usage")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gkt.engine import EngineResult
+from gkt.errors import StatusCode
 from gkt.remote.errors import AttemptError, BackendError
 from gkt.remote.resilience import ResilientCaller
 from gkt.remote.sse import stream_broken
@@ -172,7 +173,9 @@ class RemoteStudentBackend:
         except Exception as exc:  # a bug: the job fails at once, the loop goes on
             log.exception("student stream failed unexpectedly")
             generation.emit(
-                BackendError(f"the student failed ({type(exc).__name__})", code="INTERNAL", kind="internal")
+                BackendError(
+                    f"the student failed ({type(exc).__name__})", code=StatusCode.INTERNAL, kind="internal"
+                )
             )
 
     async def _produce(self, generation: RemoteGeneration) -> EngineResult:
@@ -235,5 +238,5 @@ class RemoteStudentBackend:
 
 def _idle(timeout_s: float) -> AttemptError:
     return AttemptError(
-        f"no token for {timeout_s:g} s", kind="timeout", code="UNAVAILABLE", server_fault=True
+        f"no token for {timeout_s:g} s", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
     )

@@ -14,7 +14,8 @@ class GenerationRequest:
     """One prompt of a batch, with the teacher's sampling settings for it."""
 
     prompt: str
-    max_new_tokens: int
+    max_guidance_tokens: int
+    """N: the most teacher tokens of guidance to generate."""
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -25,7 +26,7 @@ class GenerationRequest:
 class GenerationResult:
     """What the model produced for one request.
 
-    `text` holds at most `max_new_tokens` teacher tokens, cut before the first stop sequence;
+    `text` holds at most `max_guidance_tokens` teacher tokens, cut before the first stop sequence;
     `token_count` is the number of tokens that text came from.
     """
 
@@ -44,7 +45,7 @@ class TeacherBackend(Protocol):
     async def start(self) -> None:
         """Connect / load, and refuse settings the model cannot honour (raise ValueError)."""
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """After start(): raise ValueError (naming the values) if guidance this long cannot be generated."""
 
     async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gkt.decoding import PrefixCache, check_room, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest, EngineResult, Generation, GenerationFailed, Sampler
-from gkt.errors import InvalidArgument
+from gkt.errors import InvalidArgument, StatusCode
 from gkt.jobs import GuidanceMode
 from gkt.models import LoadedModel, load_model
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
@@ -79,11 +79,11 @@ class LocalBackend:
             self._engine.generate([EngineRequest(prompt_ids=encode(lm, "Q: 1+1?\nA:"), max_new_tokens=2)])
         self._engine.start()
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         context = self._loaded().context_window
-        if context is not None and max_new_tokens >= context:
+        if context is not None and max_guidance_tokens >= context:
             raise ValueError(
-                f"guidance of {max_new_tokens} tokens leaves no room for a prompt: the model's context is {context}"
+                f"guidance of {max_guidance_tokens} tokens leaves no room for a prompt: the model's context is {context}"
             )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
@@ -100,7 +100,7 @@ class LocalBackend:
             raise
         except GenerationFailed as exc:  # a failed forward pass fails every row it carried
             log.error("local teacher generation failed: %s", exc)
-            return BackendError(f"teacher generation failed: {exc}", code="INTERNAL", kind="local")
+            return BackendError(f"teacher generation failed: {exc}", code=StatusCode.INTERNAL, kind="local")
 
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]
@@ -132,7 +132,7 @@ class LocalBackend:
             check_room(
                 lm,
                 prompt_tokens=len(ids),
-                max_new_tokens=request.max_new_tokens,
+                max_new_tokens=request.max_guidance_tokens,
                 length_field="guidance.max_guidance_tokens",
             )
         except InvalidArgument as exc:
@@ -154,7 +154,7 @@ def _engine_request(request: GenerationRequest, prompt_ids: Sequence[int]) -> En
     return EngineRequest(
         prompt_ids=prompt_ids,
         sampler=Sampler(temperature=request.temperature, top_p=request.top_p, seed=request.seed),
-        max_new_tokens=request.max_new_tokens,
+        max_new_tokens=request.max_guidance_tokens,
         stop=request.stop,
         prompt=request.prompt,
     )

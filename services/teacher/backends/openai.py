@@ -27,10 +27,14 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(
-        self, *, settings: TeacherServerSettings, on_error: Callable[[str], None] | None = None
+        self,
+        *,
+        settings: TeacherServerSettings,
+        model: str = "",
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.concurrency = settings.max_concurrency or DEFAULT_CONCURRENCY
-        self.server = OpenAIServer(settings=settings, connections=self.concurrency)
+        self.server = OpenAIServer(settings=settings, model=model, connections=self.concurrency)
         self._limit = asyncio.Semaphore(self.concurrency)
         self.resilience = ResilientCaller(settings=settings, name="teacher backend openai", on_error=on_error)
 
@@ -57,9 +61,9 @@ class OpenAIBackend:
             },
         )
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """Refuse a guidance length the server cannot generate (raises ValueError naming the values)."""
-        self.server.check_limits(max_new_tokens=max_new_tokens, what="guidance max_new_tokens")
+        self.server.check_limits(max_new_tokens=max_guidance_tokens, what="max_guidance_tokens")
 
     async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
         return await self.resilience.call_one(self._attempt, request, limit=self._limit)
@@ -75,7 +79,7 @@ class OpenAIBackend:
     async def _attempt(self, request: GenerationRequest) -> GenerationResult:
         body: dict[str, Any] = {
             "prompt": [request.prompt],
-            "max_tokens": request.max_new_tokens,
+            "max_tokens": request.max_guidance_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
             "seed": request.seed,

@@ -10,6 +10,7 @@ import httpx2
 from huggingface_hub import AsyncInferenceClient, TextGenerationOutput
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError
 
+from gkt.errors import StatusCode
 from gkt.remote.errors import (
     AttemptError,
     BackendError,
@@ -53,14 +54,14 @@ class TgiBackend:
             await self.close()
             raise
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """Refuse a guidance length the server cannot generate (raises ValueError naming the values)."""
         if self.info is None:
             raise RuntimeError("TgiBackend.start() was not awaited")
-        room = self.info.check_limits(max_new_tokens=max_new_tokens, what="guidance max_new_tokens")
+        room = self.info.check_limits(max_new_tokens=max_guidance_tokens, what="max_guidance_tokens")
         log.info(
             "tgi limits checked: longer prompts will fail with INVALID_ARGUMENT",
-            extra={"max_new_tokens": max_new_tokens, "max_prompt_tokens": room},
+            extra={"max_guidance_tokens": max_guidance_tokens, "max_prompt_tokens": room},
         )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
@@ -116,7 +117,7 @@ class TgiBackend:
                 request.prompt,
                 model=f"{self._base_url}/generate",
                 details=True,
-                max_new_tokens=request.max_new_tokens,
+                max_new_tokens=request.max_guidance_tokens,
                 do_sample=sampling,
                 temperature=request.temperature if sampling else None,
                 top_p=request.top_p if sampling and 0 < request.top_p < 1 else None,
@@ -130,7 +131,7 @@ class TgiBackend:
             raise _status_error(exc, detail=exc.server_message or exc.response.reason_phrase) from exc
         except InferenceTimeoutError as exc:
             raise AttemptError(
-                f"timed out: {exc}", kind="timeout", code="UNAVAILABLE", server_fault=True
+                f"timed out: {exc}", kind="timeout", code=StatusCode.UNAVAILABLE, server_fault=True
             ) from exc
         except httpx2.TransportError as exc:
             raise transport_error(exc, url=self._base_url) from exc
@@ -161,7 +162,7 @@ def _to_result(output: object, request: GenerationRequest) -> GenerationResult:
 def _status_error(cause: BaseException | None, *, detail: str) -> AttemptError:
     if not isinstance(cause, HfHubHTTPError):
         return AttemptError(
-            short(detail), kind="server", code="UNAVAILABLE", retryable=True, server_fault=True
+            short(detail), kind="server", code=StatusCode.UNAVAILABLE, retryable=True, server_fault=True
         )
     response = cause.response
     return classify_status(

@@ -1,5 +1,5 @@
 """`gkt bench --scenarios teacher-pipeline`: the pipelined teacher against one batch at a time, at the same
-continuously batching server (`gkt.bench.stepping_server`: fixed time per step, up to M rows a step,
+continuously batching server (`gkt_tools.bench.stepping_server`: fixed time per step, up to M rows a step,
 guidance lengths from a spread), in the same run.
 
 Two stacks (gateway + teacher, `openai` backend, no students: `Guide` jobs) share one server; each
@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx2
 
-from gkt.arguments import real_number, whole_number
-from gkt.bench.stats import Sample, summarize
-from services.stack import Stack, free_port
+from gkt_tools.arguments import real_number, whole_number
+from gkt_tools.bench.stats import Sample, summarize
+from gkt_tools.stack import Stack, free_port
 
 
 def _modes(rows: int) -> dict[str, dict[str, str]]:
@@ -169,7 +169,7 @@ def _stepping_server(*, rows: int, step_ms: int, spread: dict[str, float], log: 
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gkt.bench.stepping_server", "--port", str(port), "--rows", str(rows),
+            [sys.executable, "-m", "gkt_tools.bench.stepping_server", "--port", str(port), "--rows", str(rows),
              "--step-ms", str(step_ms), "--median-tokens", str(spread["median_tokens"]),
              "--sigma", str(spread["sigma"])],
             stdout=output, stderr=subprocess.STDOUT,

@@ -12,8 +12,9 @@ from pathlib import Path
 import grpc
 
 from gkt.client import GatewayConnection
-from services.ask import build_request, explain, generate, print_reply
-from services.stack import Stack, StackError, free_port
+from gkt.paper import GuidanceMode
+from gkt_tools.ask import build_request, explain, generate, print_reply
+from gkt_tools.stack import Stack, StackError, free_port
 
 _BUNDLED = ("gemma-3-270m", "smollm2-135m-instruct")
 # (task, question, the right answer: None for a free-form question, which has none to check)
@@ -67,7 +68,7 @@ def _ask_all(addr: str) -> int:
         for task, question, expected in QUESTIONS:
             print(f"=== {task}: {question}")
             args = argparse.Namespace(
-                query=question, task=task, mode="cutoff", guidance_tokens=None, max_new_tokens=None,
+                query=question, task=task, mode=GuidanceMode.CUTOFF.value, max_guidance_tokens=None, max_new_tokens=None,
                 temperature=0.0, top_p=None, seed=0,
             )  # fmt: skip
             try:

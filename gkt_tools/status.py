@@ -16,7 +16,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from gkt.config import CommonSettings
 from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, connect, parse_heartbeat
-from services.stack import read_detached
+from gkt_tools.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a
 # worker but not yet acknowledged (a running job: students acknowledge late) in one hash.

@@ -7,7 +7,7 @@ the smaller of its `max_tokens` and a natural length drawn from a log-normal spr
 `median_tokens`, shape `sigma`), seeded by its prompt: an answer that stops before the guidance limit.
 `GET /stats` says how many steps ran and how many rows they carried, to tell how busy it was kept.
 
-    python -m gkt.bench.stepping_server --port 8000 --step-ms 25 --rows 32
+    python -m gkt_tools.bench.stepping_server --port 8000 --step-ms 25 --rows 32
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ async def _route(engine: SteppingEngine, method: str, path: str, body: Any) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m gkt.bench.stepping_server", description=__doc__.splitlines()[0]
+        prog="python -m gkt_tools.bench.stepping_server", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

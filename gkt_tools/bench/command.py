@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import os
 import platform
 import shlex
@@ -28,21 +29,21 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.arguments import whole_number
-from gkt.bench import floors
-from gkt.bench.load import closed_loop, grpc_call
-from gkt.bench.report import write_report
-from gkt.bench.stats import Sample, summarize
+from gkt import paper
 from gkt.jobs import Task
-from services import bench_pipelining
-from services.stack import Stack, free_port
+from gkt_tools.arguments import whole_number
+from gkt_tools.bench import floors, pipelining
+from gkt_tools.bench.load import closed_loop, grpc_call
+from gkt_tools.bench.report import write_report
+from gkt_tools.bench.stats import Sample, summarize
+from gkt_tools.stack import Stack, free_port
 
 SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "teacher-pipeline", "gkt")
 _OWN_STACKS = ("overhead", "student-capacity", "determinism", "teacher-pipeline")
@@ -86,7 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-jobs", type=whole_number(1), default=8, help="student: jobs measured")
     parser.add_argument("--questions", type=whole_number(1), default=24, help="gkt: CSQA questions per run")
     parser.add_argument(
-        "--guidance-tokens", type=whole_number(1, 512), default=10, help="gkt and batching: guidance tokens"
+        "--guidance-tokens",
+        dest="max_guidance_tokens",
+        type=whole_number(1, 512),
+        default=10,
+        help="gkt and batching: guidance tokens",
     )
     parser.add_argument(
         "--capacity-concurrency", default="1,4,8,16", help="student-capacity: clients per level"
@@ -101,7 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--determinism-requests", type=whole_number(2, 10_000), default=200, help="determinism: requests"
     )
     parser.add_argument(
-        "--capacity-tokens", type=whole_number(1, 1024), default=32, help="student-capacity: tokens per job"
+        "--capacity-tokens",
+        type=whole_number(1, 1024),
+        default=128,
+        help="student-capacity: each job's token limit (default: the API's default limit)",
     )
     parser.add_argument(
         "--no-prefix-cache", action="store_true", help="real stacks: turn prefix KV reuse off"
@@ -112,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="GKT_TORCH_THREADS of every model process, and of the offline runs (0 = torch's default)",
     )
-    bench_pipelining.add_arguments(parser)
+    pipelining.add_arguments(parser)
     parser.add_argument("--data-dir", type=Path, help="where csqa_dev.jsonl lives (default: ../shared/data)")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report directory")
 
@@ -148,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if "determinism" in chosen and not args.addr:
         results["determinism"] = _determinism(args)
     if "teacher-pipeline" in chosen and not args.addr:
-        results["teacher_pipeline"] = bench_pipelining.run(
+        results["teacher_pipeline"] = pipelining.run(
             args, state / "pipeline", running_stack=running_stack, run_on=_run_on
         )
     real = [s for s in chosen if s not in _OWN_STACKS]
@@ -266,15 +274,21 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
 
     gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
     queries = [example.query for example in gsm8k.examples]
+    gsm8k_defaults = paper.TASK_DEFAULTS[Task.GSM8K]
     levels = concurrency_levels(args.capacity_concurrency)
 
     def request(index: int) -> Any:
         return pb.GenerateRequest(
             query=queries[index % len(queries)],
             task=pb.TASK_GSM8K,
-            guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=40),
+            guidance=pb.GuidanceParams(
+                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=gsm8k_defaults.max_guidance_tokens
+            ),
             sampling=pb.SamplingParams(
-                temperature=0.8, top_p=0.95, max_new_tokens=args.capacity_tokens, seed=index + 1
+                temperature=paper.STUDENT_TEMPERATURE,
+                top_p=paper.STUDENT_TOP_P,
+                max_new_tokens=args.capacity_tokens,
+                seed=index + 1,
             ),
         )
 
@@ -301,11 +315,19 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             for label, size in sizes.items()
         }
         for level in levels:
-            for label, stack in running.items():
-                samples, wall = _run_on(
-                    stack, request, concurrency=level, requests=max(4, 2 * level), warmup=0,
-                    label=f"student-capacity max batch {sizes[label]} x{level}",
-                )  # fmt: skip
+            # Each level's jobs go in two halves, A B A B, so drift in the machine's load falls on both;
+            # each half holds twice as many jobs as clients, so the batch runs full, not only its tail.
+            half = max(4, 2 * level)
+            measured: dict[str, tuple[list[Sample], float]] = {label: ([], 0.0) for label in sizes}
+            for offset in (0, half):
+                for label, stack in running.items():
+                    samples, wall = _run_on(
+                        stack, functools.partial(_shifted, request, offset), concurrency=level,
+                        requests=half, warmup=0, label=f"student-capacity max batch {sizes[label]} x{level}",
+                    )  # fmt: skip
+                    done, spent = measured[label]
+                    measured[label] = (done + samples, spent + wall)
+            for label, (samples, wall) in measured.items():
                 summary = summarize(samples, wall_s=wall, concurrency=level)
                 summary["tokens_per_s"] = sum(s.tokens for s in samples if s.ok) / wall
                 runs[label].append(summary)
@@ -329,10 +351,14 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     }
 
 
+def _shifted(request: Callable[[int], Any], offset: int, index: int) -> Any:
+    return request(offset + index)
+
+
 def _determinism(args: argparse.Namespace) -> dict[str, Any]:
-    from gkt.bench import determinism
     from gkt.evaluation.datasets import load_dataset, resolve_data_dir
     from gkt.models import load_model
+    from gkt_tools.bench import determinism
     from services.student.settings import StudentSettings
 
     if args.torch_threads:
@@ -340,7 +366,7 @@ def _determinism(args: argparse.Namespace) -> dict[str, Any]:
 
         torch.set_num_threads(args.torch_threads)
     settings = StudentSettings()
-    lm = load_model(name=settings.student_model, cache_dir=settings.model_cache_dir)
+    lm = load_model(name=settings.local_model, cache_dir=settings.model_cache_dir)
     gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
     batch = determinism.requests(
         lm, [e.query for e in gsm8k.examples], count=args.determinism_requests, max_new_tokens=16
@@ -412,7 +438,7 @@ def _batching(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dic
             query=chosen[index % len(chosen)],
             task=pb.TASK_CSQA,
             guidance=pb.GuidanceParams(
-                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.guidance_tokens
+                mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.max_guidance_tokens
             ),
         )
 
@@ -424,7 +450,7 @@ def _batching(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dic
     requests = [
         GenerationRequest(
             prompt=teacher_prompt(task=Task.CSQA, mode=GuidanceMode.CUTOFF, query=query),
-            max_new_tokens=args.guidance_tokens,
+            max_guidance_tokens=args.max_guidance_tokens,
             stop=(STOP_SEQUENCE,),
         )
         for query in chosen
@@ -474,7 +500,7 @@ def _student(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dict
         stack, request, concurrency=1, requests=len(chosen), warmup=1, label="student jobs"
     )
     settings = StudentSettings()
-    lm = load_model(name=settings.student_model, cache_dir=settings.model_cache_dir)
+    lm = load_model(name=settings.local_model, cache_dir=settings.model_cache_dir)
     model: Any = lm.model
     print("student: bare model.generate…")
     job_s = generate_s = 0.0
@@ -516,7 +542,7 @@ def _gkt(args: argparse.Namespace, stack: Stack, queries: list[str]) -> dict[str
     runs = {
         "student_alone": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_NONE),
         "teacher_alone": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_FULL),
-        "gkt": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.guidance_tokens),
+        "gkt": pb.GuidanceParams(mode=pb.GUIDANCE_MODE_CUTOFF, max_guidance_tokens=args.max_guidance_tokens),
     }
     results: dict[str, Any] = {
         "questions": len(chosen),

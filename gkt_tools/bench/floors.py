@@ -2,7 +2,7 @@
 
 They carry no GKT code, so the orchestration overhead of the full path can be read against what
 Redis and Celery cost on the same machine. `gkt bench` starts both helpers as subprocesses:
-`python -m gkt.bench.floors URL STREAM` (the stream responder) and a Celery worker on this module.
+`python -m gkt_tools.bench.floors URL STREAM` (the stream responder) and a Celery worker on this module.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from celery import Celery
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.bench.load import Call
-from gkt.bench.stats import Sample
+from gkt_tools.bench.load import Call
+from gkt_tools.bench.stats import Sample
 
 FLOOR_QUEUE = "gkt-bench-floor"
 FLOOR_TASK = "gkt.bench.floor"
@@ -85,9 +85,9 @@ def floor_processes(*, redis_url: str, stream: str, log_dir: Any) -> Iterator[No
     """Run the stream responder and a one-process Celery worker until the block ends."""
     env = {**os.environ, "GKT_REDIS_URL": redis_url}
     commands = {
-        "floor-responder": [sys.executable, "-m", "gkt.bench.floors", redis_url, stream],
+        "floor-responder": [sys.executable, "-m", "gkt_tools.bench.floors", redis_url, stream],
         "floor-celery": [
-            sys.executable, "-m", "celery", "-A", "gkt.bench.floors", "worker", "-Q", FLOOR_QUEUE,
+            sys.executable, "-m", "celery", "-A", "gkt_tools.bench.floors", "worker", "-Q", FLOOR_QUEUE,
             "--concurrency", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
             "--loglevel", "WARNING", "--hostname", f"floor-{uuid.uuid4().hex[:6]}@%h",
         ],

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from services import ask, bench
+    from gkt_tools import ask
+    from gkt_tools.bench import command as bench
 
     parser = _Parser(prog="gkt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         env=f"{ask.ENV_HELP}\n  GKT_DATA_DIR           the datasets (default of --data-dir)\n"
         "  GKT_MODEL_CACHE_DIR    offline: converted bundled models",
     )
-    from gkt.evaluation.command import add_arguments as add_eval_arguments
+    from gkt_tools.evaluation import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluation, default_addr=default_addr)
     bench.add_arguments(
@@ -132,15 +133,15 @@ def _run(args: argparse.Namespace) -> int:
 
         return student_main(["--name", args.name])
     elif args.command == "ask":
-        from services.ask import run as run_ask
+        from gkt_tools.ask import run as run_ask
 
         return run_ask(args)
     elif args.command == "status":
-        from services.status import run as run_status
+        from gkt_tools.status import run as run_status
 
         return run_status(as_json=args.json, state_dir=STATE_DIR)
     elif args.command == "demo":
-        from services.demo import run as run_demo
+        from gkt_tools.demo import run as run_demo
 
         return run_demo()
     elif args.command == "up":
@@ -148,11 +149,11 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "down":
         return _down()
     elif args.command == "eval":
-        from gkt.evaluation.command import run as run_eval
+        from gkt_tools.evaluation import run as run_eval
 
         return run_eval(args)
     elif args.command == "bench":
-        from services.bench import run as run_bench
+        from gkt_tools.bench.command import run as run_bench
 
         return run_bench(args)
     elif args.command == "hash-key":
@@ -166,33 +167,41 @@ def _settings_help(service: str) -> str:
     """Each environment variable a service reads, with its default and description."""
     from pydantic_settings import BaseSettings
 
+    from gkt.config import variable_name
     from gkt.tracing import TracingSettings
 
-    settings_class: type[BaseSettings]
+    classes: list[type[BaseSettings]]
     if service == "gateway":
-        from services.gateway.settings import GatewaySettings as settings_class
+        from services.gateway.settings import GatewaySettings
+
+        classes = [GatewaySettings]
     elif service == "teacher":
-        from services.teacher.settings import TeacherSettings as settings_class
+        from services.teacher.settings import TeacherServerSettings, TeacherSettings
+
+        classes = [TeacherSettings, TeacherServerSettings]
     else:
-        from services.student.settings import StudentSettings as settings_class
+        from services.student.settings import StudentServerSettings, StudentSettings
+
+        classes = [StudentSettings, StudentServerSettings]
+    classes.append(TracingSettings)
     lines = []
-    for cls in (settings_class, TracingSettings):
+    for cls in classes:
         for name, info in cls.model_fields.items():
             default = "" if info.is_required() or info.default_factory else f" (default: {info.default})"
-            lines.append(f"  GKT_{name.upper()}{default}\n      {info.description}")
+            lines.append(f"  {variable_name(cls, name)}{default}\n      {info.description}")
     return "\n".join(lines)
 
 
 def _default_gateway_addr() -> str:
     """$GKT_GATEWAY_ADDR, else the gateway of the stack `gkt up` started here, else the usual port."""
-    from services.stack import read_detached
+    from gkt_tools.stack import read_detached
 
     record = read_detached(STATE_DIR)
     return os.environ.get("GKT_GATEWAY_ADDR") or (record or {}).get("gateway") or DEFAULT_GATEWAY_ADDR
 
 
 def _up() -> int:
-    from services.stack import Stack, StackError, read_detached
+    from gkt_tools.stack import Stack, StackError, read_detached
 
     running = read_detached(STATE_DIR)
     if running:
@@ -221,7 +230,7 @@ def _up() -> int:
 
 
 def _down() -> int:
-    from services.stack import stop_detached
+    from gkt_tools.stack import stop_detached
 
     stopped = stop_detached(STATE_DIR)
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing running")

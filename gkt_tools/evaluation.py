@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from gkt.arguments import UINT32_MAX, real_number, whole_number
+from gkt import paper
 from gkt.client import (
     DEFAULT_GATEWAY_ADDR,
     ConnectionOptionError,
@@ -17,11 +18,12 @@ from gkt.client import (
 from gkt.config import CommonSettings
 from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.evaluate import Runner, evaluate, report
-from gkt.evaluation.plan import GKT_MODES, STUDENT_TEMPERATURE, TEACHER_TEMPERATURE, TEACHER_TOP_P, EvalPlan
+from gkt.evaluation.plan import EvalPlan
 from gkt.evaluation.records import RecordStore
 from gkt.evaluation.report import markdown_table
 from gkt.jobs import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
+from gkt_tools.arguments import UINT32_MAX, real_number, whole_number
 
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
 
@@ -45,16 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
     parser.add_argument(
         "--guidance",
         default=GuidanceMode.CUTOFF.value,
-        help="comma-separated GKT modes among cutoff, concise, hint (default: cutoff)",
+        help=f"comma-separated GKT modes among {', '.join(paper.GKT_MODES)} (default: cutoff)",
     )
     parser.add_argument(
         "--guidance-tokens",
-        help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N)",
+        dest="max_guidance_tokens",
+        help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N: "
+        + _per_dataset(lambda d: d.max_guidance_tokens)
+        + ")",
     )
     parser.add_argument(
         "--student-tokens",
         type=whole_number(1, UINT32_MAX),
-        help="student max new tokens (default: the paper's)",
+        help="student max new tokens (default: the paper's: "
+        + _per_dataset(lambda d: d.student_max_new_tokens)
+        + ")",
     )
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the student-alone and teacher-alone rows"
@@ -87,8 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
     parser.add_argument(
         "--batch-size",
         type=whole_number(1, 512),
-        default=10,
-        help="offline: teacher batch size (paper: 10-32)",
+        default=paper.TEACHER_BATCH_SIZE,
+        help=f"offline: teacher batch size (default: {paper.TEACHER_BATCH_SIZE}, the paper's smallest)",
     )
     parser.add_argument(
         "--concurrency", type=whole_number(1, 1024), default=8, help="live: requests in flight at once"
@@ -115,6 +122,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         default_addr=default_addr or os.environ.get("GKT_GATEWAY_ADDR", DEFAULT_GATEWAY_ADDR),
         title="live: connecting to the gateway",
     )
+
+
+def _per_dataset(value: Callable[[paper.TaskDefaults], int]) -> str:
+    """A paper setting of every dataset, for a help text: `gsm8k 40, csqa 30, aqua 20`."""
+    return ", ".join(f"{task.value} {value(paper.TASK_DEFAULTS[task])}" for task in DATASETS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,31 +169,33 @@ def run(args: argparse.Namespace) -> int:
 def build_plan(args: argparse.Namespace) -> EvalPlan:
     """The plan the arguments ask for, with the paper's per-dataset defaults for what they leave out."""
     task = Task(args.dataset)
-    spec = DATASETS[task]
+    defaults = paper.TASK_DEFAULTS[task]
     modes = tuple(GuidanceMode(m.strip()) for m in args.guidance.split(",") if m.strip())
-    if not set(modes) <= set(GKT_MODES):
-        raise ValueError(f"--guidance takes {', '.join(m.value for m in GKT_MODES)}; got {args.guidance!r}")
+    if not set(modes) <= set(paper.GKT_MODES):
+        raise ValueError(
+            f"--guidance takes {', '.join(m.value for m in paper.GKT_MODES)}; got {args.guidance!r}"
+        )
     lengths = (
-        tuple(int(n) for n in args.guidance_tokens.split(","))
-        if args.guidance_tokens
-        else (spec.guidance_tokens,)
+        tuple(int(n) for n in args.max_guidance_tokens.split(","))
+        if args.max_guidance_tokens
+        else (defaults.max_guidance_tokens,)
     )
     if any(n < 1 for n in lengths):
-        raise ValueError(f"--guidance-tokens must be positive; got {args.guidance_tokens!r}")
+        raise ValueError(f"--guidance-tokens must be positive; got {args.max_guidance_tokens!r}")
     teacher, _, student = args.models.partition(",")
     if not teacher or not student:
         raise ValueError(f"--models takes TEACHER,STUDENT; got {args.models!r}")
     if args.runner == "live" and args.exemplars != ExemplarSet.CORRECTED.value:
         raise ValueError("live runs use the server's prompts, which use the corrected exemplars")
     live = args.runner == "live"
-    teacher_temperature = 0.0 if args.greedy else TEACHER_TEMPERATURE
+    teacher_temperature = 0.0 if args.greedy else paper.TEACHER_TEMPERATURE
     return EvalPlan(
         task=task,
         teacher=teacher.strip(),
         student=student.strip(),
         modes=modes,
-        guidance_tokens=lengths,
-        student_tokens=args.student_tokens or spec.student_tokens,
+        max_guidance_tokens=lengths,
+        student_tokens=args.student_tokens or defaults.student_max_new_tokens,
         seed=args.seed,
         exemplar_set=ExemplarSet(args.exemplars),
         runner=args.runner,
@@ -189,8 +203,8 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
         extra={"concurrency": args.concurrency} if live else {"batch_size": args.batch_size},
         # A live teacher samples as its server is configured; the request cannot say.
         teacher_temperature=None if live else teacher_temperature,
-        teacher_top_p=None if live else TEACHER_TOP_P,
-        student_temperature=0.0 if args.greedy else STUDENT_TEMPERATURE,
+        teacher_top_p=None if live else paper.TEACHER_TOP_P,
+        student_temperature=0.0 if args.greedy else paper.STUDENT_TEMPERATURE,
     )
 
 

@@ -25,7 +25,7 @@ from redis import Redis
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.queue import Keys
-from services.startup import READY, ProgressLines, last_message, worker_phase
+from gkt_tools.startup import READY, ProgressLines, last_message, worker_phase
 
 
 class StackError(RuntimeError):
