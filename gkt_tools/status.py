@@ -30,7 +30,7 @@ class Teacher:
     name: str
     beat_age_s: float
     batch_s: float | None
-    """Seconds per batch (a moving average); None until its first batch."""
+    """Seconds per batch, or per job when pipelined (a moving average); None until its first."""
     max_batch_size: int | None
 
 
@@ -138,7 +138,7 @@ def format_status(status: Status, *, where: str) -> str:
     lines.append(f"teachers       {len(status.teachers)} alive")
     for t in status.teachers:
         pace = (
-            f"{t.batch_s:.2f} s per batch, batches up to {t.max_batch_size}" if t.batch_s else "no batch yet"
+            f"{t.batch_s:.2f} s per batch or job, {t.max_batch_size} at once" if t.batch_s else "no job yet"
         )
         lines.append(f"  {t.name:<28} beat {t.beat_age_s:.0f} s ago   {pace}")
     busy = sum(s.busy or 0 for s in status.students)

@@ -82,7 +82,7 @@ class Pipeline:
         """Entry id → the task generating it."""
         self.held: set[str] = set()
         """Entries read and not yet acknowledged (read ahead, generating, ready, or being published)."""
-        self._ahead: collections.deque[tuple[Delivery, float]] = collections.deque()
+        self._ahead: collections.deque[Delivery] = collections.deque()
         self._ready: list[tuple[Generated, float]] = []
         self._changed = asyncio.Event()
         """Set whenever a job starts, ends or is published: what the reader and the starter wait for."""
@@ -114,8 +114,7 @@ class Pipeline:
             self.held.difference_update(d.entry_id for d in deliveries)
             raise
         await self._ack([d for d in deliveries if d not in live])
-        began = time.perf_counter()
-        self._ahead.extend((delivery, began) for delivery in live)
+        self._ahead.extend(live)
         self._changed.set()
 
     async def drain(self) -> None:
@@ -135,8 +134,9 @@ class Pipeline:
         while True:
             while not self._ahead or len(self.generating) >= self.limit:
                 await self._wait_for_change()
-            delivery, began = self._ahead.popleft()
-            self._start(delivery, began=began)
+            # A job's pace is timed from here, not from its read: gateways estimate the teacher's capacity
+            # as jobs in flight / seconds per job, and the wait read ahead is not generation.
+            self._start(self._ahead.popleft(), began=time.perf_counter())
             self._changed.set()
 
     async def _wait_for_change(self) -> None:
