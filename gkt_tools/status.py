@@ -50,7 +50,7 @@ class Status:
     teachers: list[Teacher] = field(default_factory=list)
     students: list[Student] = field(default_factory=list)
     queued_jobs: int = 0
-    """Jobs in the query stream: not yet taken by a teacher, or in a teacher's batch now."""
+    """Jobs in the query stream: not yet taken by a teacher, or held by one now."""
     jobs_in_teacher_batches: int = 0
     oldest_job_age_s: float | None = None
     student_tasks_waiting: int = 0
@@ -149,7 +149,7 @@ def format_status(status: Status, *, where: str) -> str:
         lines.append(f"  {s.name:<28} beat {s.beat_age_s:.0f} s ago   {load}".rstrip())
     oldest = f", oldest {status.oldest_job_age_s:.1f} s old" if status.oldest_job_age_s is not None else ""
     lines.append(
-        f"query queue    {_jobs(status.queued_jobs)} ({status.jobs_in_teacher_batches} in a teacher's batch){oldest}"
+        f"query queue    {_jobs(status.queued_jobs)} ({status.jobs_in_teacher_batches} held by a teacher){oldest}"
     )
     lines.append(
         f"student queue  {status.student_tasks_waiting} waiting, {status.student_tasks_running} delivered to "
