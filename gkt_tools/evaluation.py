@@ -16,6 +16,7 @@ from gkt.client import (
     add_connection_arguments,
 )
 from gkt.config import CommonSettings
+from gkt.evaluation.archive import RECORDS_ROOT, render
 from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.evaluate import Runner, evaluate, report
 from gkt.evaluation.oracle import ORACLE, check_oracle_task
@@ -35,10 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
     parser.add_argument(
         "runner",
         nargs="?",
-        choices=["offline", "live"],
+        choices=["offline", "live", "report"],
         default="offline",
         help="offline: library calls in this process (batched teacher, students at batch 1); "
-        "live: every question through a running gateway over gRPC",
+        "live: every question through a running gateway over gRPC; "
+        "report: print every table and statistic of the kept records (--records), running nothing",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=RECORDS_ROOT,
+        help="report: the kept runs, one directory each with plan.json and records.jsonl.gz "
+        "(default: docs/results/records)",
     )
     parser.add_argument(
         "--dataset",
@@ -140,6 +149,13 @@ def _per_dataset(value: Callable[[paper.TaskDefaults], int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation the arguments describe; print the table; 2 on a usage or data error."""
+    if args.runner == "report":
+        try:
+            print(render(args.records), end="")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         plan = build_plan(args)
         dataset = load_dataset(task=plan.task, data_dir=resolve_data_dir(args.data_dir), limit=args.limit)

@@ -45,10 +45,16 @@ class Row:
 
 
 def summarize(
-    *, plan: EvalPlan, records: Mapping[tuple[str, int], ExampleRecord], dataset: Mapping[str, Any]
+    *,
+    plan: EvalPlan,
+    records: Mapping[tuple[str, int], ExampleRecord],
+    dataset: Mapping[str, Any],
+    conditions: Sequence[Condition] | None = None,
 ) -> dict[str, Any]:
-    """Table 2 over the examples every row has finished, with the settings that produced it."""
-    conditions = plan.conditions()
+    """Table 2 over the examples every row has finished, with the settings that produced it.
+
+    `conditions`: the rows to show (default: the plan's)."""
+    conditions = list(plan.conditions() if conditions is None else conditions)
     indices = sorted(
         set.intersection(*({i for (name, i) in records if name == c.name} for c in conditions))
         if conditions
