@@ -45,7 +45,7 @@ _PLAN = EvalPlan(
 )  # fmt: skip
 GOLD = "ABCDEA"
 # Six questions; the sweep row cutoff-10 finished only the first two.
-ANSWERS = {
+ANSWERS: dict[str, list[str | None]] = {
     "student": ["A", "E", "E", "E", "E", "E"],  # right on 0 and 4
     "teacher": ["A", "B", "C", None, "A", "B"],  # right on 0, 1, 2
     "cutoff-30": ["A", "B", "C", "D", "B", "A"],  # right on 0, 1, 2, 3, 5
