@@ -89,7 +89,14 @@ def render_run(run: KeptRun) -> str:
             plan=plan, records=run.records, dataset={"file": spec.file}, conditions=conditions
         )
         by_row = {c.name: [run.records[(c.name, i)] for i in questions] for c in conditions}
-        parts += [markdown_table(summary), _settings(plan), "", *_statistics(plan.task, by_row), ""]
+        guided = {c.name for c in conditions if c.guided and c.uses_student}
+        parts += [
+            markdown_table(summary),
+            _settings(plan),
+            "",
+            *_statistics(plan.task, by_row, guided=guided),
+            "",
+        ]
     return "\n".join(parts)
 
 
@@ -109,16 +116,18 @@ def _settings(plan: EvalPlan) -> str:
     )
 
 
-def _statistics(task: Task, by_row: Mapping[str, Sequence[ExampleRecord]]) -> list[str]:
+def _statistics(task: Task, by_row: Mapping[str, Sequence[ExampleRecord]], *, guided: set[str]) -> list[str]:
     """Per row: its right answers with their interval, and its paired comparison with the student alone."""
     student = by_row.get("student")
     lines = [
-        "| Row | Right | ACC (%) | 95 % CI (Wilson, %) | Right only for the student alone / only here "
-        "| McNemar exact p | Teacher time (s) | Student time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| Row | Right | Right, not from the guidance alone | ACC (%) | 95 % CI (Wilson, %) "
+        "| Right only for the student alone / only here | McNemar exact p | Teacher time (s) | Student time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, records in by_row.items():
         right = sum(r.correct for r in records)
+        # For a guided row, the right answers the guidance alone did not already hold: the student's part.
+        beyond = str(sum(r.correct and not r.teacher_correct for r in records)) if name in guided else "—"
         low, high = wilson_interval(right, len(records))
         paired, p_value = "—", "—"
         if student is not None and name != "student":
@@ -127,7 +136,7 @@ def _statistics(task: Task, by_row: Mapping[str, Sequence[ExampleRecord]]) -> li
             )
             paired, p_value = f"{only_student} / {only_here}", f"{mcnemar_exact(only_student, only_here):.3g}"
         lines.append(
-            f"| {name} | {right}/{len(records)} | {100 * right / len(records):.1f} "
+            f"| {name} | {right}/{len(records)} | {beyond} | {100 * right / len(records):.1f} "
             f"| {100 * low:.1f}–{100 * high:.1f} | {paired} | {p_value} "
             f"| {sum(r.teacher_seconds for r in records):.1f} | {sum(r.student_seconds for r in records):.1f} |"
         )

@@ -62,7 +62,7 @@ def _kept_run(root: Path, name: str = "csqa-offline") -> Path:
         for i, answer in enumerate(answers):
             record = ExampleRecord(
                 condition=row, index=i, question=f"q{i}", gold=GOLD[i], seed=i, guidance="",
-                guidance_tokens=0, teacher_answer=None, teacher_correct=False, student_text="",
+                guidance_tokens=0, teacher_answer=None, teacher_correct=row == "cutoff-30" and i < 2, student_text="",
                 student_tokens=10, answer=answer, correct=answer == GOLD[i], teacher_seconds=1.0 if row != "student" else 0.0,
                 student_seconds=2.0, seconds=3.0,
             )  # fmt: skip
@@ -85,9 +85,10 @@ def test_report_recomputes_accuracy_paired_tests_and_letter_counts(tmp_path: Pat
     text = render(_kept_run(tmp_path).parent)
     assert "### CSQA (6 examples: 0-5)" in text and "### CSQA (2 examples: 0-1)" in text
     # cutoff-30 against the student alone: right only for the student on question 4, only here on 1, 2, 3, 5.
-    assert "| cutoff-30 | 5/6 | 83.3 | 43.6–97.0 | 1 / 4 | 0.375 | 6.0 | 12.0 |" in text
-    assert "| teacher | 3/6 | 50.0 | 18.8–81.2 | 1 / 2 | 1 | 6.0 | 12.0 |" in text
-    assert "| cutoff-10 | 1/2 | 50.0 | 9.5–90.5 | 1 / 1 | 1 | 2.0 | 4.0 |" in text
+    # Its guidance alone held the right answer on questions 0 and 1: the student finished 2, 3 and 5 itself.
+    assert "| cutoff-30 | 5/6 | 3 | 83.3 | 43.6–97.0 | 1 / 4 | 0.375 | 6.0 | 12.0 |" in text
+    assert "| teacher | 3/6 | — | 50.0 | 18.8–81.2 | 1 / 2 | 1 | 6.0 | 12.0 |" in text
+    assert "| cutoff-10 | 1/2 | 1 | 50.0 | 9.5–90.5 | 1 / 1 | 1 | 2.0 | 4.0 |" in text
     assert "| gold | 2 | 1 | 1 | 1 | 1 | 0 |" in text
     assert "| student | 1 | 0 | 0 | 0 | 5 | 0 |" in text and "| teacher | 2 | 2 | 1 | 0 | 0 | 1 |" in text
 
