@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gkt.answers import format_record, gold_answer
+from gkt.evaluation.oracle import reference_solution
 from gkt.jobs import Task
 
 DATA_DIR_ENV = "GKT_DATA_DIR"
@@ -74,6 +75,8 @@ class Example:
     index: int
     query: str
     gold: str
+    reference: str | None = None
+    """The record's worked solution (`gkt.evaluation.oracle`), for oracle rows only; None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def load_dataset(*, task: Task, data_dir: Path, limit: int | None = None) -> Loa
                     index=index,
                     query=format_record(task=task, record=record),
                     gold=gold_answer(task=task, record=record),
+                    reference=reference_solution(task=task, record=record),
                 )
             )
     return LoadedDataset(spec=spec, path=path, sha256=actual, examples=examples)
