@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -77,10 +76,9 @@ def run(*, as_json: bool, state_dir: Path) -> int:
     local = read_detached(state_dir) or {}
     try:
         # GKT_REDIS_URL names the stack; without it, the private Redis of the stack `gkt up` started here.
-        own_redis = (
-            {} if "GKT_REDIS_URL" in os.environ or not local.get("redis") else {"redis_url": local["redis"]}
-        )
-        settings = CommonSettings(**own_redis)
+        settings = CommonSettings()
+        if "redis_url" not in settings.model_fields_set and local.get("redis"):
+            settings = CommonSettings(redis_url=local["redis"])
     except (ValidationError, OSError) as exc:
         print(f"error: the Redis settings cannot be used: {_first_line(exc)}", file=sys.stderr)
         return 2

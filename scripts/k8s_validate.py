@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,10 +31,12 @@ from referencing import Registry, Resource
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from gkt_tools.settings import ToolSettings
+
 REPO = Path(__file__).resolve().parents[1]
 # The oldest Kubernetes minor the manifests support; kubernetes-validate bundles 1.25 to 1.37.
 KUBERNETES_VERSION = "1.32"
-DEFAULT_CRD_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or REPO.parent / "shared" / "ref") / "crds"
+DEFAULT_CRD_DIR = ToolSettings().shared_ref_dir / "crds"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 AUTOSCALER_KINDS = ("ScaledObject", "HorizontalPodAutoscaler")
 

@@ -40,7 +40,9 @@ from gkt_tools.bench import floors
 from gkt_tools.bench.load import closed_loop, grpc_call
 from gkt_tools.bench.report import write_report
 from gkt_tools.bench.stats import Sample, summarize
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.settings import ToolSettings
+from gkt_tools.stack import Stack
 
 SCENARIOS = ("overhead", "batching", "student", "student-capacity", "determinism", "gkt")
 _QUIET = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
@@ -112,11 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="GKT_TORCH_THREADS of every model process, and of the offline runs (0 = torch's default)",
     )
-    parser.add_argument("--data-dir", type=Path, help="where csqa_dev.jsonl lives (default: ../shared/data)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="where the datasets live (default: $GKT_DATA_DIR, else ../shared/data)"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report directory")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, settings: ToolSettings) -> int:
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown:
@@ -134,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    args.data_dir = settings.data_dir_for(args.data_dir)
     # A plain SIGTERM would skip the `finally` that stops the stacks: exit through it instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict[str, Any] = {"meta": _meta(args)}
@@ -256,10 +261,10 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     """The same jobs at each concurrency, on a student decoding up to `--capacity-max-batch` jobs
     together, then on one decoding one at a time; the teacher is the echo backend, so the student is
     what is measured."""
-    from gkt.evaluation.datasets import load_dataset, resolve_data_dir
+    from gkt.evaluation.datasets import load_dataset
     from gkt.v1 import guidance_pb2 as pb
 
-    gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
+    gsm8k = load_dataset(task=Task.GSM8K, data_dir=args.data_dir, limit=None)
     queries = [example.query for example in gsm8k.examples]
     gsm8k_defaults = paper.TASK_DEFAULTS[Task.GSM8K]
     levels = concurrency_levels(args.capacity_concurrency)
@@ -331,7 +336,7 @@ def _student_capacity(args: argparse.Namespace, state: Path) -> dict[str, Any]:
 
 
 def _determinism(args: argparse.Namespace) -> dict[str, Any]:
-    from gkt.evaluation.datasets import load_dataset, resolve_data_dir
+    from gkt.evaluation.datasets import load_dataset
     from gkt.models import load_model
     from gkt_tools.bench import determinism
     from services.student.settings import StudentSettings
@@ -342,7 +347,7 @@ def _determinism(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.torch_threads)
     settings = StudentSettings()
     lm = load_model(name=settings.student_model, cache_dir=settings.model_cache_dir)
-    gsm8k = load_dataset(task=Task.GSM8K, data_dir=resolve_data_dir(args.data_dir), limit=None)
+    gsm8k = load_dataset(task=Task.GSM8K, data_dir=args.data_dir, limit=None)
     batch = determinism.requests(
         lm, [e.query for e in gsm8k.examples], count=args.determinism_requests, max_new_tokens=16
     )
@@ -356,9 +361,9 @@ def _at(levels: list[int], level: int, values: list[float]) -> float | None:
 
 def _real_scenarios(args: argparse.Namespace, chosen: list[str], state: Path) -> dict[str, Any]:
     """The scenarios on the bundled models, sharing one stack; offline runs happen while it idles."""
-    from gkt.evaluation.datasets import load_dataset, resolve_data_dir
+    from gkt.evaluation.datasets import load_dataset
 
-    dataset = load_dataset(task=Task.CSQA, data_dir=resolve_data_dir(args.data_dir), limit=None)
+    dataset = load_dataset(task=Task.CSQA, data_dir=args.data_dir, limit=None)
     queries = [example.query for example in dataset.examples]
     env = {
         "GKT_TEACHER_TEMPERATURE": "0",

@@ -34,7 +34,8 @@ from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.bench.load import closed_loop, grpc_call
 from gkt_tools.bench.stats import Sample
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((REPO / "k8s" / "monitoring" / "dashboard.json").read_text(encoding="utf-8"))

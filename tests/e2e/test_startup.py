@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,8 @@ import grpc
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import child_environment, free_port
+from gkt_tools.stack import Stack
 from tests.e2e.conftest import TINY_STACK_ENV
 
 # Longer than a heartbeat's 60 s life: a student that beat only at start and per job would be gone.
@@ -48,9 +48,9 @@ def test_a_worker_that_fails_to_start_is_named_in_one_line_with_its_log(
     tiny_models: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _, student = tiny_models
-    env = {**os.environ, "GKT_STATE_DIR": str(tmp_path / "state"), "GKT_TEACHER_MODEL": str(tmp_path / "no-model"),
+    env = child_environment({"GKT_STATE_DIR": str(tmp_path / "state"), "GKT_TEACHER_MODEL": str(tmp_path / "no-model"),
            "GKT_STUDENT_MODEL": str(student), "GKT_GATEWAY_ADDR": f"127.0.0.1:{free_port()}",
-           **{name: "0" for name in ("GKT_GATEWAY_METRICS_PORT", "GKT_TEACHER_METRICS_PORT", "GKT_STUDENT_METRICS_PORT")}}  # fmt: skip
+           **{name: "0" for name in ("GKT_GATEWAY_METRICS_PORT", "GKT_TEACHER_METRICS_PORT", "GKT_STUDENT_METRICS_PORT")}})  # fmt: skip
     env.pop("GKT_REDIS_URL", None)
     result = subprocess.run(
         [sys.executable, "-m", "gkt_tools.cli", "up"], env=env, capture_output=True, text=True, timeout=300

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import socket
 import threading
@@ -22,13 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Literal, cast
 
 import pytest
 from openapi_schema_validator import OAS30Validator
 
-REF_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or Path(__file__).parents[2].parent / "shared" / "ref")
+from gkt_tools.settings import ToolSettings
+
+REF_DIR = ToolSettings().shared_ref_dir
 OPENAPI_FILE = REF_DIR / "tgi-openapi.json"
 
 DEFAULT_INFO: dict[str, Any] = {

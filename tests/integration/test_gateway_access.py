@@ -27,7 +27,7 @@ from gkt.logs import JsonFormatter
 from gkt.queue import AnyEvent, Keys, connect_async, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import free_port
+from gkt_tools.processes import free_port
 from services.gateway.access import Limiter
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway

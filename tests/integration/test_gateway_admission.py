@@ -17,7 +17,7 @@ from gkt.errors import ResourceExhausted
 from gkt.queue import Keys, connect_bounded, teacher_pace
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import free_port
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 

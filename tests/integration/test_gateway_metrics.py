@@ -16,7 +16,7 @@ from redis.asyncio import Redis as AsyncRedis
 from gkt.jobs import Job
 from gkt.metrics import serve_metrics
 from gkt.queue import Keys, enqueue_job
-from gkt_tools.stack import free_port
+from gkt_tools.processes import free_port
 from services.gateway.service import GatewayService
 from services.gateway.settings import GatewaySettings
 

@@ -23,7 +23,7 @@ from gkt.jobs import Completion, ErrorEvent, FinalEvent, Guidance, GuidanceEvent
 from gkt.queue import Keys, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import free_port
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 

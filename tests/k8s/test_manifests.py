@@ -7,7 +7,6 @@ and the upstream CRDs when ../shared/ref/crds exists) and checks the failure nam
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from gkt_tools.settings import ToolSettings
 
 for _module in ("kubernetes_validate", "yamllint", "jsonschema"):
     pytest.importorskip(_module, reason=f"{_module} is not installed (`make setup` installs the dev extras)")
@@ -253,7 +254,7 @@ def test_a_broken_manifest_fails_validation(case: str, tmp_path: Path) -> None:
 
 
 def test_the_upstream_crds_catch_what_they_define_too(tmp_path: Path) -> None:
-    crds = Path(os.environ.get("GKT_SHARED_REF_DIR") or REPO.parent / "shared" / "ref") / "crds"
+    crds = ToolSettings().shared_ref_dir / "crds"
     if not crds.is_dir():
         pytest.skip(f"no upstream CRDs at {crds}")
     k8s = tmp_path / "k8s"
