@@ -274,7 +274,8 @@ def _probe_teacher() -> int:
     from redis import Redis
 
     from gkt.config import CommonSettings
-    from gkt.queue import HEARTBEAT_TTL_S, Keys, parse_heartbeat
+    from gkt.keys import Keys
+    from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
 
     settings = CommonSettings()
     keys = Keys(settings.key_prefix)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import Redis
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt_tools import processes
 from gkt_tools.processes import free_port, port_free
 from gkt_tools.settings import StackSettings

@@ -14,7 +14,9 @@ from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gkt.config import CommonSettings
-from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, connect, parse_heartbeat
+from gkt.connections import connect
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
 from gkt_tools.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a

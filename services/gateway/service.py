@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from gkt import logs, metrics, tracing
+from gkt.connections import connect_reader
 from gkt.dispatch import dispatch_student, student_client
 from gkt.errors import (
     DeadlineExceeded,
@@ -33,16 +34,11 @@ from gkt.jobs import (
     JobKind,
     decode_event,
 )
-from gkt.queue import (
-    TAKE_SLOT,
-    AnyEvent,
-    Keys,
-    connect_reader,
-    enqueue_job,
-    publish_event,
-    teacher_capacity,
-)
+from gkt.keys import Keys
+from gkt.liveness import teacher_capacity
+from gkt.queue import AnyEvent, enqueue_job, publish_event
 from services.gateway.events import EventReader
+from services.gateway.limits import TAKE_SLOT
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenancy import Tenant
 

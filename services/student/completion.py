@@ -17,7 +17,7 @@ from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument, S
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
 from gkt.leases import Claim, Lease
 from gkt.prompts import STOP_SEQUENCE, student_prompt
-from gkt.queue import SyncEventPublisher
+from gkt.publisher import SyncEventPublisher
 from services.student.jobbook import JobBook, LeaseLost
 
 log = logging.getLogger(__name__)

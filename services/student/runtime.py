@@ -13,11 +13,13 @@ from collections.abc import Callable
 import torch
 
 from gkt import leases, metrics
+from gkt.connections import connect
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import Guidance, GuidanceMode, Job
+from gkt.keys import Keys
 from gkt.models import load_model
-from gkt.queue import Keys, SyncEventPublisher, connect
+from gkt.publisher import SyncEventPublisher
 from services.student.completion import JobLimits, run_job
 from services.student.heartbeat import Heartbeat
 from services.student.jobbook import JobBook

@@ -9,10 +9,10 @@ import signal
 import torch
 
 from gkt import tracing
+from gkt.connections import connect_async
 from gkt.dispatch import dispatch_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from gkt.queue import connect_async
 from services.teacher.backends import build_backend
 from services.teacher.backends.resilience import RemoteBackendSettings
 from services.teacher.settings import REMOTE_BACKENDS, TeacherSettings

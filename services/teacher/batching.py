@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gkt.jobs import Job
-from gkt.queue import MAX_BLOCK_MS, TEACHER_GROUP, Keys
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.queue import MAX_BLOCK_MS
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import pytest
 from redis import Redis
 
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent
-from gkt.queue import TEACHER_GROUP, Keys
+from gkt.keys import TEACHER_GROUP, Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.processes import free_port

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis import Redis
 
 from gkt.jobs import ErrorEvent, FinalEvent
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.stack import Stack

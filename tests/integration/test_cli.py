@@ -16,7 +16,8 @@ import pytest
 from redis import Redis
 
 from gkt.jobs import Task
-from gkt.queue import Keys, heartbeat_value, teacher_pace
+from gkt.keys import Keys
+from gkt.liveness import heartbeat_value, teacher_pace
 from gkt_tools.cli import _parser
 from gkt_tools.processes import child_environment, free_port
 from gkt_tools.settings import ToolSettings

@@ -22,14 +22,16 @@ from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from redis import Redis
 
+from gkt.connections import connect_async
 from gkt.jobs import DeltaEvent, Guidance, GuidanceEvent, Job
+from gkt.keys import Keys
 from gkt.logs import JsonFormatter
-from gkt.queue import AnyEvent, Keys, connect_async, publish_events
+from gkt.queue import AnyEvent, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.processes import free_port
-from services.gateway.access import Limiter
 from services.gateway.auth import hash_key
+from services.gateway.limits import Limiter
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from tests.certificates import make_certificates

@@ -13,8 +13,10 @@ import grpc
 import pytest
 from redis import Redis
 
+from gkt.connections import connect_bounded
 from gkt.errors import ResourceExhausted
-from gkt.queue import Keys, connect_bounded, teacher_pace
+from gkt.keys import Keys
+from gkt.liveness import teacher_pace
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.processes import free_port

@@ -14,8 +14,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import Job
+from gkt.keys import Keys
 from gkt.metrics import serve_metrics
-from gkt.queue import Keys, enqueue_job
+from gkt.queue import enqueue_job
 from gkt_tools.processes import free_port
 from services.gateway.service import GatewayService
 from services.gateway.settings import GatewaySettings

@@ -20,7 +20,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from gkt.errors import StatusCode
 from gkt.jobs import Completion, ErrorEvent, FinalEvent, Guidance, GuidanceEvent, Job
-from gkt.queue import Keys, publish_events
+from gkt.keys import Keys
+from gkt.queue import publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.processes import free_port

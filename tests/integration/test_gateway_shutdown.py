@@ -22,7 +22,8 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import Completion, DeltaEvent, FinalEvent, Guidance, GuidanceEvent, Job
-from gkt.queue import Keys, publish_events
+from gkt.keys import Keys
+from gkt.queue import publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.processes import child_environment, free_port

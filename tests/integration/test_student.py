@@ -13,8 +13,10 @@ from redis import Redis
 from gkt import leases
 from gkt.engine import Engine, EngineRequest, Generation
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
+from gkt.keys import Keys
 from gkt.models import LoadedModel, load_model
-from gkt.queue import AnyEvent, Keys, SyncEventPublisher
+from gkt.publisher import SyncEventPublisher
+from gkt.queue import AnyEvent
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from tests.events import job_events

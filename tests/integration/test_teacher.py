@@ -23,9 +23,11 @@ from gkt.jobs import (
     JobKind,
     Task,
 )
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import teacher_capacity
 from gkt.models import load_model
 from gkt.prompts import teacher_prompt
-from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events, teacher_capacity
+from gkt.queue import enqueue_job, ensure_group, read_events
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.echo import EchoBackend
 from services.teacher.backends.local import LocalBackend
