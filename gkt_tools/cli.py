@@ -178,7 +178,7 @@ def _settings_help(service: str) -> str:
 
         classes = [GatewaySettings]
     elif service == "teacher":
-        from services.teacher.backends.resilience import RemoteBackendSettings
+        from services.teacher.backends.remote import RemoteBackendSettings
         from services.teacher.settings import TeacherSettings
 
         classes = [TeacherSettings, RemoteBackendSettings]

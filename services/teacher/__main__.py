@@ -14,7 +14,7 @@ from gkt.dispatch import dispatch_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
 from services.teacher.backends import build_backend
-from services.teacher.backends.resilience import RemoteBackendSettings
+from services.teacher.backends.remote import RemoteBackendSettings
 from services.teacher.settings import REMOTE_BACKENDS, TeacherSettings
 from services.teacher.worker import TeacherWorker
 

@@ -11,7 +11,7 @@ from gkt.errors import GktError, JobFailed, StatusCode
 from gkt.jobs import ErrorEvent, decode_event, encode_event
 from services.gateway.errors import GRPC_STATUS, rich_status
 from services.teacher.backends.base import BackendError
-from services.teacher.backends.resilience import AttemptError
+from services.teacher.backends.remote import AttemptError
 
 # Error events exactly as the previous release wrote them (its code was a plain string field): one per code
 # its workers could send.

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from services.teacher.backends.base import TeacherBackend
-from services.teacher.backends.resilience import RemoteBackendSettings
+from services.teacher.backends.remote import RemoteBackendSettings
 from services.teacher.settings import TeacherSettings
 
 

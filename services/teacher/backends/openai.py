@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx2
 
 from gkt.errors import StatusCode, Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
-from services.teacher.backends.resilience import (
+from services.teacher.backends.remote import (
     AttemptError,
     RemoteBackendSettings,
-    ResilientCaller,
     classify_status,
     parse_retry_after,
 )
+from services.teacher.backends.resilience import ResilientCaller
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,7 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(
-        self,
-        *,
-        settings: RemoteBackendSettings,
-        model: str = "",
-        on_error: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, *, settings: RemoteBackendSettings, model: str = "") -> None:
         self._settings = settings
         base = str(settings.url).rstrip("/")
         # Accept both the server root and the OpenAI-style base URL that already ends in /v1.
@@ -56,7 +50,7 @@ class OpenAIBackend:
         self.max_model_len: int | None = None
         """Context length, when /v1/models reports it (vLLM's `max_model_len`)."""
         self.concurrency = settings.max_concurrency or DEFAULT_CONCURRENCY
-        self.resilience = ResilientCaller(settings=settings, backend_name=self.name, on_error=on_error)
+        self.resilience = ResilientCaller(settings=settings, backend_name=self.name)
 
     async def start(self) -> None:
         """Open the connection pool and read `/v1/models` when the server has it (404 is tolerated)."""

@@ -20,13 +20,13 @@ from pydantic import ValidationError as PydanticValidationError
 
 from gkt.errors import StatusCode, Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
-from services.teacher.backends.resilience import (
+from services.teacher.backends.remote import (
     AttemptError,
     RemoteBackendSettings,
-    ResilientCaller,
     classify_status,
     parse_retry_after,
 )
+from services.teacher.backends.resilience import ResilientCaller
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,14 @@ class TgiBackend:
 
     name = "tgi"
 
-    def __init__(
-        self, *, settings: RemoteBackendSettings, on_error: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, *, settings: RemoteBackendSettings) -> None:
         self._settings = settings
         self._base_url = str(settings.url).rstrip("/")
         self._client: AsyncInferenceClient | None = None
         self._limit: asyncio.Semaphore | None = None
         self.info: TgiInfo | None = None
         self.concurrency = 0
-        self.resilience = ResilientCaller(settings=settings, backend_name=self.name, on_error=on_error)
+        self.resilience = ResilientCaller(settings=settings, backend_name=self.name)
 
     async def start(self) -> None:
         """Read `/info` and `/health`; refuse an unreachable, unhealthy or too-small server."""
