@@ -147,9 +147,13 @@ def _run(args: argparse.Namespace, settings: ToolSettings) -> int:
 
         return run_demo(settings)
     elif args.command == "up":
-        return _up(settings)
+        from gkt_tools.up import up
+
+        return up(settings)
     elif args.command == "down":
-        return _down(settings)
+        from gkt_tools.up import down
+
+        return down(settings)
     elif args.command == "eval":
         from gkt_tools.evaluation import run as run_eval
 
@@ -201,48 +205,6 @@ def _default_gateway_addr(settings: ToolSettings) -> str:
 
     record = read_detached(settings.state_dir)
     return settings.gateway_addr or (record or {}).get("gateway") or DEFAULT_GATEWAY_ADDR
-
-
-def _up(settings: ToolSettings) -> int:
-    from gkt_tools.stack import Stack, StackError, read_detached
-
-    state_dir = settings.state_dir
-    running = read_detached(state_dir)
-    if running:
-        print(
-            f"error: a stack is already up here (gateway {running['gateway']}); `make down` first",
-            file=sys.stderr,
-        )
-        return 1
-    stack = Stack(
-        state_dir=state_dir,
-        redis_url=settings.redis_url,
-        gateway_addr=settings.gateway_addr or None,
-        detach=True,
-        pick_free_ports=True,
-    )
-    try:
-        stack.start(progress=True)
-    except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    ports = ", ".join(f"{name} {port}" for name, port in stack.metrics_ports.items())
-    print(f"stack up: gateway {stack.gateway_addr}, Redis {stack.redis_url}; logs in {state_dir / 'logs'}/")
-    print(f"metrics ports: {ports or 'none'}")
-    # Another state directory than the default must be named again to find this stack.
-    state = f"GKT_STATE_DIR={state_dir} " if "state_dir" in settings.model_fields_set else ""
-    print(f'try:  .venv/bin/gkt ask --addr {stack.gateway_addr} "What is 12 * 7?" --stream')
-    print(f"      {state}.venv/bin/gkt status")
-    print(f"stop: {state}make down")
-    return 0
-
-
-def _down(settings: ToolSettings) -> int:
-    from gkt_tools.stack import stop_detached
-
-    stopped = stop_detached(settings.state_dir)
-    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing running")
-    return 0
 
 
 def _hash_key(key_on_command_line: str | None) -> int:

@@ -9,6 +9,7 @@ Steps, in order; every problem is reported, and any problem makes the exit statu
    the upstream CRDs exist ($GKT_SHARED_REF_DIR/crds, default ../shared/ref/crds), against those upstream CRDs' openAPIV3Schema too.
 5. Project rules no schema can state: hardened, probed, sized workloads; students that outlive
    their task time limit on shutdown; autoscaler targets, Services and PDBs that select something.
+One script, run as `make k8s-validate`: its length is these five steps, kept in the order they run.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The teacher loop: collect a batch, drop what expired or was cancelled, generate guidance, publish it
-and dispatch students, then ack."""
+and dispatch students, then ack.
+
+Longer than most modules: the loop's steps, the takeover of dead teachers' jobs interleaved with them, and
+the heartbeat and pace the worker publishes all use the worker's state, and read best in one place.
+"""
 
 from __future__ import annotations
 

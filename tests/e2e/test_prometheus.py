@@ -5,7 +5,8 @@ process serving /metrics on a free port; one `prometheus` (Debian's package) scr
 and evaluating the shipped alert rules, with every `for:` shortened to seconds by `scripts/monitor.py
 rules --for`. The benchmark's closed-loop load generator sends a mix of calls throughout. Then:
 every panel query of k8s/monitoring/dashboard.json returns sane data; SIGKILLing every student fires
-GktNoStudentAlive and restarting them resolves it; killing Redis fires GktErrorRatioHigh.
+GktNoStudentAlive and restarting them resolves it; killing Redis fires GktErrorRatioHigh. Most of the
+module is the fixtures that run Prometheus and the load, which the three tests share.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ tested against this server instead: it speaks TGI's documented routes (`/generat
 `/v1/completions`, `/v1/models`), enforces TGI's request validation rules, and can be scripted to answer
 429, 503, malformed bodies, slow or dropped replies. `PublishedApi` checks every request it received and
 every JSON reply it sent against the schemas in TGI's OpenAPI document (`../shared/ref/tgi-openapi.json`).
+Its length is both APIs' routes and TGI's validation rules, which the two backends' tests share.
 """
 
 from __future__ import annotations
