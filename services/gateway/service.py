@@ -256,18 +256,22 @@ class GatewayService:
         """Keep the queue gauges current for dashboards and autoscalers."""
         while True:
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xlen(self.keys.queries)
-                    pipe.llen(self.keys.student_queue)
-                    pipe.xrange(self.keys.queries, count=1)
-                    pipe.time()
-                    depth, student_depth, oldest, (seconds, micros) = await pipe.execute()
-                metrics.GATEWAY_QUEUE_DEPTH.set(depth)
-                metrics.GATEWAY_STUDENT_QUEUE_DEPTH.set(student_depth)
-                metrics.GATEWAY_OLDEST_JOB_AGE.set(_age_s(oldest, now_s=seconds + micros / 1e6))
+                await self.sample_queues_once()
             except Exception:
                 log.warning("queue sampling failed", exc_info=True)
             await asyncio.sleep(interval_s)
+
+    async def sample_queues_once(self) -> None:
+        """Set the queue gauges from one look at Redis: both queues' depths and the oldest query's age."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.keys.queries)
+            pipe.llen(self.keys.student_queue)
+            pipe.xrange(self.keys.queries, count=1)
+            pipe.time()
+            depth, student_depth, oldest, (seconds, micros) = await pipe.execute()
+        metrics.GATEWAY_QUEUE_DEPTH.set(depth)
+        metrics.GATEWAY_STUDENT_QUEUE_DEPTH.set(student_depth)
+        metrics.GATEWAY_OLDEST_JOB_AGE.set(_age_s(oldest, now_s=seconds + micros / 1e6))
 
 
 def _age_s(entries: list[Any], *, now_s: float) -> float:

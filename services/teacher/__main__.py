@@ -22,9 +22,6 @@ log = logging.getLogger("gkt.teacher")
 
 
 async def serve(settings: TeacherSettings, *, remote: RemoteBackendSettings | None) -> None:
-    if settings.teacher_start_delay_s:
-        log.warning("start delayed by %.0f s (GKT_TEACHER_START_DELAY_S)", settings.teacher_start_delay_s)
-        await asyncio.sleep(settings.teacher_start_delay_s)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     backend = build_backend(settings, remote=remote)

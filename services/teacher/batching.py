@@ -67,6 +67,8 @@ async def claim_stale(
     broken: list[str] = []
     _parse(claimed, batch, broken)
     counts: dict[str, int] = {}
+    if claimed:
+        log.warning("took over jobs left unacknowledged too long", extra={"jobs": len(claimed)})
     if batch:
         pending: Any = await redis.xpending_range(
             keys.queries,
