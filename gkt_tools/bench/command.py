@@ -94,7 +94,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--determinism-requests", type=whole_number(2, 10_000), default=200, help="determinism: requests"
     )
     parser.add_argument(
-        "--capacity-tokens", type=whole_number(1, 1024), default=32, help="student-capacity: tokens per job"
+        "--capacity-tokens",
+        type=whole_number(1, 1024),
+        default=128,
+        help="student-capacity: each job's token limit (default: %(default)s)",
     )
     parser.add_argument(
         "--no-prefix-cache", action="store_true", help="real stacks: turn prefix KV reuse off"

@@ -56,12 +56,13 @@ def test_the_bundled_student_gives_each_seeded_request_the_same_text_alone_and_b
     requests = _requests(lm, 12)
     alone = [Engine(lm, max_batch=1, prefix_cache=cache).generate([r])[0] for r in requests]
 
-    engine = Engine(lm, max_batch=6, prefix_cache=cache)
-    generations = []
-    for request in requests:  # each joins a batch already decoding; short ones leave early
-        generations.append(engine.submit(request))
-        engine.step()
-    while any(g.result is None for g in generations):
-        engine.step()
-
-    assert [g.result for g in generations] == alone
+    for arrivals_per_step in (1, 3):  # alone, or prefilled together with other arrivals
+        engine = Engine(lm, max_batch=6, prefix_cache=cache)
+        generations = []
+        for i, request in enumerate(requests):  # each joins a batch already decoding; short ones leave early
+            generations.append(engine.submit(request))
+            if i % arrivals_per_step == arrivals_per_step - 1:
+                engine.step()
+        while any(g.result is None for g in generations):
+            engine.step()
+        assert [g.result for g in generations] == alone, f"{arrivals_per_step} arrivals per step"
