@@ -9,8 +9,10 @@ from pathlib import Path
 
 from gkt import paper
 from gkt.config import CommonSettings
+from gkt.evaluation.archive import RECORDS_ROOT, render
 from gkt.evaluation.datasets import DATASETS, DataError, load_dataset
 from gkt.evaluation.evaluate import Runner, evaluate, report
+from gkt.evaluation.oracle import ORACLE, check_oracle_task
 from gkt.evaluation.plan import EvalPlan
 from gkt.evaluation.records import RecordStore
 from gkt.evaluation.report import markdown_table
@@ -21,6 +23,7 @@ from gkt_tools.connection import ConnectionOptionError, add_connection_arguments
 from gkt_tools.settings import ToolSettings
 
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
+_BASELINES = {"student": GuidanceMode.NONE, "teacher": GuidanceMode.FULL}
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None:
@@ -28,10 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
     parser.add_argument(
         "runner",
         nargs="?",
-        choices=["offline", "live"],
+        choices=["offline", "live", "report"],
         default="offline",
         help="offline: library calls in this process (batched teacher, students at batch 1); "
-        "live: every question through a running gateway over gRPC",
+        "live: every question through a running gateway over gRPC; "
+        "report: print every table and statistic of the kept records (--records), running nothing",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=RECORDS_ROOT,
+        help="report: the kept runs, one directory each with plan.json and records.jsonl.gz "
+        "(default: docs/results/records)",
     )
     parser.add_argument(
         "--dataset",
@@ -42,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
     parser.add_argument(
         "--guidance",
         default=GuidanceMode.CUTOFF.value,
-        help=f"comma-separated GKT modes among {', '.join(paper.GKT_MODES)} (default: cutoff)",
+        help=f"comma-separated GKT modes among {', '.join(paper.GKT_MODES)} (default: cutoff), and/or "
+        f"{ORACLE}: offline evaluation only, never served — the first N tokens of the dataset's reference "
+        "solution (GSM8K, AQuA) in place of the teacher's, an upper bound on what guidance gives the student",
     )
     parser.add_argument(
         "--guidance-tokens",
@@ -57,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
         help="student max new tokens (default: the paper's: "
         + _per_dataset(lambda d: d.student_max_new_tokens)
         + ")",
+    )
+    parser.add_argument(
+        "--baselines",
+        default=",".join(_BASELINES),
+        help="comma-separated rows without guidance: student (alone), teacher (alone); default: both",
     )
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the student-alone and teacher-alone rows"
@@ -124,6 +142,13 @@ def _per_dataset(value: Callable[[paper.TaskDefaults], int]) -> str:
 
 def run(args: argparse.Namespace, *, settings: ToolSettings) -> int:
     """Run the evaluation the arguments describe; print the table; 2 on a usage or data error."""
+    if args.runner == "report":
+        try:
+            print(render(args.records), end="")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         plan = build_plan(args)
         dataset = load_dataset(
@@ -165,11 +190,20 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
     """The plan the arguments ask for, with the paper's per-dataset defaults for what they leave out."""
     task = Task(args.dataset)
     defaults = paper.TASK_DEFAULTS[task]
-    modes = tuple(GuidanceMode(m.strip()) for m in args.guidance.split(",") if m.strip())
-    if not set(modes) <= set(paper.GKT_MODES):
-        raise ValueError(
-            f"--guidance takes {', '.join(m.value for m in paper.GKT_MODES)}; got {args.guidance!r}"
-        )
+    words = [m.strip() for m in args.guidance.split(",") if m.strip()]
+    allowed = [m.value for m in paper.GKT_MODES] + [ORACLE]
+    if not words or not set(words) <= set(allowed):
+        raise ValueError(f"--guidance takes {', '.join(allowed)}; got {args.guidance!r}")
+    modes = tuple(GuidanceMode(m) for m in words if m != ORACLE)
+    oracle = ORACLE in words
+    if oracle:
+        if args.runner == "live":
+            raise ValueError(f"--guidance {ORACLE} is for offline evaluation only: no server serves it")
+        check_oracle_task(task)
+    baseline_words = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if not set(baseline_words) <= set(_BASELINES):
+        raise ValueError(f"--baselines takes {', '.join(_BASELINES)}; got {args.baselines!r}")
+    baselines = () if args.no_baselines else tuple(_BASELINES[b] for b in baseline_words)
     lengths = (
         tuple(int(n) for n in args.max_guidance_tokens.split(","))
         if args.max_guidance_tokens
@@ -189,12 +223,13 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
         teacher=teacher.strip(),
         student=student.strip(),
         modes=modes,
+        oracle=oracle,
         max_guidance_tokens=lengths,
         student_tokens=args.student_tokens or defaults.student_max_new_tokens,
         seed=args.seed,
         exemplar_set=ExemplarSet(args.exemplars),
         runner=args.runner,
-        baselines=not args.no_baselines,
+        baselines=baselines,
         extra={"concurrency": args.concurrency} if live else {"batch_size": args.batch_size},
         # A live teacher samples as its server is configured; the request cannot say.
         teacher_temperature=None if live else teacher_temperature,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gkt.answers import format_record, gold_answer
+from gkt.evaluation.oracle import reference_solution
 from gkt.jobs import Task
 
 SUMS_FILE = "SHA256SUMS"
@@ -72,6 +73,8 @@ class Example:
     index: int
     query: str
     gold: str
+    reference: str | None = None
+    """The record's worked solution (`gkt.evaluation.oracle`), for oracle rows only; None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ def load_dataset(*, task: Task, data_dir: Path, limit: int | None = None) -> Loa
                     index=index,
                     query=format_record(task=task, record=record),
                     gold=gold_answer(task=task, record=record),
+                    reference=reference_solution(task=task, record=record),
                 )
             )
     return LoadedDataset(spec=spec, path=path, sha256=actual, examples=examples)

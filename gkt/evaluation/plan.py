@@ -7,17 +7,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gkt import paper
+from gkt.evaluation.oracle import ORACLE
 from gkt.paper import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One row of the report: the student alone, the teacher alone, or GKT with one mode and length N."""
+    """One row of the report: the student alone, the teacher alone, GKT with one mode and length N, or the
+    oracle (evaluation only: the first N tokens of the reference solution in place of a teacher's)."""
 
     mode: GuidanceMode
     max_guidance_tokens: int = 0
     """N for the GKT modes; the length of the teacher's whole answer for the teacher-alone row."""
+    oracle: bool = False
 
     @property
     def name(self) -> str:
@@ -25,15 +28,37 @@ class Condition:
             return "student"
         if self.mode is GuidanceMode.FULL:
             return "teacher"
-        return f"{self.mode.value}-{self.max_guidance_tokens}"
+        return f"{self.kind}-{self.max_guidance_tokens}"
+
+    @property
+    def kind(self) -> str:
+        """The guidance mode's name, or `oracle`."""
+        return ORACLE if self.oracle else self.mode.value
+
+    @property
+    def guided(self) -> bool:
+        """Whether the student starts from guidance (a teacher's or the oracle's), scored on its own too."""
+        return self.mode is not GuidanceMode.NONE
 
     @property
     def uses_teacher(self) -> bool:
-        return self.mode is not GuidanceMode.NONE
+        return self.guided and not self.oracle
 
     @property
     def uses_student(self) -> bool:
         return self.mode is not GuidanceMode.FULL
+
+    @classmethod
+    def from_name(cls, name: str, *, student_tokens: int) -> Condition:
+        """The row a record's `condition` names: `student`, `teacher`, `cutoff-30`, `oracle-20`."""
+        if name == "student":
+            return cls(GuidanceMode.NONE)
+        if name == "teacher":
+            return cls(GuidanceMode.FULL, student_tokens)
+        kind, _, n = name.rpartition("-")
+        if kind == ORACLE:
+            return cls(GuidanceMode.CUTOFF, int(n), oracle=True)
+        return cls(GuidanceMode(kind), int(n))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,14 +79,21 @@ class EvalPlan:
     student_temperature: float = paper.STUDENT_TEMPERATURE
     student_top_p: float = paper.STUDENT_TOP_P
     runner: str = "offline"
-    baselines: bool = True
+    baselines: tuple[GuidanceMode, ...] = (GuidanceMode.NONE, GuidanceMode.FULL)
+    """The rows without guidance: NONE the student alone, FULL the teacher alone."""
+    oracle: bool = False
+    """Oracle rows (evaluation only) at every N, after the GKT modes'."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Runner settings that do not change answers (batch size, concurrency), recorded for the reader."""
 
     def conditions(self) -> list[Condition]:
-        rows = [Condition(GuidanceMode.NONE), Condition(GuidanceMode.FULL, self.student_tokens)]
-        rows = rows if self.baselines else []
-        return rows + [Condition(mode, n) for mode in self.modes for n in self.max_guidance_tokens]
+        rows = [Condition(GuidanceMode.NONE)] if GuidanceMode.NONE in self.baselines else []
+        if GuidanceMode.FULL in self.baselines:
+            rows.append(Condition(GuidanceMode.FULL, self.student_tokens))
+        rows += [Condition(mode, n) for mode in self.modes for n in self.max_guidance_tokens]
+        if self.oracle:
+            rows += [Condition(GuidanceMode.CUTOFF, n, oracle=True) for n in self.max_guidance_tokens]
+        return rows
 
     def example_seed(self, index: int) -> int:
         """A seed per example, the same in every row and every run, independent of batch-mates."""
@@ -71,6 +103,6 @@ class EvalPlan:
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the records it extends."""
         data = asdict(self)
-        for free in ("modes", "max_guidance_tokens", "baselines", "extra"):
+        for free in ("modes", "max_guidance_tokens", "baselines", "oracle", "extra"):
             data.pop(free)
         return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
