@@ -10,8 +10,14 @@ from typing import Any
 import grpc
 
 from gkt import paper
-from gkt.client import CONNECTION_ENV_HELP, ConnectionOptionError, GatewayConnection, add_connection_arguments
+from gkt.client import GatewayConnection
 from gkt_tools.arguments import UINT32_MAX, UINT64_MAX, real_number, whole_number
+from gkt_tools.connection import (
+    CONNECTION_ENV_HELP,
+    ConnectionOptionError,
+    add_connection_arguments,
+    connection_from_args,
+)
 
 TASKS = tuple(task.value for task in paper.Task)
 MODES = tuple(mode.value for mode in paper.GuidanceMode)
@@ -69,10 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
     add_connection_arguments(parser, default_addr=default_addr)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Ask, print the reply; 1 with one line on stderr when the gateway refuses or cannot be reached."""
+def run(args: argparse.Namespace, *, api_key: str | None) -> int:
+    """Ask, print the reply; 1 with one line on stderr when the gateway refuses or cannot be reached.
+    `api_key`: GKT_API_KEY, sent unless --api-key-file names another."""
     try:
-        connection = GatewayConnection.from_args(args)
+        connection = connection_from_args(args, api_key=api_key)
     except ConnectionOptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

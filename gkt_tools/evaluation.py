@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from gkt import paper
-from gkt.client import (
-    DEFAULT_GATEWAY_ADDR,
-    ConnectionOptionError,
-    GatewayConnection,
-    add_connection_arguments,
-)
 from gkt.config import CommonSettings
 from gkt.evaluation.archive import RECORDS_ROOT, render
-from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
+from gkt.evaluation.datasets import DATASETS, DataError, load_dataset
 from gkt.evaluation.evaluate import Runner, evaluate, report
 from gkt.evaluation.oracle import ORACLE, check_oracle_task
 from gkt.evaluation.plan import EvalPlan
@@ -26,13 +19,15 @@ from gkt.evaluation.report import markdown_table
 from gkt.jobs import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
 from gkt_tools.arguments import UINT32_MAX, real_number, whole_number
+from gkt_tools.connection import ConnectionOptionError, add_connection_arguments, connection_from_args
+from gkt_tools.settings import ToolSettings
 
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
 _BASELINES = {"student": GuidanceMode.NONE, "teacher": GuidanceMode.FULL}
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None = None) -> None:
-    """The options of `gkt eval`; `default_addr`: the gateway of live runs (default: $GKT_GATEWAY_ADDR)."""
+def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None:
+    """The options of `gkt eval`; `default_addr`: the gateway of live runs."""
     parser.add_argument(
         "runner",
         nargs="?",
@@ -104,7 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         help="corrected (default) or paper: the published exemplars with their two label errors",
     )
     parser.add_argument(
-        "--data-dir", type=Path, help="the datasets and SHA256SUMS ($GKT_DATA_DIR, ../shared/data)"
+        "--data-dir",
+        type=Path,
+        help="the datasets and SHA256SUMS (default: $GKT_DATA_DIR, else ../shared/data)",
     )
     parser.add_argument(
         "--out", type=Path, help="output directory, resumable (default: runs/<dataset>-<runner>)"
@@ -135,11 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         action="store_true",
         help="write the report from the records already in --out; run nothing",
     )
-    add_connection_arguments(
-        parser,
-        default_addr=default_addr or os.environ.get("GKT_GATEWAY_ADDR", DEFAULT_GATEWAY_ADDR),
-        title="live: connecting to the gateway",
-    )
+    add_connection_arguments(parser, default_addr=default_addr, title="live: connecting to the gateway")
 
 
 def _per_dataset(value: Callable[[paper.TaskDefaults], int]) -> str:
@@ -147,7 +140,7 @@ def _per_dataset(value: Callable[[paper.TaskDefaults], int]) -> str:
     return ", ".join(f"{task.value} {value(paper.TASK_DEFAULTS[task])}" for task in DATASETS)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, settings: ToolSettings) -> int:
     """Run the evaluation the arguments describe; print the table; 2 on a usage or data error."""
     if args.runner == "report":
         try:
@@ -158,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         plan = build_plan(args)
-        dataset = load_dataset(task=plan.task, data_dir=resolve_data_dir(args.data_dir), limit=args.limit)
+        dataset = load_dataset(
+            task=plan.task, data_dir=settings.data_dir_for(args.data_dir), limit=args.limit
+        )
         out = args.out or Path("runs") / f"{plan.task.value}-{plan.runner}"
         store = RecordStore(out, plan=plan)
     except (DataError, ValueError) as exc:
@@ -169,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(markdown_table(summary))
         return 0
     try:
-        runner = _runner(args, plan)
+        runner = _runner(args, plan, api_key=settings.api_key_value)
     except ConnectionOptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -243,13 +238,13 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
     )
 
 
-def _runner(args: argparse.Namespace, plan: EvalPlan) -> Runner:
+def _runner(args: argparse.Namespace, plan: EvalPlan, *, api_key: str | None) -> Runner:
     if plan.runner == "live":
         from gkt.evaluation.live import LiveRunner
 
         live = LiveRunner(
             plan=plan,
-            connection=GatewayConnection.from_args(args),
+            connection=connection_from_args(args, api_key=api_key),
             concurrency=args.concurrency,
             timeout_s=args.timeout,
         )

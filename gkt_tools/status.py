@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,9 @@ from redis import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gkt.config import CommonSettings
-from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, connect, parse_heartbeat
+from gkt.connections import connect
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
 from gkt_tools.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a
@@ -77,10 +78,9 @@ def run(*, as_json: bool, state_dir: Path) -> int:
     local = read_detached(state_dir) or {}
     try:
         # GKT_REDIS_URL names the stack; without it, the private Redis of the stack `gkt up` started here.
-        own_redis = (
-            {} if "GKT_REDIS_URL" in os.environ or not local.get("redis") else {"redis_url": local["redis"]}
-        )
-        settings = CommonSettings(**own_redis)
+        settings = CommonSettings()
+        if "redis_url" not in settings.model_fields_set and local.get("redis"):
+            settings = CommonSettings(redis_url=local["redis"])
     except (ValidationError, OSError) as exc:
         print(f"error: the Redis settings cannot be used: {_first_line(exc)}", file=sys.stderr)
         return 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from gkt.answers import format_record, gold_answer
 from gkt.evaluation.oracle import reference_solution
 from gkt.jobs import Task
 
-DATA_DIR_ENV = "GKT_DATA_DIR"
 SUMS_FILE = "SHA256SUMS"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,12 +89,11 @@ class LoadedDataset:
         return self.sha256 == self.spec.published_sha256
 
 
-def resolve_data_dir(explicit: Path | None) -> Path:
-    """`--data-dir`, else $GKT_DATA_DIR, else `../shared/data` next to the repository when it exists."""
-    if explicit is not None:
-        return explicit
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
+def resolve_data_dir(chosen: Path | None) -> Path:
+    """The data directory `chosen` (`--data-dir`, else GKT_DATA_DIR), else `../shared/data` next to the
+    repository."""
+    if chosen is not None:
+        return chosen
     return _REPO_ROOT.parent / "shared" / "data"
 
 
@@ -111,7 +108,7 @@ def load_dataset(*, task: Task, data_dir: Path, limit: int | None = None) -> Loa
     if missing:
         raise DataError(
             f"{', '.join(missing)} missing from the data directory {data_dir} "
-            f"(set --data-dir or ${DATA_DIR_ENV}). {spec.file} is the {spec.source}; "
+            f"(set --data-dir or $GKT_DATA_DIR). {spec.file} is the {spec.source}; "
             f"{SUMS_FILE} lists it as `<sha256>  {spec.file}`, sha256 {spec.published_sha256}."
         )
     expected = _expected_sum(sums, spec.file)

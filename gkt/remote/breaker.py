@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Literal
 
 log = logging.getLogger(__name__)
@@ -17,17 +16,11 @@ class CircuitBreaker:
     """Opens after N consecutive server failures, then lets one probe through every `reset_after_s`."""
 
     def __init__(
-        self,
-        *,
-        failure_threshold: int,
-        reset_after_s: float,
-        name: str = "inference server",
-        clock: Callable[[], float] = time.monotonic,
+        self, *, failure_threshold: int, reset_after_s: float, name: str = "inference server"
     ) -> None:
         self._name = name
         self._threshold = failure_threshold
         self._reset_after_s = reset_after_s
-        self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
         self._probe_in_flight = False
@@ -36,7 +29,7 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         if self._opened_at is None:
             return "closed"
-        return "open" if self._clock() - self._opened_at < self._reset_after_s else "half_open"
+        return "open" if time.monotonic() - self._opened_at < self._reset_after_s else "half_open"
 
     @property
     def consecutive_failures(self) -> int:
@@ -46,7 +39,7 @@ class CircuitBreaker:
         """Time until the next probe is allowed (0 when closed or half-open)."""
         if self._opened_at is None:
             return 0.0
-        return max(0.0, self._reset_after_s - (self._clock() - self._opened_at))
+        return max(0.0, self._reset_after_s - (time.monotonic() - self._opened_at))
 
     def allows(self) -> bool:
         """Whether a request could be sent now (no side effect: use before queueing)."""
@@ -80,7 +73,7 @@ class CircuitBreaker:
                     self._name,
                     extra={"backend": self._name, "failures": self._failures, "reset_s": self._reset_after_s},
                 )
-            self._opened_at = self._clock()
+            self._opened_at = time.monotonic()
         self._probe_in_flight = False
 
     def abandon(self) -> None:

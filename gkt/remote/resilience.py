@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -28,7 +27,7 @@ def _query_field(_message: str) -> str:
 
 
 class ResilientCaller:
-    """Runs HTTP attempts under the timeout, retry and breaker policy, and counts what failed.
+    """Runs HTTP attempts under the timeout, retry and breaker policy.
 
     Retried: connection errors, 429, 503, other 5xx and TGI's 424. Not retried: timeouts (a slow server
     only gets slower when asked twice; the breaker counts them), 4xx validation errors, malformed replies.
@@ -39,28 +38,16 @@ class ResilientCaller:
     """
 
     def __init__(
-        self,
-        *,
-        settings: RemoteServerSettings,
-        name: str,
-        on_error: Callable[[str], None] | None = None,
-        invalid_field: Callable[[str], str] = _query_field,
-        rng: random.Random | None = None,
+        self, *, settings: RemoteServerSettings, name: str, invalid_field: Callable[[str], str] = _query_field
     ) -> None:
         self._settings = settings
         self._name = name
         """How messages and logs name the server's client, e.g. "teacher backend tgi"."""
         self._invalid_field = invalid_field
-        self._rng = rng or random.Random()
-        self.on_error = on_error
-        """Called with the `kind` of every request that finally failed (for the worker's metrics)."""
+        self._rng = random.Random()
         self.breaker = CircuitBreaker(
             failure_threshold=settings.breaker_failures, reset_after_s=settings.breaker_reset_s, name=name
         )
-        self.failures: Counter[str] = Counter()
-        """Requests that finally failed, by kind."""
-        self.retries: Counter[str] = Counter()
-        """Attempts that failed and were retried, by kind."""
 
     @property
     def request_timeout_s(self) -> float:
@@ -99,7 +86,6 @@ class ResilientCaller:
             last = error
             if not error.retryable or number == self._settings.max_retries:
                 break
-            self.retries[error.kind] += 1
             delay = self._backoff_s(number=number, retry_after_s=error.retry_after_s)
             log.info(
                 "%s: attempt failed; retrying",
@@ -152,8 +138,7 @@ class ResilientCaller:
         )
 
     def fail(self, error: BackendError) -> BackendError:
-        """Count and report a request's final failure; returns it for `raise` or a batch slot."""
-        self.failures[error.kind] += 1
+        """Log a request's final failure; returns it for `raise` or a batch slot (the worker counts it)."""
         # While the circuit is open every job fails the same way; the breaker logged that once.
         level = logging.DEBUG if error.kind == "circuit_open" else logging.WARNING
         log.log(
@@ -162,8 +147,6 @@ class ResilientCaller:
             self._name,
             extra={"backend": self._name, "kind": error.kind, "code": error.code, "error": error.message},
         )
-        if self.on_error is not None:
-            self.on_error(error.kind)
         return error
 
     def _circuit_open(self, last: AttemptError | None) -> BackendError:

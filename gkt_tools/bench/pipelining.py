@@ -19,9 +19,12 @@ from typing import Any
 
 import httpx2
 
+from gkt import paper
+from gkt.paper import Task
 from gkt_tools.arguments import real_number, whole_number
+from gkt_tools.bench.runs import run_on, running_stack
 from gkt_tools.bench.stats import Sample, summarize
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import free_port
 
 
 def _modes(rows: int) -> dict[str, dict[str, str]]:
@@ -38,12 +41,10 @@ def _modes(rows: int) -> dict[str, dict[str, str]]:
     }
 
 
-GUIDANCE_TOKENS = (20, 30, 40)
+GUIDANCE_TOKENS = tuple(
+    paper.TASK_DEFAULTS[task].max_guidance_tokens for task in (Task.AQUA, Task.CSQA, Task.GSM8K)
+)
 """The paper's guidance lengths (AQuA, CSQA, GSM8K), one request in three each."""
-
-
-RunOn = Callable[..., tuple[list[Sample], float]]
-RunningStack = Callable[..., contextlib.AbstractContextManager[Stack]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(
-    args: argparse.Namespace, state: Path, *, running_stack: RunningStack, run_on: RunOn
-) -> dict[str, Any]:
+def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     rows, step_ms = args.server_rows, args.server_step_ms
     concurrency = 3 * rows  # more clients than any teacher holds: each runs at its own pace
     modes = _modes(rows)

@@ -9,7 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gkt.queue import Keys, connect_bounded
+from gkt.connections import connect_bounded
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
 from services.gateway.access import AccessInterceptor, Limiter
 from services.gateway.auth import ApiKeys

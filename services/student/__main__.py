@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from gkt.keys import STUDENT_QUEUE
 from gkt.logs import configure_logging
-from gkt.queue import STUDENT_QUEUE
 from services.student.settings import StudentSettings
 
 log = logging.getLogger("gkt.student.supervisor")

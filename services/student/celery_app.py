@@ -16,9 +16,9 @@ from celery.signals import worker_init, worker_shutdown
 
 from gkt import tracing
 from gkt.config import celery_broker
+from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
 from services.student import runtime
 from services.student.settings import REMOTE_BACKENDS, StudentServerSettings, StudentSettings
 

@@ -16,7 +16,7 @@ from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument, S
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
 from gkt.leases import Claim, Lease
 from gkt.prompts import STOP_SEQUENCE, student_prompt
-from gkt.queue import SyncEventPublisher
+from gkt.publisher import SyncEventPublisher
 from gkt.remote.errors import BackendError
 from services.student.backends.base import Stream, StudentBackend, StudentRequest
 from services.student.jobbook import JobBook, LeaseLost

@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 
 from gkt import leases, metrics
+from gkt.connections import connect
 from gkt.jobs import Guidance, Job
-from gkt.queue import Keys, SyncEventPublisher, connect
+from gkt.keys import Keys
+from gkt.publisher import SyncEventPublisher
 from services.student.backends import build_backend
 from services.student.backends.base import StudentBackend
 from services.student.completion import JobLimits, run_job

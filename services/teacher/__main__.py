@@ -9,10 +9,10 @@ import signal
 import torch
 
 from gkt import tracing
+from gkt.connections import connect_async
 from gkt.dispatch import dispatch_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from gkt.queue import connect_async
 from services.teacher.backends import build_backend
 from services.teacher.settings import REMOTE_BACKENDS, TeacherServerSettings, TeacherSettings
 from services.teacher.worker import TeacherWorker
@@ -21,9 +21,6 @@ log = logging.getLogger("gkt.teacher")
 
 
 async def serve(settings: TeacherSettings, *, remote: TeacherServerSettings | None) -> None:
-    if settings.teacher_start_delay_s:
-        log.warning("start delayed by %.0f s (GKT_TEACHER_START_DELAY_S)", settings.teacher_start_delay_s)
-        await asyncio.sleep(settings.teacher_start_delay_s)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     backend = build_backend(settings, remote=remote)

@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 from gkt import leases, metrics, tracing
 from gkt.answers import extract_answer
 from gkt.jobs import Completion, FinalEvent, Guidance, GuidanceEvent, GuidanceMode, Job, JobKind
-from gkt.queue import AnyEvent, Keys, publish_events
+from gkt.keys import Keys
+from gkt.queue import AnyEvent, publish_events
 from services.teacher.backends.base import BackendError
 from services.teacher.batching import Delivery
 from services.teacher.pipeline import Generated

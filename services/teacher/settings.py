@@ -99,13 +99,6 @@ class TeacherSettings(CommonSettings):
         min_length=1,
         description="Consumer name in the teachers' group (unique per worker).",
     )
-    teacher_start_delay_s: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=3600.0,
-        description="For tests only: wait this long before loading the model, as a slow first conversion "
-        "would (0 = no wait).",
-    )
     teacher_metrics_port: int = Field(default=9102, ge=0, le=65535, description="Prometheus port (0 = off).")
     torch_threads: int = Field(default=0, ge=0, description="torch intra-op threads (0 = torch's default).")
 

@@ -1,5 +1,9 @@
 """The teacher loop: take jobs, drop what expired or was cancelled, generate guidance, publish it and
-dispatch students, then ack — one batch at a time, or pipelined (`services.teacher.pipeline`)."""
+dispatch students, then ack — one batch at a time, or pipelined (`services.teacher.pipeline`).
+
+Longer than most modules: the loop's steps, the takeover of dead teachers' jobs interleaved with them, and
+the heartbeat and pace the worker publishes all use the worker's state, and read best in one place.
+"""
 
 from __future__ import annotations
 
@@ -21,18 +25,16 @@ from gkt.jobs import (
     GuidanceMode,
     Job,
 )
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import teacher_pace, write_heartbeat
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
 from gkt.queue import (
-    DEAD_LETTERS_MAXLEN,
     MAX_BLOCK_MS,
-    TEACHER_GROUP,
-    Keys,
+    add_dead_letter,
     cancelled_jobs,
     ensure_group,
-    heartbeat_value,
     publish_events,
     publish_final,
-    teacher_pace,
 )
 from services.teacher.backends.base import GenerationRequest, TeacherBackend
 from services.teacher.batching import Delivery, claim_from_dead, claim_stale, collect_batch
@@ -268,12 +270,9 @@ class TeacherWorker:
                 continue
             log.error("job dead-lettered", extra={**logs.job_fields(delivery.job), "deliveries": count})
             metrics.TEACHER_DEAD_LETTERED.inc()
-            await self.redis.xadd(
-                self.keys.dead_letters,
-                {"job": delivery.job.model_dump_json(), "reason": f"delivered {count} times"},
-                maxlen=DEAD_LETTERS_MAXLEN,
-                approximate=True,
-            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                add_dead_letter(pipe, keys=self.keys, job=delivery.job, reason=f"delivered {count} times")
+                await pipe.execute()
             await self._fail(
                 delivery.job, StatusCode.INTERNAL, f"the job failed {count} times and was dead-lettered"
             )
@@ -316,10 +315,10 @@ class TeacherWorker:
         """Say this teacher is alive now and every third of the heartbeat's lifetime, from a timer: a batch
         being generated (off the event loop) or an idle wait must not make it look dead, and only a dead
         teacher's heartbeat expires (its jobs are then taken over)."""
-        ttl_ms = int(self.settings.teacher_heartbeat_ttl_s * 1000)
+        ttl_s = self.settings.teacher_heartbeat_ttl_s
         while True:
             try:
-                await self.redis.set(self._heartbeat_key, heartbeat_value(at=time.time()), px=ttl_ms)
+                await write_heartbeat(self.redis, key=self._heartbeat_key, ttl_s=ttl_s)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("heartbeat not written", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.teacher_heartbeat_ttl_s / 3)

@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 
 # These tests read teacher batches: one batch at a time, and a long batching window makes concurrent
 # requests land in one batch however slow the machine is. The pipelined teacher (the default) has its

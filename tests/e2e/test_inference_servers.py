@@ -7,7 +7,6 @@ APIs instead, and every request the workers send them is checked against TGI's O
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,8 @@ import pytest
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import child_environment, free_port
+from gkt_tools.stack import Stack
 from services.student.__main__ import worker_command
 from services.student.celery_app import STARTUP_FAILED
 from tests.integration.fake_inference_server import FakeInferenceServer, published_api_servers
@@ -112,15 +112,16 @@ def test_a_student_whose_server_cannot_serve_its_limits_exits_instead_of_taking_
     servers: tuple[FakeInferenceServer, FakeInferenceServer], redis_url: str
 ) -> None:
     _, student_server = servers
-    env = {
-        **os.environ,
-        "GKT_REDIS_URL": redis_url,
-        "GKT_KEY_PREFIX": "refused",
-        "GKT_STUDENT_BACKEND": "openai",
-        "GKT_STUDENT_URL": student_server.url,
-        "GKT_STUDENT_MAX_NEW_TOKENS": "4096",  # the fake server's context is 2048 tokens
-        "GKT_STUDENT_METRICS_PORT": "0",
-    }
+    env = child_environment(
+        {
+            "GKT_REDIS_URL": redis_url,
+            "GKT_KEY_PREFIX": "refused",
+            "GKT_STUDENT_BACKEND": "openai",
+            "GKT_STUDENT_URL": student_server.url,
+            "GKT_STUDENT_MAX_NEW_TOKENS": "4096",  # the fake server's context is 2048 tokens
+            "GKT_STUDENT_METRICS_PORT": "0",
+        }
+    )
     # The worker alone, without the parent that would start it again.
     worker = subprocess.run(
         worker_command(name="refused", log_level="INFO"), env=env, capture_output=True, text=True, timeout=120

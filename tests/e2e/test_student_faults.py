@@ -21,10 +21,12 @@ import pytest
 from redis import Redis
 
 from gkt.jobs import ErrorEvent, FinalEvent
-from gkt.queue import Keys, parse_heartbeat
+from gkt.keys import Keys
+from gkt.liveness import parse_heartbeat
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 from tests.e2e.conftest import TINY_STACK_ENV
 from tests.events import job_events
 

@@ -7,8 +7,8 @@ request validation rules, and can be scripted to answer 429, 503, malformed bodi
 replies, and streams that die after some tokens. It notes a client that hangs up mid-stream. `PublishedApi`
 checks every request it received and every JSON reply or streamed event it sent against the schemas in
 TGI's OpenAPI document (`../shared/ref/tgi-openapi.json`).
-
-(Longer than most modules: it is one server, and a test double is clearest read in one place.)
+Its length is both APIs' routes, streamed and not, and TGI's validation rules, which the teacher's and the
+students' backend tests share: a test double is clearest read in one place.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import socket
 import sys
@@ -27,15 +26,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Literal, cast
 
 import pytest
 from openapi_schema_validator import OAS30Validator
 
+from gkt_tools.settings import ToolSettings
 from tests.integration.fake_streams import completion_chunks, tgi_events
 
-REF_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or Path(__file__).parents[2].parent / "shared" / "ref")
+REF_DIR = ToolSettings().shared_ref_dir
 OPENAPI_FILE = REF_DIR / "tgi-openapi.json"
 
 DEFAULT_INFO: dict[str, Any] = {

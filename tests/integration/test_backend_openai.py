@@ -162,7 +162,6 @@ async def test_overloaded_429_is_retried_then_succeeds(servers: ServerFactory) -
         [result] = await backend.generate_batch([ask("busy day")])
     assert succeeded(result).finish_reason == "stop"
     assert [e.status for e in server.generation_requests("busy")] == [429, 429, 200]
-    assert backend.resilience.retries["overloaded"] == 2
 
 
 async def test_503_is_retried_then_unavailable(servers: ServerFactory) -> None:
@@ -173,7 +172,6 @@ async def test_503_is_retried_then_unavailable(servers: ServerFactory) -> None:
     assert (failed(result).code, failed(result).kind) == ("UNAVAILABLE", "overloaded")
     assert "after 4 attempts" in failed(result).message
     assert len(server.generation_requests("down")) == 4
-    assert backend.resilience.failures == {"overloaded": 1}
 
 
 async def test_timeout_fails_only_the_slow_request(servers: ServerFactory) -> None:

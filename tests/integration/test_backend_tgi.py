@@ -157,8 +157,6 @@ async def test_overloaded_429_is_retried_with_backoff_then_succeeds(servers: Ser
         [result] = await backend.generate_batch([ask("busy day")])
     assert succeeded(result).finish_reason == "stop"
     assert [e.status for e in server.generation_requests("busy")] == [429, 429, 200]
-    assert backend.resilience.retries["overloaded"] == 2
-    assert not backend.resilience.failures
 
 
 async def test_429_that_persists_is_resource_exhausted(servers: ServerFactory) -> None:
@@ -174,14 +172,11 @@ async def test_429_that_persists_is_resource_exhausted(servers: ServerFactory) -
 async def test_503_is_retried_then_unavailable(servers: ServerFactory) -> None:
     server = servers()
     server.script("down", *[Reply(status=503)] * 4)
-    kinds: list[str] = []
     async with running(settings_for(server.url)) as backend:
-        backend.resilience.on_error = kinds.append
         [result, fine] = await backend.generate_batch([ask("down stream"), ask("figs")])
     assert (failed(result).code, failed(result).kind) == ("UNAVAILABLE", "overloaded")
     assert len(server.generation_requests("down")) == 4
     assert succeeded(fine).finish_reason == "stop"
-    assert kinds == ["overloaded"]
 
 
 async def test_5xx_is_retried_and_a_dropped_connection_too(servers: ServerFactory) -> None:
@@ -190,7 +185,9 @@ async def test_5xx_is_retried_and_a_dropped_connection_too(servers: ServerFactor
     async with running(settings_for(server.url)) as backend:
         [result] = await backend.generate_batch([ask("flaky wifi")])
     assert succeeded(result).token_count == 8
-    assert backend.resilience.retries == {"server": 1, "connection": 1}
+    # one attempt answered 500, one lost its connection, the third was answered
+    flaky = server.generation_requests("flaky")
+    assert [e.status for e in flaky] == [500, 200, 200] and flaky[1].response_json is None
 
 
 async def test_timeout_fails_only_the_slow_request_and_is_not_retried(servers: ServerFactory) -> None:

@@ -19,6 +19,7 @@ from gkt.models import ECHO_MODEL, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
 from gkt_tools.bench import command as bench
 from gkt_tools.bench.stats import Sample, percentile, summarize
+from gkt_tools.settings import ToolSettings
 from services.teacher.backends.base import GenerationRequest
 from services.teacher.backends.echo import EchoBackend
 
@@ -89,7 +90,7 @@ def test_bench_sweeps_the_echo_stack_beside_both_floors_and_writes_a_consistent_
          "--out", str(tmp_path)]
     )  # fmt: skip
 
-    assert bench.run(args) == 0
+    assert bench.run(args, settings=ToolSettings()) == 0
 
     results = json.loads((tmp_path / "results.json").read_text())
     sweep = results["overhead"]["sweep"]
@@ -131,7 +132,7 @@ def test_teacher_pipeline_scenario_measures_every_teacher_at_one_server_and_repo
          "--pipeline-requests", "24", "--pipeline-rounds", "2", "--out", str(tmp_path)]
     )  # fmt: skip
 
-    assert bench.run(args) == 0
+    assert bench.run(args, settings=ToolSettings()) == 0
 
     result = json.loads((tmp_path / "results.json").read_text())["teacher_pipeline"]
     assert result["server"] == {"rows": 4, "step_ms": 5, "median_tokens": 20, "sigma": 0.6}

@@ -3,18 +3,16 @@ that join and leave around it, greedy or sampled."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
+from gkt.config import CommonSettings
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest, Sampler
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt
 
-CACHE = Path(os.environ.get("GKT_MODEL_CACHE_DIR", Path.home() / ".cache" / "gkt" / "models"))
+CACHE = CommonSettings().model_cache_dir
 QUESTIONS = (
     "Tom has 3 boxes with 4 apples in each box. How many apples does Tom have?",
     "A baker makes 12 loaves a day for 5 days and sells 40. How many are left?",

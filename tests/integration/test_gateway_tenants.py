@@ -18,11 +18,12 @@ import grpc
 import pytest
 from redis import Redis
 
+from gkt.connections import connect_async
 from gkt.jobs import Guidance, Job
-from gkt.queue import Keys, connect_async
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import free_port
+from gkt_tools.processes import free_port
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings

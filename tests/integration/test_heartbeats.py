@@ -11,7 +11,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import GuidanceSpec, Job
-from gkt.queue import Keys, enqueue_job, ensure_group, parse_heartbeat
+from gkt.keys import Keys
+from gkt.liveness import parse_heartbeat
+from gkt.queue import enqueue_job, ensure_group
 from services.student.heartbeat import Heartbeat
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.settings import TeacherSettings

@@ -13,12 +13,15 @@ from redis import Redis
 from gkt import leases
 from gkt.engine import Engine, EngineRequest, Generation
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
+from gkt.keys import Keys
 from gkt.models import LoadedModel, load_model
-from gkt.queue import AnyEvent, Keys, SyncEventPublisher
+from gkt.publisher import SyncEventPublisher
+from gkt.queue import AnyEvent
 from services.student.backends.local import LocalStudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from tests.events import job_events
+from tests.waiting import until
 
 KEYS = Keys("stest")
 GUIDANCE = Guidance(text="There are 15 trees", token_count=4, published_at=1.0)
@@ -121,11 +124,9 @@ def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_wit
     job = _job(max_new_tokens=200, temperature=1.0)
     publisher.watch_cancellations()
     try:
-        while redis.pubsub_numsub(KEYS.cancellations)[0][1] < 1:
-            time.sleep(0.01)
+        until(lambda: redis.pubsub_numsub(KEYS.cancellations)[0][1] >= 1, what="the listener to subscribe")
         redis.publish(KEYS.cancellations, job.id)
-        while not publisher.heard_cancel(job.id):
-            time.sleep(0.01)
+        until(lambda: publisher.heard_cancel(job.id), what="the cancellation to be heard")
         _run(job, engine, publisher, book, JobLimits(max_attempts=3, time_limit_s=60, stream_interval_s=3600))
     finally:
         publisher.stop_watching()

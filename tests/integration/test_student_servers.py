@@ -4,7 +4,8 @@ claim, stream deltas to Redis, publish the final event or the error, release the
 vLLM and TGI cannot run here (no GPU, no model hub), so these tests start `FakeInferenceServer`, which
 streams `/v1/completions` (`stream: true`) and `/generate_stream` as TGI's OpenAPI document publishes them;
 every request the backends send and every event the server streams is checked against that document.
-Nothing is mocked: the backends' HTTP clients talk to the server on 127.0.0.1.
+Nothing is mocked: the backends' HTTP clients talk to the server on 127.0.0.1. Its length is one test per
+way a stream starts, breaks or is stopped, each run on both APIs, which share the fixtures at the top.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import HttpUrl
 from redis import Redis
 
 from gkt import leases
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
-from gkt.queue import AnyEvent, Keys, SyncEventPublisher
+from gkt.keys import Keys
+from gkt.publisher import SyncEventPublisher
+from gkt.queue import AnyEvent
 from services.student.backends.openai import OpenAIClient
 from services.student.backends.remote import RemoteStudentBackend, ServerClient
 from services.student.backends.tgi import TgiClient
@@ -29,6 +33,7 @@ from services.student.jobbook import JobBook
 from services.student.settings import StudentServerSettings
 from tests.events import job_events
 from tests.integration.fake_inference_server import FakeInferenceServer, Reply, published_api_servers
+from tests.waiting import until
 
 KEYS = Keys("servers")
 GUIDANCE = Guidance(text="Let us count:", token_count=3, published_at=1.0)
@@ -83,7 +88,7 @@ def backends(api: str) -> Iterator[BackendFactory]:
 def publisher(redis: Redis) -> Iterator[SyncEventPublisher]:
     publisher = SyncEventPublisher(redis, keys=KEYS, ttl_s=600)
     publisher.watch_cancellations()
-    _until(lambda: redis.pubsub_numsub(KEYS.cancellations)[0][1] >= 1, what="the cancellation listener")
+    until(lambda: redis.pubsub_numsub(KEYS.cancellations)[0][1] >= 1, what="the cancellation listener")
     yield publisher
     publisher.stop_watching()
 
@@ -119,13 +124,6 @@ def _error(redis: Redis, job: Job) -> ErrorEvent:
     last = _events(redis, job)[-1]
     assert isinstance(last, ErrorEvent), f"expected an error, got {last}"
     return last
-
-
-def _until(check: Callable[[], object], *, what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _sent(server: FakeInferenceServer, api: str) -> dict[str, Any]:
@@ -252,11 +250,10 @@ def test_a_429_and_503_storm_is_retried_and_the_job_answered(
 ) -> None:
     server = servers()
     server.script("apples", Reply(status=429), Reply(status=503), Reply(status=429))
-    backend = backends(server)
     job = _job()
-    _run(job, backend, publisher, book)
+    _run(job, backends(server), publisher, book)
     assert isinstance(_events(redis, job)[-1], FinalEvent)
-    assert backend.client.resilience.retries == {"overloaded": 3}
+    assert len(server.generation_requests()) == 4  # three refused, then the one answered
     if api == "tgi":  # TGI's router sends its own overload as an event of a 200 stream
         overloaded = [e for e in server.generation_requests() if e.events and "error" in e.events[0]]
         assert [e.events[0]["error_type"] for e in overloaded] == ["overloaded", "overloaded"]
@@ -274,6 +271,7 @@ def test_a_storm_outlasting_the_retries_fails_the_job_and_opens_the_breaker(
     server.script("pears", *[Reply(status=503)] * 4)
     backend = backends(server, max_retries=3, breaker_failures=4)
     overloaded, unavailable, fast = _job("How many apples?"), _job("How many pears?"), _job("How many plums?")
+    counted = {kind: _failures(kind) for kind in ("overloaded", "circuit_open")}
     _run(overloaded, backend, publisher, book)
     assert (_error(redis, overloaded).code, "after 4 attempts" in _error(redis, overloaded).message) == (
         "RESOURCE_EXHAUSTED",
@@ -286,6 +284,15 @@ def test_a_storm_outlasting_the_retries_fails_the_job_and_opens_the_breaker(
     _run(fast, backend, publisher, book)
     assert _error(redis, fast).code == "UNAVAILABLE" and "circuit open" in _error(redis, fast).message
     assert len(server.generation_requests()) == asked
+    # each failed job counted once, by kind, in the students' metric
+    assert {kind: _failures(kind) - before for kind, before in counted.items()} == {
+        "overloaded": 2,
+        "circuit_open": 1,
+    }
+
+
+def _failures(kind: str) -> float:
+    return REGISTRY.get_sample_value("gkt_student_backend_errors_total", {"kind": kind}) or 0.0
 
 
 def _run_in_thread(
@@ -307,13 +314,13 @@ def test_a_cancel_mid_stream_closes_the_upstream_stream(
     backend = backends(server)
     job = _job()
     running = _run_in_thread(job, backend, publisher, book)
-    _until(lambda: any(isinstance(e, DeltaEvent) for e in _events(redis, job)), what="the first delta")
+    until(lambda: any(isinstance(e, DeltaEvent) for e in _events(redis, job)), what="the first delta")
     redis.publish(KEYS.cancellations, job.id)
     running.join(timeout=30)
     assert _error(redis, job).code == "CANCELLED"
     (exchange,) = server.generation_requests()
     index = server.exchanges.index(exchange)
-    _until(lambda: server.exchange(index).hung_up, what="the server to see the client hang up")
+    until(lambda: server.exchange(index).hung_up, what="the server to see the client hang up")
     assert len(server.exchange(index).events) < 8  # it stopped streaming well before the end
 
 
@@ -331,7 +338,7 @@ def test_a_deadline_mid_stream_closes_the_upstream_stream(
     assert _error(redis, job).code == "DEADLINE_EXCEEDED"
     (exchange,) = server.generation_requests()
     index = server.exchanges.index(exchange)
-    _until(lambda: server.exchange(index).hung_up, what="the server to see the client hang up")
+    until(lambda: server.exchange(index).hung_up, what="the server to see the client hang up")
 
 
 @pytest.mark.parametrize(

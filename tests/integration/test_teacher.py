@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis as AsyncRedis
@@ -23,9 +24,11 @@ from gkt.jobs import (
     JobKind,
     Task,
 )
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import teacher_capacity
 from gkt.models import load_model
 from gkt.prompts import teacher_prompt
-from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events, teacher_capacity
+from gkt.queue import enqueue_job, ensure_group, read_events
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.echo import EchoBackend
 from services.teacher.backends.local import LocalBackend
@@ -53,6 +56,19 @@ def backend(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
 
 def _job(query: str, **kwargs: object) -> Job:
     return Job(query=query, guidance=GuidanceSpec(max_guidance_tokens=4), **kwargs)  # type: ignore[arg-type]
+
+
+async def _pending_idle(aredis: AsyncRedis, *, count: int, at_least_ms: int) -> None:
+    """Until `count` entries of the query stream are pending, each idle `at_least_ms` by Redis's clock."""
+    deadline = time.monotonic() + 20
+    while True:
+        rows: Any = await aredis.xpending_range(
+            KEYS.queries, TEACHER_GROUP, min="-", max="+", count=count + 16
+        )
+        if len(rows) >= count and all(int(row["time_since_delivered"]) >= at_least_ms for row in rows):
+            return
+        assert time.monotonic() < deadline, f"{count} entries not pending and idle {at_least_ms} ms: {rows}"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_batch_closes_when_full_without_waiting(aredis: AsyncRedis) -> None:
@@ -151,7 +167,7 @@ async def test_jobs_of_a_dead_teacher_are_reclaimed(aredis: AsyncRedis) -> None:
         aredis, keys=KEYS, consumer="dead", max_batch_size=1, max_wait_ms=0, block_ms=100
     )
     assert taken
-    await asyncio.sleep(0.15)
+    await _pending_idle(aredis, count=1, at_least_ms=100)
     claimed, broken, deliveries = await claim_stale(
         aredis, keys=KEYS, consumer="alive", min_idle_ms=100, count=10
     )
@@ -233,7 +249,7 @@ async def test_jobs_of_a_teacher_whose_heartbeat_is_gone_are_taken_over_and_dead
     await aredis.xreadgroup(TEACHER_GROUP, "alive", {KEYS.queries: ">"}, count=1)
     await aredis.xreadgroup(TEACHER_GROUP, "gone", {KEYS.queries: ">"}, count=1)
     await aredis.set(KEYS.heartbeat("teacher", "alive"), "1", ex=60)
-    await asyncio.sleep(1.1)  # entries are claimed only once idle for a second
+    await _pending_idle(aredis, count=4, at_least_ms=1000)  # entries are claimed only once idle for a second
 
     claimed, broken, deliveries = await claim_from_dead(aredis, keys=KEYS, consumer="me", count=8)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,16 @@ from pydantic import HttpUrl
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import ErrorEvent, FinalEvent, Guidance, GuidanceEvent, GuidanceSpec, Job, JobKind
+from gkt.keys import TEACHER_GROUP, Keys
 from gkt.models import load_model
-from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events
+from gkt.queue import enqueue_job, ensure_group, read_events
 from services.teacher.backends.base import TeacherBackend
 from services.teacher.backends.local import LocalBackend
 from services.teacher.backends.openai import OpenAIBackend
 from services.teacher.settings import TeacherServerSettings, TeacherSettings
 from services.teacher.worker import Dispatch, TeacherWorker
 from tests.integration.fake_inference_server import FakeInferenceServer, Reply, published_api_servers
+from tests.waiting import until_async
 
 KEYS = Keys("pipe")
 ServerFactory = Callable[..., FakeInferenceServer]
@@ -86,13 +87,6 @@ async def _events(aredis: AsyncRedis, job: Job) -> list[Any]:
     return [e for _, e in await read_events(aredis, keys=KEYS, job_id=job.id, after="0", block_ms=1)]
 
 
-async def _until(check: Callable[[], Any], *, what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def _published(aredis: AsyncRedis, job: Job) -> bool:
     return any(isinstance(e, GuidanceEvent) for e in await _events(aredis, job))
 
@@ -120,12 +114,12 @@ async def test_each_job_is_published_then_acknowledged_as_it_ends_while_a_slow_o
             violations.extend(await _acked_only_after_published(aredis, entries))
             return await _published(aredis, jobs[1]) and await _published(aredis, jobs[2])
 
-        await _until(fast_ones_done, what="the fast jobs' guidance")
-        await _until(lambda: _pending_is(aredis, 1), what="the fast jobs to be acknowledged")
+        await until_async(fast_ones_done, what="the fast jobs' guidance")
+        await until_async(lambda: _pending_is(aredis, 1), what="the fast jobs to be acknowledged")
         assert not await _published(aredis, jobs[0])  # the slow one is still at the server
         assert server.exchange(_index(server, "slowly")).status == 0
         gate.set()
-        await _until(lambda: _stream_empty(aredis), what="the slow job to be acknowledged")
+        await until_async(lambda: _stream_empty(aredis), what="the slow job to be acknowledged")
         assert not violations + await _acked_only_after_published(aredis, entries)
     for job in jobs:
         final = (await _events(aredis, job))[-1]
@@ -134,6 +128,12 @@ async def test_each_job_is_published_then_acknowledged_as_it_ends_while_a_slow_o
 
 async def _pending_is(aredis: AsyncRedis, count: int) -> bool:
     return int((await aredis.xpending(KEYS.queries, TEACHER_GROUP))["pending"]) == count
+
+
+async def _idle_at_least(aredis: AsyncRedis, count: int, *, ms: int) -> bool:
+    """`count` entries pending, each idle `ms` by Redis's clock."""
+    rows: Any = await aredis.xpending_range(KEYS.queries, TEACHER_GROUP, min="-", max="+", count=count + 16)
+    return len(rows) >= count and all(int(row["time_since_delivered"]) >= ms for row in rows)
 
 
 async def _stream_empty(aredis: AsyncRedis) -> bool:
@@ -158,14 +158,14 @@ async def test_new_jobs_are_admitted_as_earlier_ones_end_never_more_than_max_in_
     for job in jobs:
         await enqueue_job(aredis, keys=KEYS, job=job)
     async with _running(aredis, await _openai(server), teacher_max_in_flight=2):
-        await _until(lambda: _received(server, 2), what="the first two jobs at the server")
+        await until_async(lambda: _received(server, 2), what="the first two jobs at the server")
         assert sorted(_prompt(e) for e in server.generation_requests()) == ["first", "second"]
         second.set()  # one ends: exactly one more is admitted while the first is still held
-        await _until(lambda: _received(server, 3), what="a third job at the server")
+        await until_async(lambda: _received(server, 3), what="a third job at the server")
         assert server.exchange(_index(server, "first")).status == 0
-        await _until(lambda: _published_all(aredis, jobs[1:3]), what="the second and third jobs")
+        await until_async(lambda: _published_all(aredis, jobs[1:3]), what="the second and third jobs")
         first.set()
-        await _until(lambda: _published_all(aredis, jobs), what="every job")
+        await until_async(lambda: _published_all(aredis, jobs), what="every job")
     assert server.max_in_flight == 2
 
 
@@ -189,7 +189,7 @@ async def test_a_refused_job_fails_alone_and_the_others_are_guided(
     for job in (long, short):
         await enqueue_job(aredis, keys=KEYS, job=job)
     async with _running(aredis, await _openai(server)):
-        await _until(lambda: _stream_empty(aredis), what="both jobs to be acknowledged")
+        await until_async(lambda: _stream_empty(aredis), what="both jobs to be acknowledged")
     error = (await _events(aredis, long))[-1]
     assert isinstance(error, ErrorEvent) and (error.code, error.field) == ("INVALID_ARGUMENT", "query")
     assert await _published(aredis, short)
@@ -206,9 +206,11 @@ async def test_a_job_whose_student_cannot_be_sent_stays_unacknowledged_for_a_lat
     fine = Job(query="Which one goes through?", guidance=GuidanceSpec(max_guidance_tokens=3))
     stuck_entry = await enqueue_job(aredis, keys=KEYS, job=stuck)
     async with _running(aredis, await _openai(servers()), dispatch=dispatch):
-        await _until(lambda: _published(aredis, stuck), what="the first job's guidance")
+        await until_async(lambda: _published(aredis, stuck), what="the first job's guidance")
         fine_entry = await enqueue_job(aredis, keys=KEYS, job=fine)
-        await _until(lambda: _stream_holds(aredis, [stuck_entry]), what="the second job to be acknowledged")
+        await until_async(
+            lambda: _stream_holds(aredis, [stuck_entry]), what="the second job to be acknowledged"
+        )
         assert fine_entry != stuck_entry and await _published(aredis, fine)
         # the teacher went on, and the job it could not hand to a student is still pending, to be claimed
         pending: Any = await aredis.xpending_range(KEYS.queries, TEACHER_GROUP, min="-", max="+", count=10)
@@ -238,9 +240,10 @@ async def test_a_dead_teachers_jobs_are_taken_over_and_dead_lettered_one_by_one(
         await aredis.xclaim(
             KEYS.queries, TEACHER_GROUP, "dead", min_idle_time=0, message_ids=[poisoned_entry]
         )
-    await asyncio.sleep(1.1)  # entries are taken over only once idle for a second
+    # entries are taken over only once idle for a second
+    await until_async(lambda: _idle_at_least(aredis, 2, ms=1000), what="both entries to be idle for a second")
     async with _running(aredis, await _openai(server), teacher_max_deliveries=3):
-        await _until(lambda: _stream_empty(aredis), what="both jobs to be done with")
+        await until_async(lambda: _stream_empty(aredis), what="both jobs to be done with")
     assert await _published(aredis, orphan)
     error = (await _events(aredis, poisoned))[-1]
     assert isinstance(error, ErrorEvent) and error.code == "INTERNAL" and "dead-lettered" in error.message
@@ -256,9 +259,9 @@ async def test_the_local_engine_takes_a_new_job_while_a_long_one_generates(
     long, short = _guide("Tell me a long story?", tokens=300), _guide("Short?", tokens=1)
     await enqueue_job(aredis, keys=KEYS, job=long)
     async with _running(aredis, backend, teacher_max_in_flight=4):
-        await _until(lambda: _pending_is(aredis, 1), what="the long job to be read")
+        await until_async(lambda: _pending_is(aredis, 1), what="the long job to be read")
         await enqueue_job(aredis, keys=KEYS, job=short)
-        await _until(lambda: _published(aredis, short), what="the short job's guidance")
+        await until_async(lambda: _published(aredis, short), what="the short job's guidance")
         # the short job joined the running batch and left it while the long one went on
         assert not await _published(aredis, long)
     assert await _published(aredis, long)  # a stopping teacher publishes what it holds

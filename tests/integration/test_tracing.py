@@ -13,11 +13,13 @@ from redis.asyncio import Redis as AsyncRedis
 
 from gkt.engine import Engine
 from gkt.jobs import Guidance, Job
+from gkt.keys import Keys
 from gkt.models import LoadedModel, load_model
-from gkt.queue import Keys, SyncEventPublisher, ensure_group
+from gkt.publisher import SyncEventPublisher
+from gkt.queue import ensure_group
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from gkt_tools.stack import free_port
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
 from services.student.backends.local import LocalStudentBackend

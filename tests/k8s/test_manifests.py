@@ -2,12 +2,12 @@
 
 Each broken case edits a copy of k8s/ the way a person might get it wrong, runs the real validator
 (scripts/k8s_validate.py: kubectl kustomize, yamllint, kubernetes-validate, the project's CR schemas
-and the upstream CRDs when ../shared/ref/crds exists) and checks the failure names the mistake.
+and the upstream CRDs when ../shared/ref/crds exists) and checks the failure names the mistake. Its
+length is that table of broken cases, one per mistake, beside what each production overlay must render.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from gkt_tools.settings import ToolSettings
 
 for _module in ("kubernetes_validate", "yamllint", "jsonschema"):
     pytest.importorskip(_module, reason=f"{_module} is not installed (`make setup` installs the dev extras)")
@@ -296,7 +298,7 @@ def test_a_broken_manifest_fails_validation(case: str, tmp_path: Path) -> None:
 
 
 def test_the_upstream_crds_catch_what_they_define_too(tmp_path: Path) -> None:
-    crds = Path(os.environ.get("GKT_SHARED_REF_DIR") or REPO.parent / "shared" / "ref") / "crds"
+    crds = ToolSettings().shared_ref_dir / "crds"
     if not crds.is_dir():
         pytest.skip(f"no upstream CRDs at {crds}")
     k8s = tmp_path / "k8s"

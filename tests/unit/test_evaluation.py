@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.evaluation.datasets import DATASETS, SUMS_FILE, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord, RecordStore
 from gkt.evaluation.report import markdown_table, summarize, write_report
 from gkt.jobs import GuidanceMode, Task
 from gkt_tools.evaluation import add_arguments, build_plan
+from gkt_tools.settings import ToolSettings
 
 GSM8K_LINES = [
     {
@@ -89,15 +91,16 @@ def test_data_dir_comes_from_the_option_then_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GKT_DATA_DIR", str(tmp_path / "env"))
-    assert resolve_data_dir(tmp_path / "option") == tmp_path / "option"
-    assert resolve_data_dir(None) == tmp_path / "env"
+    assert ToolSettings().data_dir_for(tmp_path / "option") == tmp_path / "option"
+    assert ToolSettings().data_dir_for(None) == tmp_path / "env"
     monkeypatch.delenv("GKT_DATA_DIR")
-    assert resolve_data_dir(None).parts[-2:] == ("shared", "data")
+    assert ToolSettings().data_dir_for(None).parts[-2:] == ("shared", "data")
+    assert resolve_data_dir(None) == ToolSettings().data_dir_for(None)
 
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, default_addr=DEFAULT_GATEWAY_ADDR)
     return parser.parse_args(list(argv))
 
 

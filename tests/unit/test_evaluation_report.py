@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.evaluation.archive import read_runs, render, table_groups
 from gkt.evaluation.plan import EvalPlan
 from gkt.evaluation.records import ARCHIVED_RECORDS_FILE, PLAN_FILE, ExampleRecord, RecordStore
 from gkt.evaluation.statistics import answer_counts, mcnemar_exact, paired_counts, wilson_interval
 from gkt.jobs import GuidanceMode, Task
 from gkt_tools.evaluation import add_arguments, run
+from gkt_tools.settings import ToolSettings
 
 
 def test_wilson_interval_matches_known_values() -> None:
@@ -102,10 +104,14 @@ def test_the_command_prints_the_report_and_refuses_an_empty_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, default_addr=DEFAULT_GATEWAY_ADDR)
     _kept_run(tmp_path / "kept")
-    assert run(parser.parse_args(["report", "--records", str(tmp_path / "kept")])) == 0
+    assert (
+        run(parser.parse_args(["report", "--records", str(tmp_path / "kept")]), settings=ToolSettings()) == 0
+    )
     assert "## csqa-offline" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
-    assert run(parser.parse_args(["report", "--records", str(tmp_path / "empty")])) == 2
+    assert (
+        run(parser.parse_args(["report", "--records", str(tmp_path / "empty")]), settings=ToolSettings()) == 2
+    )
     assert "no kept runs" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gkt.answers import extract_answer, gold_answer
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.evaluation.datasets import load_dataset
 from gkt.evaluation.oracle import OracleError, oracle_guidance, reference_solution
 from gkt.evaluation.plan import Condition, EvalPlan
@@ -66,7 +67,7 @@ def test_loaded_examples_carry_their_reference(tmp_path: Path) -> None:
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, default_addr=DEFAULT_GATEWAY_ADDR)
     return parser.parse_args(list(argv))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gkt import paper
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.evaluation.datasets import DATASETS
 from gkt.jobs import GuidanceSpec, Job, JobKind, SamplingParams
 from gkt.paper import Task
@@ -59,7 +60,7 @@ def test_a_job_built_without_settings_is_a_free_form_question_with_its_defaults(
 @pytest.mark.parametrize("task", list(DATASETS))
 def test_the_evaluation_plans_the_papers_settings(task: Task) -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, default_addr=DEFAULT_GATEWAY_ADDR)
     plan = build_plan(parser.parse_args(["--dataset", task.value]))
     defaults = paper.TASK_DEFAULTS[task]
     assert plan.max_guidance_tokens == (defaults.max_guidance_tokens,)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from gkt import metrics
 from services.student.backends.base import StudentBackend
 from services.student.settings import StudentServerSettings, StudentSettings
 
@@ -26,21 +25,15 @@ def build_backend(settings: StudentSettings, *, remote: StudentServerSettings | 
     if remote is None:
         raise ValueError(f"the {settings.student_backend} backend needs its StudentServerSettings")
     client: ServerClient
-    count_error = metrics.STUDENT_BACKEND_ERRORS.labels
     if settings.student_backend == "tgi":
         from services.student.backends.tgi import TgiClient
 
-        client = TgiClient(
-            settings=remote, connections=settings.student_max_batch, on_error=lambda k: count_error(k).inc()
-        )
+        client = TgiClient(settings=remote, connections=settings.student_max_batch)
     else:
         from services.student.backends.openai import OpenAIClient
 
         client = OpenAIClient(
-            settings=remote,
-            model=settings.student_model,
-            connections=settings.student_max_batch,
-            on_error=lambda k: count_error(k).inc(),
+            settings=remote, model=settings.student_model, connections=settings.student_max_batch
         )
     backend = RemoteStudentBackend(client)
     backend.start(max_new_tokens=settings.student_max_new_tokens, max_batch=settings.student_max_batch)

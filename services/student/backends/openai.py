@@ -4,7 +4,6 @@ llama.cpp's server, SGLang, TGI's `/v1`)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from gkt.errors import StatusCode
@@ -28,17 +27,10 @@ class OpenAIClient:
 
     name = "openai"
 
-    def __init__(
-        self,
-        *,
-        settings: StudentServerSettings,
-        model: str = "",
-        connections: int,
-        on_error: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, *, settings: StudentServerSettings, model: str = "", connections: int) -> None:
         self.server = OpenAIServer(settings=settings, model=model, connections=connections)
         self.resilience = ResilientCaller(
-            settings=settings, name="student backend openai", on_error=on_error, invalid_field=invalid_field
+            settings=settings, name="student backend openai", invalid_field=invalid_field
         )
 
     async def start(self) -> None:

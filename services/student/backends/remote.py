@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from gkt import metrics
 from gkt.engine import EngineResult
 from gkt.errors import StatusCode
 from gkt.remote.errors import AttemptError, BackendError
@@ -169,13 +170,14 @@ class RemoteStudentBackend:
                 raise
             generation.emit(EngineResult(text="", token_count=0, finish_reason=reason))
         except BackendError as exc:
-            generation.emit(exc)
+            _failed(generation, exc)
         except Exception as exc:  # a bug: the job fails at once, the loop goes on
             log.exception("student stream failed unexpectedly")
-            generation.emit(
+            _failed(
+                generation,
                 BackendError(
                     f"the student failed ({type(exc).__name__})", code=StatusCode.INTERNAL, kind="internal"
-                )
+                ),
             )
 
     async def _produce(self, generation: RemoteGeneration) -> EngineResult:
@@ -234,6 +236,12 @@ class RemoteStudentBackend:
             await stream.aclose()
             raise stream_broken("the stream ended before its first token")
         return stream, piece
+
+
+def _failed(generation: RemoteGeneration, error: BackendError) -> None:
+    """Fail the job with `error`, counted by kind in the students' metric."""
+    metrics.STUDENT_BACKEND_ERRORS.labels(error.kind).inc()
+    generation.emit(error)
 
 
 def _idle(timeout_s: float) -> AttemptError:

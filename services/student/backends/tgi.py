@@ -8,7 +8,6 @@ generating for it. `/info` and `/health` are read with huggingface_hub at start-
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import httpx2
@@ -33,20 +32,14 @@ class TgiClient:
 
     name = "tgi"
 
-    def __init__(
-        self,
-        *,
-        settings: StudentServerSettings,
-        connections: int,
-        on_error: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, *, settings: StudentServerSettings, connections: int) -> None:
         self._settings = settings
         self._connections = connections
         self.base_url = str(settings.url).rstrip("/")
         self.info: TgiInfo | None = None
         self._http: httpx2.AsyncClient | None = None
         self.resilience = ResilientCaller(
-            settings=settings, name="student backend tgi", on_error=on_error, invalid_field=invalid_field
+            settings=settings, name="student backend tgi", invalid_field=invalid_field
         )
 
     async def start(self) -> None:

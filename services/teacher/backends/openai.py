@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import httpx2
@@ -26,17 +26,11 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(
-        self,
-        *,
-        settings: TeacherServerSettings,
-        model: str = "",
-        on_error: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, *, settings: TeacherServerSettings, model: str = "") -> None:
         self.concurrency = settings.max_concurrency or DEFAULT_CONCURRENCY
         self.server = OpenAIServer(settings=settings, model=model, connections=self.concurrency)
         self._limit = asyncio.Semaphore(self.concurrency)
-        self.resilience = ResilientCaller(settings=settings, name="teacher backend openai", on_error=on_error)
+        self.resilience = ResilientCaller(settings=settings, name="teacher backend openai")
 
     @property
     def model(self) -> str:

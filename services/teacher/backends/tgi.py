@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import httpx2
 from huggingface_hub import AsyncInferenceClient, TextGenerationOutput
@@ -34,16 +34,14 @@ class TgiBackend:
 
     name = "tgi"
 
-    def __init__(
-        self, *, settings: TeacherServerSettings, on_error: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, *, settings: TeacherServerSettings) -> None:
         self._settings = settings
         self._base_url = str(settings.url).rstrip("/")
         self._client: AsyncInferenceClient | None = None
         self._limit: asyncio.Semaphore | None = None
         self.info: TgiInfo | None = None
         self.concurrency = 0
-        self.resilience = ResilientCaller(settings=settings, name="teacher backend tgi", on_error=on_error)
+        self.resilience = ResilientCaller(settings=settings, name="teacher backend tgi")
 
     async def start(self) -> None:
         """Read `/info` and `/health`; refuse an unreachable, unhealthy or too-small server."""
