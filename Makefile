@@ -37,7 +37,7 @@ proto: $(PROTO_OUT)  ## generate the gRPC stubs into gkt/v1 (git-ignored)
 lint: setup  ## ruff (check + format --check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy gkt gkt_tools services tests scripts
+	$(VENV)/bin/mypy gkt services gkt_tools tests scripts
 
 test: lint k8s-validate  ## lint, manifests, and the whole test suite
 	$(VENV)/bin/pytest -q -p no:cacheprovider

@@ -44,6 +44,13 @@ class CommonSettings(BaseSettings):
         "needs it (Kubernetes pods set 0.0.0.0).",
     )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$", description="Log level.")
+    max_guidance_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=2**32 - 1,
+        description="Longest guidance a request may ask for (max_guidance_tokens): the gateway refuses longer "
+        "ones, and a teacher whose model or server cannot produce this much refuses to start.",
+    )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "gkt" / "models",
         description="Where converted bundled models are cached (first load converts GGUF, later loads read this).",
@@ -73,6 +80,15 @@ class CommonSettings(BaseSettings):
                 value = str(value)
             shown[name] = value
         return json.dumps(shown, sort_keys=True, default=str)
+
+
+def variable_name(settings_class: type[BaseSettings], name: str) -> str:
+    """The environment variable a settings field is read from: its class's prefix and its name, or the alias
+    of a variable another program names (PROMETHEUS_MULTIPROC_DIR)."""
+    alias = settings_class.model_fields[name].validation_alias
+    if isinstance(alias, str):
+        return alias
+    return f"{settings_class.model_config.get('env_prefix', '')}{name}".upper()
 
 
 def with_password(url: str, password: str) -> str:

@@ -32,6 +32,7 @@ from gkt.errors import ResourceExhausted
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
 _SOCKET_TIMEOUT_S = 10
+"""Well above the longest blocking read (`gkt.queue.MAX_BLOCK_MS`), so an idle wait is never a timeout."""
 _CONNECT_TIMEOUT_S = 5
 _SENTINEL_OPTIONS: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
 """The sentinels are asked without a password; one that does not answer within 2 s is skipped."""

@@ -18,6 +18,7 @@ from gkt.errors import InvalidArgument
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import EchoModel, LoadedModel
 from gkt.prompts import teacher_prompt
+from gkt.stops import first_stop, held_back
 
 
 @dataclass(frozen=True)
@@ -175,14 +176,14 @@ class TextTracker:
         if self.strip_leading:
             text = text.lstrip()
         self.token_ends.append(len(text))
-        cut = _first_stop(text, self.stop)
+        cut = first_stop(text, self.stop)
         if cut is not None:
             self.text, self.stopped = text[:cut], True
             return self._take(len(self.text))
         self.text = text
         if text.endswith("\ufffd"):
             return ""
-        return self._take(len(text) - _held_back(text, self.stop))
+        return self._take(len(text) - held_back(text, self.stop))
 
     def flush(self) -> str:
         """The text held back so far; safe to show once generation has ended."""
@@ -201,22 +202,6 @@ class TextTracker:
             return ""
         delta, self.emitted = self.text[self.emitted : upto], upto
         return delta
-
-
-def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:
-    hits = [i for s in stop if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that could begin a stop string."""
-    longest = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if s.startswith(text[-n:]):
-                longest = n
-                break
-    return longest
 
 
 def context_tokens(prompt_ids: Sequence[int], n: int = 4) -> list[int]:

@@ -6,7 +6,7 @@ from celery import Celery
 
 from gkt.connections import celery_broker
 from gkt.jobs import Guidance, Job
-from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
+from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
 
 
 def student_client(*, broker_url: str, key_prefix: str) -> Celery:

@@ -7,26 +7,13 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from gkt import paper
+from gkt.errors import StatusCode
+from gkt.paper import GuidanceMode, Task
 
-class Task(enum.StrEnum):
-    """Which prompt family a query belongs to."""
-
-    FREEFORM = "freeform"
-    GSM8K = "gsm8k"
-    CSQA = "csqa"
-    AQUA = "aqua"
-
-
-class GuidanceMode(enum.StrEnum):
-    """The guidance projection F: how the teacher's output becomes the student's prefix."""
-
-    CUTOFF = "cutoff"
-    CONCISE = "concise"
-    HINT = "hint"
-    NONE = "none"
-    FULL = "full"
+_FREEFORM = paper.TASK_DEFAULTS[Task.FREEFORM]
 
 
 class JobKind(enum.StrEnum):
@@ -41,12 +28,13 @@ class _Frozen(BaseModel):
 
 
 class SamplingParams(_Frozen):
-    """One job's own student sampling settings (temperature 0 means greedy)."""
+    """One job's own student sampling settings (temperature 0 means greedy); the seed also seeds the
+    teacher's sampling of the job's guidance. Defaults: the paper's, with a free-form question's length."""
 
-    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    temperature: float = Field(default=paper.STUDENT_TEMPERATURE, ge=0.0, le=5.0)
+    top_p: float = Field(default=paper.STUDENT_TOP_P, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    max_new_tokens: int = Field(default=128, ge=1)
+    max_new_tokens: int = Field(default=_FREEFORM.student_max_new_tokens, ge=1)
     seed: int = Field(default=0, ge=0)
     stop: tuple[str, ...] = ()
     repetition_penalty: float = Field(default=1.0, gt=0.0)
@@ -57,10 +45,19 @@ class SamplingParams(_Frozen):
 
 
 class GuidanceSpec(_Frozen):
-    """What guidance the teacher should produce for a job."""
+    """What guidance the teacher should produce for a job: `mode`, and N, its length in teacher tokens."""
+
+    # In job JSON the length is still called `max_tokens`, so workers and gateways of the previous release
+    # read each other's jobs; both names are accepted when a spec is read.
+    model_config = ConfigDict(frozen=True, extra="forbid", serialize_by_alias=True)
 
     mode: GuidanceMode = GuidanceMode.CUTOFF
-    max_tokens: int = Field(default=10, ge=1)
+    max_guidance_tokens: int = Field(
+        default=_FREEFORM.max_guidance_tokens,
+        ge=1,
+        validation_alias=AliasChoices("max_guidance_tokens", "max_tokens"),
+        serialization_alias="max_tokens",
+    )
 
 
 class Job(_Frozen):
@@ -130,10 +127,10 @@ class FinalEvent(_Frozen):
 
 
 class ErrorEvent(_Frozen):
-    """A job failed; `code` is a gRPC status name such as `DEADLINE_EXCEEDED`."""
+    """A job failed with `code`; a code outside `StatusCode` is refused when the event is built or read."""
 
     type: Literal["error"] = "error"
-    code: str
+    code: StatusCode
     message: str
     field: str = ""
     """For `INVALID_ARGUMENT`: the request field at fault (dotted path, as in the proto)."""

@@ -23,7 +23,7 @@ from typing import Any
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.queue import Keys
+from gkt.keys import Keys
 
 # KEYS: final, lease, attempts, running, dispatched, dispatched-at. ARGV: owner, lease ms, payload, job id, ttl s.
 _CLAIM = """

@@ -6,7 +6,7 @@ or free text. docs/observability.md describes each metric; k8s/monitoring/ uses 
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
@@ -89,18 +89,23 @@ STUDENT_WORKERS = Gauge(
 STUDENT_BATCH_ROWS = Histogram(
     "gkt_student_batch_rows", "Jobs decoded together, per engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
+STUDENT_BACKEND_ERRORS = Counter(
+    "gkt_student_backend_errors_total",
+    "Failed requests to the students' inference server (openai / tgi backends), by kind.",
+    ["kind"],
+)
 STUDENT_TAKEOVERS = Counter(
     "gkt_student_takeovers_total",
     "Jobs sent again because the student running them stopped renewing its lease.",
 )
 
 
-def serve_metrics(*, port: int, addr: str = "127.0.0.1") -> None:
-    """Expose /metrics on `addr`:`port` (port 0 = off); in multiprocess mode, aggregate every process's
-    files."""
+def serve_metrics(*, port: int, addr: str = "127.0.0.1", multiprocess_dir: Path | None = None) -> None:
+    """Expose /metrics on `addr`:`port` (port 0 = off); in multiprocess mode (`multiprocess_dir`, the
+    process's PROMETHEUS_MULTIPROC_DIR), aggregate every process's files."""
     if port == 0:
         return
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if multiprocess_dir is not None:
         # The directory is emptied before each worker starts (`python -m services.student`), never here:
         # this process's own files are already in it.
         registry = CollectorRegistry()

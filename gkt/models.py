@@ -129,6 +129,17 @@ def load_model(*, name: str, cache_dir: Path, device: str = "cpu", dtype: str = 
     return LoadedModel(name=name, model=model, tokenizer=tokenizer)
 
 
+def load_tokenizer(*, name: str, cache_dir: Path) -> PreTrainedTokenizerBase | EchoTokenizer:
+    """A model's tokenizer alone, without its weights (for counting and cutting text in its tokens)."""
+    if name == ECHO_MODEL:
+        return EchoTokenizer()
+    source = _cached_conversion(BUNDLED[name], cache_dir=cache_dir) if name in BUNDLED else name
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as exc:
+        raise ModelNotFound(f"cannot load the tokenizer of {name!r} ({exc})") from exc
+
+
 def needs_conversion(*, name: str, cache_dir: Path) -> bool:
     """True when `name` is a bundled alias not yet converted into `cache_dir`: its first load takes minutes."""
     return name in BUNDLED and not (_conversion_target(BUNDLED[name], cache_dir) / "config.json").exists()

@@ -1,1 +1,1 @@
-"""Tools that drive GKT Serve from outside: they start stacks, send load and break things; nothing imports them."""
+"""The tools that drive GKT Serve: the `gkt` command, the local stack runner, benchmarks, evaluation, chaos."""

@@ -20,28 +20,20 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from gkt.arguments import whole_number
 from gkt.connections import connect, outlasting
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt_tools import scenarios
+from gkt_tools.arguments import whole_number
 from gkt_tools.load import Tally
+from gkt_tools.processes import free_port
 from gkt_tools.scenarios import SCENARIOS, Row, Target, wait_healthy
 from gkt_tools.sentinel import SentinelGroup
-from services.stack import Stack, StackError, free_port
+from gkt_tools.settings import ChaosSettings, ToolSettings
+from gkt_tools.stack import Stack, StackError
+from services.student.settings import BUNDLED_STUDENT
+from services.teacher.settings import BUNDLED_TEACHER
 
 RECOVERY_GOAL_S = 30.0
-KEY_PREFIX = "chaos"
-CHAOS_ENV = {
-    "GKT_KEY_PREFIX": KEY_PREFIX,
-    # the burst is one tenant: its 500 jobs may all wait for a teacher at once
-    "GKT_GATEWAY_KEY_MAX_QUEUED": "0",
-    "GKT_GATEWAY_METRICS_PORT": "0",
-    "GKT_TEACHER_METRICS_PORT": "0",
-    "GKT_STUDENT_METRICS_PORT": "0",
-    # long enough for most streams in flight to finish as the gateway drains (Kubernetes gives it 40 s)
-    "GKT_GATEWAY_GRACE_S": "20",
-}
-"""Settings of the stacks chaos starts, unless the environment sets them."""
 _HEADER = (
     "| scenario | sent | answered | failed by status | lost | duplicated | seconds to recover "
     "| student worker restarts |"
@@ -77,20 +69,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="teacher workers: with 2 or more, a killed teacher's batch is taken over by another (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(".gkt/chaos.md"),
-        help="the table's Markdown file (default: %(default)s)",
+        "--out", type=Path, help="the table's Markdown file (default: $GKT_STATE_DIR/chaos.md)"
     )
     parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path(".gkt/chaos"),
-        help="the stacks' state and logs (default: %(default)s)",
+        "--state-dir", type=Path, help="the stacks' state and logs (default: $GKT_STATE_DIR/chaos)"
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, settings: ToolSettings) -> int:
     chosen = [name.strip() for name in args.scenarios.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
     if unknown or not chosen:
@@ -99,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     chosen = [name for name in SCENARIOS if name in chosen]
+    args.out = args.out or settings.state_dir / "chaos.md"
+    args.state_dir = args.state_dir or settings.state_dir / "chaos"
+    chaos = ChaosSettings()
     # A plain SIGTERM would skip the `finally` that stops the stacks: exit through it instead.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.now(UTC)
@@ -107,17 +96,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         plain = [name for name in chosen if name != "sentinel-failover"]
         if plain:
-            with _target(args, bar, sentinel=False) as target:
+            with _target(args, chaos, bar, sentinel=False) as target:
                 rows += _run_scenarios(plain, target, bar)
         if "sentinel-failover" in chosen:
-            with _target(args, bar, sentinel=True) as target:
+            with _target(args, chaos, bar, sentinel=True) as target:
                 rows += _run_scenarios(["sentinel-failover"], target, bar)
     except StackError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     bar.close()
-    report = _report(rows, args=args, started=started)
+    report = _report(rows, args=args, chaos=chaos, started=started)
     print(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report + "\n")
@@ -148,13 +137,14 @@ def _showing(bar: tqdm[None], scenario: str) -> Callable[[str], None]:
 
 
 @contextlib.contextmanager
-def _target(args: argparse.Namespace, bar: tqdm[None], *, sentinel: bool) -> Iterator[Target]:
+def _target(
+    args: argparse.Namespace, chaos: ChaosSettings, bar: tqdm[None], *, sentinel: bool
+) -> Iterator[Target]:
     state = args.state_dir / ("sentinel" if sentinel else "stack")
     group = SentinelGroup(state / "redis") if sentinel else None
-    env = {name: value for name, value in CHAOS_ENV.items() if name not in os.environ}
     stack = Stack(
         state_dir=state,
-        env=env,
+        env=chaos.stack_env(),
         students=args.students,
         teachers=args.teachers,
         gateway_addr=f"127.0.0.1:{free_port()}",
@@ -166,7 +156,7 @@ def _target(args: argparse.Namespace, bar: tqdm[None], *, sentinel: bool) -> Ite
             stack.redis_url = group.url
         bar.set_postfix_str(f"starting a stack (logs in {state / 'logs'})")
         stack.start()
-        keys = Keys(os.environ.get("GKT_KEY_PREFIX", KEY_PREFIX))
+        keys = Keys(chaos.key_prefix)
         yield Target(
             stack=stack,
             redis=connect(stack.redis_url or "", retry=outlasting(30)),
@@ -197,15 +187,17 @@ def _misses(row: Row) -> list[str]:
     return missed
 
 
-def _report(rows: list[Row | tuple[str, str]], *, args: argparse.Namespace, started: datetime) -> str:
+def _report(
+    rows: list[Row | tuple[str, str]], *, args: argparse.Namespace, chaos: ChaosSettings, started: datetime
+) -> str:
     command = (
         f"gkt chaos --scenarios {args.scenarios} --calls {args.calls} --max-new-tokens {args.max_new_tokens} "
         f"--deadline {args.deadline} --students {args.students} --teachers {args.teachers}"
     )
     lines = [
         f"`{command}`, {started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs ({platform.machine()}); teacher "
-        f"{os.environ.get('GKT_TEACHER_MODEL', 'gemma-3-270m')}, student "
-        f"{os.environ.get('GKT_STUDENT_MODEL', 'smollm2-135m-instruct')}, {args.teachers} teachers, "
+        f"{chaos.teacher_model or BUNDLED_TEACHER}, student {chaos.student_model or BUNDLED_STUDENT}, "
+        f"{args.teachers} teachers, "
         f"{args.students} students; "
         f"{args.calls} streaming calls in flight at each fault, {args.max_new_tokens} new tokens each, "
         f"deadline {args.deadline} s",

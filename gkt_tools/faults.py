@@ -15,8 +15,8 @@ from typing import Any
 
 from redis import Redis
 
-from gkt.queue import TEACHER_GROUP, Keys
-from services.stack import Stack
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt_tools.stack import Stack
 
 
 def worker_pid(stack: Stack, name: str) -> int | None:

@@ -22,7 +22,7 @@ import grpc
 from redis import Redis
 
 from gkt.jobs import ErrorEvent, FinalEvent, Job, decode_event
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt_tools import faults
 from gkt_tools.load import Load, MakeRequest, Tally, first_answer, tally
 from gkt_tools.sentinel import SentinelGroup
-from services.stack import Stack
+from gkt_tools.stack import Stack
 
 TRIGGER_TIMEOUT_S = 300.0
 """How long a scenario waits for its moment (a job running on a student, a batch held by the teacher)."""

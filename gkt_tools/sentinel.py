@@ -14,7 +14,7 @@ from typing import Any
 
 from redis import Redis
 
-from services.stack import free_port
+from gkt_tools.processes import free_port
 
 SENTINELS = 3
 QUORUM = 2

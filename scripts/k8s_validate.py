@@ -9,6 +9,7 @@ Steps, in order; every problem is reported, and any problem makes the exit statu
    the upstream CRDs exist ($GKT_SHARED_REF_DIR/crds, default ../shared/ref/crds), against those upstream CRDs' openAPIV3Schema too.
 5. Project rules no schema can state: hardened, probed, sized workloads; students that outlive
    their task time limit on shutdown; autoscaler targets, Services and PDBs that select something.
+One script, run as `make k8s-validate`: its length is these five steps, kept in the order they run.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,10 +32,12 @@ from referencing import Registry, Resource
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
+from gkt_tools.settings import ToolSettings
+
 REPO = Path(__file__).resolve().parents[1]
 # The oldest Kubernetes minor the manifests support; kubernetes-validate bundles 1.25 to 1.37.
 KUBERNETES_VERSION = "1.32"
-DEFAULT_CRD_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or REPO.parent / "shared" / "ref") / "crds"
+DEFAULT_CRD_DIR = ToolSettings().shared_ref_dir / "crds"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 AUTOSCALER_KINDS = ("ScaledObject", "HorizontalPodAutoscaler")
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import pytest
 from redis import Redis
 
-from services.stack import free_port
+from gkt_tools.processes import free_port
 from tests.tiny_models import build_student, build_teacher
 
 if TYPE_CHECKING:

@@ -7,7 +7,8 @@ from typing import Any
 from redis import Redis
 
 from gkt.jobs import decode_event
-from gkt.queue import AnyEvent, Keys
+from gkt.keys import Keys
+from gkt.queue import AnyEvent
 
 
 def job_events(redis: Redis, keys: Keys, job_id: str) -> list[tuple[int, AnyEvent]]:

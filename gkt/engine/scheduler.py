@@ -1,7 +1,7 @@
 """The generation engine: continuous batching of many requests on one model, each with its own sampling.
 
-A request joins the running batch at the next step (its prompt prefilled alone, reusing the shared
-few-shot prefix) and leaves it at the step it finishes — end of sequence, a stop string, its own token
+A request joins the running batch at the next step (its prompt prefilled with the other arrivals',
+reusing the shared few-shot prefix) and leaves it at the step it finishes — end of sequence, a stop string, its own token
 limit, cancellation or its deadline — its cache rows freed at once. A finished row is never computed
 again. The students, the local teacher backend and the offline evaluation all generate through it.
 """
@@ -133,6 +133,12 @@ class _Row:
         question = request.prompt.rsplit("Q: ", 1)[-1].split("\n", 1)[0]
         self.echo_source = list((question or "echo").encode())
         """The echo model's output: the bytes of the prompt's last question, cycling."""
+        self.prefix: Any = None
+        """The cached prefix its prompt starts with, if any (set at admission)."""
+
+    def suffix_length(self) -> int:
+        """Prompt tokens to compute at admission: those after the cached prefix."""
+        return self.position - (len(self.prefix.ids) if self.prefix is not None else 0)
 
 
 class Engine:
@@ -157,7 +163,7 @@ class Engine:
         self._echo = isinstance(lm.model, EchoModel)
         self._waiting: deque[Generation] = deque()
         self._rows: list[_Row] = []
-        self._admitting: _Row | None = None
+        self._admitting: list[_Row] = []
         self._batch = KvBatch()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -209,7 +215,7 @@ class Engine:
         A step that fails fails every row it carried, the one being admitted included, and the engine
         goes on with an empty batch."""
         decoded = 0
-        self._admitting = None
+        self._admitting = []
         try:
             self._admit()
             decoded = len(self._rows)
@@ -222,54 +228,99 @@ class Engine:
         except Exception as exc:
             log.exception("generation step failed")
             failure = GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
-            if self._admitting is not None:
-                self._admitting.seq._emit(failure)
+            for row in self._admitting:
+                if all(row is not running for running in self._rows):
+                    row.seq._emit(failure)
             self._fail_all(failure)
         if self._on_step is not None and decoded:
             self._on_step(decoded)
 
     # 1) admission -------------------------------------------------------------------------------
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch:
+        """Take waiting requests into the free batch rows; their prompts are prefilled together, one
+        forward pass per shared prefix, so arrivals pause the running rows once, not once each."""
+        arrivals: list[_Row] = []
+        while len(self._rows) + len(arrivals) < self.max_batch:
             with self._lock:
                 if not self._waiting:
-                    return
+                    break
                 seq = self._waiting.popleft()
-            row = self._admitting = _Row(seq, self.lm)
+            row = _Row(seq, self.lm)
             if self._stopped(row):
                 self._finish(row)
-                continue
-            first, layers = self._prefill(row)
-            self._take(row, first)
-            if row.finish is None:
-                if layers is not None:
-                    self._batch.add(layers)
-                self._rows.append(row)
-            else:  # finished at its first token: it never joins the batch
-                self._finish(row)
-            self._admitting = None
+            else:
+                arrivals.append(row)
+        self._admitting = arrivals
+        for group in self._prefill_groups(arrivals):
+            for row, (first, layers) in zip(group, self._prefill(group), strict=True):
+                self._take(row, first)
+                if row.finish is None:
+                    if layers is not None:
+                        self._batch.add(layers)
+                    self._rows.append(row)
+                else:  # finished at its first token: it never joins the batch
+                    self._finish(row)
+        self._admitting = []
 
-    def _prefill(self, row: _Row) -> tuple[int, Layers | None]:
-        """Compute the row's prompt alone (after any cached prefix): its first token and its cache."""
-        ids = list(row.seq.request.prompt_ids)
+    def _prefill_groups(self, rows: list[_Row]) -> Iterator[list[_Row]]:
+        """Rows that share a cached prefix, in runs of similar length (padding at most a quarter of the
+        run's tokens, or a few tokens a row: short prompts cost their pass's fixed overhead more than
+        their padding)."""
+        by_prefix: dict[tuple[int, ...], list[_Row]] = {}
+        for row in rows:
+            prefix = self.prefix_cache.match([row.history]) if self.prefix_cache is not None else None
+            row.prefix = prefix
+            by_prefix.setdefault(prefix.ids if prefix is not None else (), []).append(row)
+        for group in by_prefix.values():
+            group.sort(key=_Row.suffix_length)
+            run: list[_Row] = []
+            for row in group:
+                longest = row.suffix_length()
+                real = sum(r.suffix_length() for r in run) + longest
+                if run and longest * (len(run) + 1) > 1.25 * real + 16 * (len(run) + 1):
+                    yield run
+                    run = []
+                run.append(row)
+            if run:
+                yield run
+
+    def _prefill(self, rows: list[_Row]) -> list[tuple[int, Layers | None]]:
+        """Compute the rows' prompts (after their shared cached prefix) in one forward pass: each row's
+        first token and its cache. Shorter prompts are padded on the right, where causal attention
+        keeps the padding out of every real token's computation, so each row's keys, values and first
+        logits are those it would have alone."""
         if self._echo:
-            return self._echo_token(row, 0), None
+            return [(self._echo_token(row, 0), None) for row in rows]
         model: Any = self.lm.model
         device = self.lm.device
-        prefix = self.prefix_cache.match([ids]) if self.prefix_cache is not None else None
+        prefix = rows[0].prefix
         start = len(prefix.ids) if prefix is not None else 0
-        past = DynamicCache(ddp_cache_data=list(prefix.layers)) if prefix is not None else DynamicCache()
-        input_ids = torch.tensor([ids[start:]], device=device)
+        width = max(row.suffix_length() for row in rows)
+        pad = int(self.lm.tokenizer.pad_token_id or 0)
+        suffixes = [row.history[start:] for row in rows]
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=device)
+        n = len(rows)
+        past = DynamicCache()
+        if prefix is not None:
+            past = DynamicCache(
+                ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix.layers]
+            )
         out = model(
             input_ids=input_ids,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-            position_ids=torch.arange(start, len(ids), device=device).unsqueeze(0),
+            attention_mask=torch.ones(n, start + width, dtype=torch.long, device=device),
+            position_ids=torch.arange(start, start + width, device=device).expand(n, -1),
             past_key_values=past,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=torch.tensor([[len(s) - 1] for s in suffixes], device=device),
         )
-        layers: Layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return row.sampler.choose(row.history, out.logits[:, -1, :].float()), layers
+        logits = out.logits[:, -1, :].float()
+        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        prefilled: list[tuple[int, Layers | None]] = []
+        for i, row in enumerate(rows):
+            length = start + len(suffixes[i])
+            layers: Layers = [(k[i : i + 1, :, :length], v[i : i + 1, :, :length]) for k, v in cache]
+            prefilled.append((row.sampler.choose(row.history, logits[i : i + 1]), layers))
+        return prefilled
 
     # 2) the forward pass ------------------------------------------------------------------------
     def _forward(self) -> torch.Tensor:

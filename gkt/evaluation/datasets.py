@@ -1,4 +1,5 @@
-"""Evaluation datasets: where each file comes from, the paper's settings for it, and loading it verified.
+"""Evaluation datasets: where each file comes from, and loading it verified (the paper's settings for each
+task are in `gkt.paper`).
 
 The files are never part of the project: they are read from a data directory that holds them next to a
 `SHA256SUMS` file (`sha256sum` format), and every file is checked against its sum before it is used.
@@ -8,29 +9,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from gkt.answers import format_record, gold_answer
+from gkt.evaluation.oracle import reference_solution
 from gkt.jobs import Task
 
-DATA_DIR_ENV = "GKT_DATA_DIR"
 SUMS_FILE = "SHA256SUMS"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One evaluation set and the paper's settings for it (DESIGN.md, "Paper settings to reproduce")."""
+    """One evaluation set: its file, size, origin and the sum of the copy the published results used."""
 
     task: Task
     file: str
     records: int
     source: str
-    few_shot: int
-    guidance_tokens: int
-    student_tokens: int
     published_sha256: str
     """The sum of the copy the published results used; a data directory with another copy still runs,
     but its summary says so."""
@@ -44,9 +41,6 @@ DATASETS: dict[Task, DatasetSpec] = {
             file="gsm8k_test.jsonl",
             records=1319,
             source="GSM8K test split: github.com/openai/grade-school-math, grade_school_math/data/test.jsonl (MIT)",
-            few_shot=8,
-            guidance_tokens=40,
-            student_tokens=300,
             published_sha256="3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
         ),
         DatasetSpec(
@@ -55,9 +49,6 @@ DATASETS: dict[Task, DatasetSpec] = {
             records=1221,
             source="CommonsenseQA dev split (dev_rand_split.jsonl): github.com/kojima-takeshi188/zero_shot_cot, "
             "dataset/CommonsenseQA/dev_rand_split.jsonl (MIT)",
-            few_shot=7,
-            guidance_tokens=30,
-            student_tokens=100,
             published_sha256="3210497fdaae614ac085d9eb873dd7f4d49b6f965a93adadc803e1229fd8a02a",
         ),
         DatasetSpec(
@@ -65,9 +56,6 @@ DATASETS: dict[Task, DatasetSpec] = {
             file="aqua_test.jsonl",
             records=254,
             source="AQuA-RAT test split: github.com/google-deepmind/AQuA, test.json (Apache-2.0)",
-            few_shot=4,
-            guidance_tokens=20,
-            student_tokens=100,
             published_sha256="de41581881ef95c5588c44ddc701c77fd480839241dd422a0d181262af24520c",
         ),
     )
@@ -85,6 +73,8 @@ class Example:
     index: int
     query: str
     gold: str
+    reference: str | None = None
+    """The record's worked solution (`gkt.evaluation.oracle`), for oracle rows only; None when it has none."""
 
 
 @dataclass(frozen=True)
@@ -99,12 +89,11 @@ class LoadedDataset:
         return self.sha256 == self.spec.published_sha256
 
 
-def resolve_data_dir(explicit: Path | None) -> Path:
-    """`--data-dir`, else $GKT_DATA_DIR, else `../shared/data` next to the repository when it exists."""
-    if explicit is not None:
-        return explicit
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
+def resolve_data_dir(chosen: Path | None) -> Path:
+    """The data directory `chosen` (`--data-dir`, else GKT_DATA_DIR), else `../shared/data` next to the
+    repository."""
+    if chosen is not None:
+        return chosen
     return _REPO_ROOT.parent / "shared" / "data"
 
 
@@ -119,7 +108,7 @@ def load_dataset(*, task: Task, data_dir: Path, limit: int | None = None) -> Loa
     if missing:
         raise DataError(
             f"{', '.join(missing)} missing from the data directory {data_dir} "
-            f"(set --data-dir or ${DATA_DIR_ENV}). {spec.file} is the {spec.source}; "
+            f"(set --data-dir or $GKT_DATA_DIR). {spec.file} is the {spec.source}; "
             f"{SUMS_FILE} lists it as `<sha256>  {spec.file}`, sha256 {spec.published_sha256}."
         )
     expected = _expected_sum(sums, spec.file)
@@ -139,6 +128,7 @@ def load_dataset(*, task: Task, data_dir: Path, limit: int | None = None) -> Loa
                     index=index,
                     query=format_record(task=task, record=record),
                     gold=gold_answer(task=task, record=record),
+                    reference=reference_solution(task=task, record=record),
                 )
             )
     return LoadedDataset(spec=spec, path=path, sha256=actual, examples=examples)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from gkt import paper
 from gkt.evaluation.datasets import Example, LoadedDataset
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord, RecordStore
@@ -67,6 +68,6 @@ def describe_dataset(dataset: LoadedDataset) -> dict[str, Any]:
         "sha256": dataset.sha256,
         "published_copy": dataset.published_copy,
         "source": spec.source,
-        "few_shot": spec.few_shot,
+        "few_shot": paper.TASK_DEFAULTS[spec.task].few_shot,
         "requested_examples": len(dataset.examples),
     }

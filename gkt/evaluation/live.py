@@ -70,7 +70,7 @@ class LiveRunner:
 
         guidance = pb.GuidanceParams(
             mode=pb.GuidanceMode.Value(f"GUIDANCE_MODE_{condition.mode.value.upper()}"),
-            max_guidance_tokens=condition.guidance_tokens or None,
+            max_guidance_tokens=condition.max_guidance_tokens or None,
         )
         request = pb.GenerateRequest(
             query=example.query,

@@ -2,7 +2,9 @@
 
 It drives the serving code itself rather than a copy of it: prompts from `gkt.prompts`, models from
 `gkt.models`, and every generation through `gkt.engine` (the engine the students and the local teacher
-backend serve with), with the teacher worker's projection (mode prompt, first N tokens, stripped).
+backend serve with), with the teacher worker's projection (mode prompt, first N tokens, stripped). Oracle rows (evaluation
+only) take the same projection of the reference solution instead, in the teacher's tokens, and load no
+teacher model.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest, EngineResult, Sampler
 from gkt.evaluation.datasets import Example
+from gkt.evaluation.oracle import oracle_guidance
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord
 from gkt.evaluation.scoring import score_example
-from gkt.models import LoadedModel, load_model
+from gkt.models import LoadedModel, load_model, load_tokenizer
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
 
 
@@ -31,6 +35,7 @@ class OfflineRunner:
         self._cache_dir, self._device, self._dtype = cache_dir, device, dtype
         self._teacher: Engine | None = None
         self._student: Engine | None = None
+        self._teacher_tokenizer: Any = None
 
     def run_chunk(self, condition: Condition, examples: Sequence[Example]) -> list[ExampleRecord]:
         """One teacher batch for the chunk (unless the row has no teacher), then one student per example."""
@@ -63,6 +68,8 @@ class OfflineRunner:
     def _guidance(
         self, condition: Condition, examples: Sequence[Example]
     ) -> tuple[list[EngineResult], float]:
+        if condition.oracle:
+            return [self._oracle(example, condition.max_guidance_tokens) for example in examples], 0.0
         if not condition.uses_teacher:
             return [EngineResult(text="", token_count=0, finish_reason="none") for _ in examples], 0.0
         teacher = self._engine("teacher")
@@ -75,7 +82,7 @@ class OfflineRunner:
                     query=example.query,
                     exemplar_set=self.plan.exemplar_set,
                 ),
-                max_new_tokens=condition.guidance_tokens,
+                max_new_tokens=condition.max_guidance_tokens,
                 sampler=Sampler(
                     temperature=_given(self.plan.teacher_temperature),
                     top_p=_given(self.plan.teacher_top_p),
@@ -87,6 +94,15 @@ class OfflineRunner:
         started = time.perf_counter()
         results = teacher.generate(requests)
         return results, time.perf_counter() - started
+
+    def _oracle(self, example: Example, max_tokens: int) -> EngineResult:
+        """The reference solution's first N tokens, counted in the teacher's tokenizer like its guidance."""
+        if self._teacher_tokenizer is None:
+            self._teacher_tokenizer = load_tokenizer(name=self.plan.teacher, cache_dir=self._cache_dir)
+        text, tokens = oracle_guidance(
+            reference=example.reference, tokenizer=self._teacher_tokenizer, max_tokens=max_tokens
+        )
+        return EngineResult(text=text, token_count=tokens, finish_reason="length")
 
     def _complete(self, example: Example, guidance: str) -> tuple[str, int, float]:
         """The student's continuation at batch size 1, as a Celery student would run it."""

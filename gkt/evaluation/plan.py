@@ -6,21 +6,21 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from gkt.jobs import GuidanceMode, Task
+from gkt import paper
+from gkt.evaluation.oracle import ORACLE
+from gkt.paper import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
-
-TEACHER_TEMPERATURE, TEACHER_TOP_P = 0.8, 0.9
-STUDENT_TEMPERATURE, STUDENT_TOP_P = 0.8, 0.95
-GKT_MODES = (GuidanceMode.CUTOFF, GuidanceMode.CONCISE, GuidanceMode.HINT)
 
 
 @dataclass(frozen=True)
 class Condition:
-    """One row of the report: the student alone, the teacher alone, or GKT with one mode and length N."""
+    """One row of the report: the student alone, the teacher alone, GKT with one mode and length N, or the
+    oracle (evaluation only: the first N tokens of the reference solution in place of a teacher's)."""
 
     mode: GuidanceMode
-    guidance_tokens: int = 0
+    max_guidance_tokens: int = 0
     """N for the GKT modes; the length of the teacher's whole answer for the teacher-alone row."""
+    oracle: bool = False
 
     @property
     def name(self) -> str:
@@ -28,15 +28,37 @@ class Condition:
             return "student"
         if self.mode is GuidanceMode.FULL:
             return "teacher"
-        return f"{self.mode.value}-{self.guidance_tokens}"
+        return f"{self.kind}-{self.max_guidance_tokens}"
+
+    @property
+    def kind(self) -> str:
+        """The guidance mode's name, or `oracle`."""
+        return ORACLE if self.oracle else self.mode.value
+
+    @property
+    def guided(self) -> bool:
+        """Whether the student starts from guidance (a teacher's or the oracle's), scored on its own too."""
+        return self.mode is not GuidanceMode.NONE
 
     @property
     def uses_teacher(self) -> bool:
-        return self.mode is not GuidanceMode.NONE
+        return self.guided and not self.oracle
 
     @property
     def uses_student(self) -> bool:
         return self.mode is not GuidanceMode.FULL
+
+    @classmethod
+    def from_name(cls, name: str, *, student_tokens: int) -> Condition:
+        """The row a record's `condition` names: `student`, `teacher`, `cutoff-30`, `oracle-20`."""
+        if name == "student":
+            return cls(GuidanceMode.NONE)
+        if name == "teacher":
+            return cls(GuidanceMode.FULL, student_tokens)
+        kind, _, n = name.rpartition("-")
+        if kind == ORACLE:
+            return cls(GuidanceMode.CUTOFF, int(n), oracle=True)
+        return cls(GuidanceMode(kind), int(n))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,24 +69,31 @@ class EvalPlan:
     teacher: str
     student: str
     modes: tuple[GuidanceMode, ...]
-    guidance_tokens: tuple[int, ...]
+    max_guidance_tokens: tuple[int, ...]
     student_tokens: int
     seed: int = 0
     exemplar_set: ExemplarSet = ExemplarSet.CORRECTED
-    teacher_temperature: float | None = TEACHER_TEMPERATURE
+    teacher_temperature: float | None = paper.TEACHER_TEMPERATURE
     """None: set by the server (live runs: GKT_TEACHER_TEMPERATURE), not by the request."""
-    teacher_top_p: float | None = TEACHER_TOP_P
-    student_temperature: float = STUDENT_TEMPERATURE
-    student_top_p: float = STUDENT_TOP_P
+    teacher_top_p: float | None = paper.TEACHER_TOP_P
+    student_temperature: float = paper.STUDENT_TEMPERATURE
+    student_top_p: float = paper.STUDENT_TOP_P
     runner: str = "offline"
-    baselines: bool = True
+    baselines: tuple[GuidanceMode, ...] = (GuidanceMode.NONE, GuidanceMode.FULL)
+    """The rows without guidance: NONE the student alone, FULL the teacher alone."""
+    oracle: bool = False
+    """Oracle rows (evaluation only) at every N, after the GKT modes'."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Runner settings that do not change answers (batch size, concurrency), recorded for the reader."""
 
     def conditions(self) -> list[Condition]:
-        rows = [Condition(GuidanceMode.NONE), Condition(GuidanceMode.FULL, self.student_tokens)]
-        rows = rows if self.baselines else []
-        return rows + [Condition(mode, n) for mode in self.modes for n in self.guidance_tokens]
+        rows = [Condition(GuidanceMode.NONE)] if GuidanceMode.NONE in self.baselines else []
+        if GuidanceMode.FULL in self.baselines:
+            rows.append(Condition(GuidanceMode.FULL, self.student_tokens))
+        rows += [Condition(mode, n) for mode in self.modes for n in self.max_guidance_tokens]
+        if self.oracle:
+            rows += [Condition(GuidanceMode.CUTOFF, n, oracle=True) for n in self.max_guidance_tokens]
+        return rows
 
     def example_seed(self, index: int) -> int:
         """A seed per example, the same in every row and every run, independent of batch-mates."""
@@ -74,6 +103,6 @@ class EvalPlan:
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the records it extends."""
         data = asdict(self)
-        for free in ("modes", "guidance_tokens", "baselines", "extra"):
+        for free in ("modes", "max_guidance_tokens", "baselines", "oracle", "extra"):
             data.pop(free)
         return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}

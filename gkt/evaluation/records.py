@@ -1,11 +1,13 @@
 """Per-example results: one JSON line per (row, example), appended as soon as the example is done.
 
 The output directory makes a run resumable: `plan.json` pins the settings, `records.jsonl` holds every
-finished example, and a rerun skips what is already there.
+finished example, and a rerun skips what is already there. A kept run's records are compressed in place
+(`gzip -9 records.jsonl` makes `records.jsonl.gz`), and read back from there just the same.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from gkt.evaluation.plan import EvalPlan
 
 PLAN_FILE = "plan.json"
 RECORDS_FILE = "records.jsonl"
+ARCHIVED_RECORDS_FILE = "records.jsonl.gz"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,12 +58,7 @@ class RecordStore:
         directory.mkdir(parents=True, exist_ok=True)
         _check_plan(directory / PLAN_FILE, plan)
         self._path = directory / RECORDS_FILE
-        self.records: dict[tuple[str, int], ExampleRecord] = {}
-        if self._path.exists():
-            for line in self._path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    record = ExampleRecord(**json.loads(line))
-                    self.records[(record.condition, record.index)] = record
+        self.records = read_records(directory)
 
     def done(self, condition: str, index: int) -> bool:
         return (condition, index) in self.records
@@ -69,6 +67,22 @@ class RecordStore:
         with self._path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
         self.records[(record.condition, record.index)] = record
+
+
+def read_records(directory: Path) -> dict[tuple[str, int], ExampleRecord]:
+    """A directory's records by (row, example): the compressed ones, then those appended since."""
+    lines: list[str] = []
+    if (directory / ARCHIVED_RECORDS_FILE).exists():
+        with gzip.open(directory / ARCHIVED_RECORDS_FILE, "rt", encoding="utf-8") as archived:
+            lines += archived.read().splitlines()
+    if (directory / RECORDS_FILE).exists():
+        lines += (directory / RECORDS_FILE).read_text(encoding="utf-8").splitlines()
+    records = {}
+    for line in lines:
+        if line.strip():
+            record = ExampleRecord(**json.loads(line))
+            records[(record.condition, record.index)] = record
+    return records
 
 
 def _check_plan(path: Path, plan: EvalPlan) -> None:

@@ -12,12 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from gkt.evaluation.oracle import ORACLE
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord
 from gkt.jobs import GuidanceMode
 
 SUMMARY_FILE, TABLE_FILE = "summary.json", "table.md"
 ACCURACY_PLOT, TIME_PLOT = "accuracy.png", "time.png"
+ORACLE_SOURCE = "oracle (reference solution)"
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Row:
     name: str
     mode: str
     guidance_tokens: int
+    """The row's N (its max_guidance_tokens; 0 for the baselines), under the report's own column name."""
     models: str
     examples: int
     mean_guidance_tokens: float
@@ -42,10 +45,16 @@ class Row:
 
 
 def summarize(
-    *, plan: EvalPlan, records: Mapping[tuple[str, int], ExampleRecord], dataset: Mapping[str, Any]
+    *,
+    plan: EvalPlan,
+    records: Mapping[tuple[str, int], ExampleRecord],
+    dataset: Mapping[str, Any],
+    conditions: Sequence[Condition] | None = None,
 ) -> dict[str, Any]:
-    """Table 2 over the examples every row has finished, with the settings that produced it."""
-    conditions = plan.conditions()
+    """Table 2 over the examples every row has finished, with the settings that produced it.
+
+    `conditions`: the rows to show (default: the plan's)."""
+    conditions = list(plan.conditions() if conditions is None else conditions)
     indices = sorted(
         set.intersection(*({i for (name, i) in records if name == c.name} for c in conditions))
         if conditions
@@ -62,8 +71,9 @@ def summarize(
         "plan": {
             **plan.identity(),
             "modes": [m.value for m in plan.modes],
-            "guidance_tokens": list(plan.guidance_tokens),
-            "baselines": plan.baselines,
+            "guidance_tokens": list(plan.max_guidance_tokens),
+            "baselines": [m.value for m in plan.baselines],
+            "oracle": plan.oracle,
             **plan.extra,
         },
         "examples": len(indices),
@@ -112,17 +122,17 @@ def _row(
     n = len(records)
     acc = _accuracy(records)
     total = sum(r.seconds for r in records)
-    teacher_side = plan.teacher if condition.uses_teacher else "—"
+    teacher_side = ORACLE_SOURCE if condition.oracle else plan.teacher if condition.uses_teacher else "—"
     student_side = plan.student if condition.uses_student else "—"
     return Row(
         name=condition.name,
-        mode=condition.mode.value,
-        guidance_tokens=condition.guidance_tokens if condition.mode is not GuidanceMode.FULL else 0,
+        mode=condition.kind,
+        guidance_tokens=condition.max_guidance_tokens if condition.mode is not GuidanceMode.FULL else 0,
         models=f"{teacher_side} → {student_side}",
         examples=n,
         mean_guidance_tokens=sum(r.guidance_tokens for r in records) / n,
         mean_student_tokens=sum(r.student_tokens for r in records) / n,
-        acc_teacher=sum(r.teacher_correct for r in records) / n if condition.uses_teacher else None,
+        acc_teacher=sum(r.teacher_correct for r in records) / n if condition.guided else None,
         acc=acc,
         delta_acc=None if student_acc is None else acc - student_acc,
         unparsed=sum(r.answer is None for r in records),
@@ -151,7 +161,8 @@ def _plots(rows: Sequence[Row], directory: Path, *, title: str) -> list[Path]:
         scale = 100.0 if metric == "acc" else 1.0
         for mode in sorted({r.mode for r in rows if r.guidance_tokens and r.mode != "full"}):
             points = sorted((r.guidance_tokens, getattr(r, metric) * scale) for r in rows if r.mode == mode)
-            axes.plot(*zip(*points, strict=True), marker="o", label=f"GKT {mode}")
+            label = "oracle guidance" if mode == ORACLE else f"GKT {mode}"
+            axes.plot(*zip(*points, strict=True), marker="o", label=label)
         for baseline, style, colour in (("student", ":", "tab:green"), ("teacher", "--", "tab:red")):
             for r in rows:
                 if r.name == baseline:
@@ -188,6 +199,8 @@ def _method(row: Row) -> str:
         return "Student alone"
     if row.mode == GuidanceMode.FULL.value:
         return "Teacher alone"
+    if row.mode == ORACLE:
+        return "Oracle guidance (evaluation only)"
     return f"GKT {row.mode}"
 
 

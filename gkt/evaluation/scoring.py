@@ -27,7 +27,7 @@ def score_example(
 ) -> ExampleRecord:
     """The record of one example: only generated text is scored, never the prompt's exemplars."""
     answer = extract_answer(task=task, text=guidance + student_text)
-    teacher_answer = extract_answer(task=task, text=guidance) if condition.uses_teacher else None
+    teacher_answer = extract_answer(task=task, text=guidance) if condition.guided else None
     return ExampleRecord(
         condition=condition.name,
         index=example.index,

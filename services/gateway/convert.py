@@ -7,6 +7,7 @@ import re
 import secrets
 import time
 
+from gkt import paper
 from gkt.errors import InvalidArgument
 from gkt.jobs import Completion, Guidance, GuidanceMode, GuidanceSpec, Job, JobKind, SamplingParams, Task
 from gkt.prompts import student_prompt, teacher_prompt
@@ -27,13 +28,6 @@ _MODES = {
     pb.GUIDANCE_MODE_HINT: GuidanceMode.HINT,
     pb.GUIDANCE_MODE_NONE: GuidanceMode.NONE,
     pb.GUIDANCE_MODE_FULL: GuidanceMode.FULL,
-}
-# The paper's settings per dataset: (guidance tokens, student tokens).
-TASK_DEFAULTS: dict[Task, tuple[int, int]] = {
-    Task.GSM8K: (40, 300),
-    Task.CSQA: (30, 100),
-    Task.AQUA: (20, 100),
-    Task.FREEFORM: (20, 256),
 }
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -60,13 +54,12 @@ def to_job(
     task = _TASKS[request.task]
     if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         raise InvalidArgument("request_id", "1–128 characters of letters, digits and . _ : -")
-    guidance_tokens, student_tokens = TASK_DEFAULTS[task]
-    sampling = SamplingParams(max_new_tokens=student_tokens, seed=secrets.randbits(63))
+    defaults = paper.TASK_DEFAULTS[task]
+    # The seed of a Guide job, which has no sampling of its own, seeds its teacher's sampling alone.
+    sampling = SamplingParams(max_new_tokens=defaults.student_max_new_tokens, seed=secrets.randbits(63))
     if isinstance(request, pb.GenerateRequest):
         sampling = _sampling(request.sampling, default=sampling, settings=settings)
-    spec = _guidance(
-        request.guidance, default_tokens=guidance_tokens, student_tokens=student_tokens, settings=settings
-    )
+    spec = _guidance(request.guidance, defaults=defaults, settings=settings)
     if kind == JobKind.GUIDE and spec.mode in (GuidanceMode.NONE, GuidanceMode.FULL):
         raise InvalidArgument("guidance.mode", "Guide needs a guidance mode: CUTOFF, CONCISE or HINT")
     _check_prompt_size(query=query, task=task, mode=spec.mode, settings=settings)
@@ -84,20 +77,20 @@ def to_job(
 
 
 def _guidance(
-    params: pb.GuidanceParams, *, default_tokens: int, student_tokens: int, settings: GatewaySettings
+    params: pb.GuidanceParams, *, defaults: paper.TaskDefaults, settings: GatewaySettings
 ) -> GuidanceSpec:
     if params.mode not in _MODES:
         raise InvalidArgument("guidance.mode", f"unknown value {params.mode}")
     mode = _MODES[params.mode]
-    tokens = student_tokens if mode == GuidanceMode.FULL else default_tokens
+    # A teacher answering alone (FULL) writes as long an answer as a student would.
+    tokens = defaults.student_max_new_tokens if mode == GuidanceMode.FULL else defaults.max_guidance_tokens
     if params.HasField("max_guidance_tokens"):
         tokens = params.max_guidance_tokens
-        if not 1 <= tokens <= settings.gateway_max_guidance_tokens:
+        if not 1 <= tokens <= settings.max_guidance_tokens:
             raise InvalidArgument(
-                "guidance.max_guidance_tokens",
-                f"is {tokens}; must be 1..{settings.gateway_max_guidance_tokens}",
+                "guidance.max_guidance_tokens", f"is {tokens}; must be 1..{settings.max_guidance_tokens}"
             )
-    return GuidanceSpec(mode=mode, max_tokens=tokens)
+    return GuidanceSpec(mode=mode, max_guidance_tokens=tokens)
 
 
 def _sampling(

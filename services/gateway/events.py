@@ -21,7 +21,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt.jobs import decode_event
-from gkt.queue import MAX_BLOCK_MS, AnyEvent, Keys
+from gkt.keys import Keys
+from gkt.queue import MAX_BLOCK_MS, AnyEvent
 
 log = logging.getLogger(__name__)
 

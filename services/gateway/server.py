@@ -10,17 +10,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gkt.connections import connect_bounded
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2, guidance_pb2_grpc
 from services.gateway.access import AccessInterceptor, Limiter
 from services.gateway.auth import ApiKeys
-from services.gateway.interceptors import (
-    DEADLINE_SLACK_S,
-    DeadlineInterceptor,
-    ErrorMappingInterceptor,
-    InFlightLimitInterceptor,
-    MetricsInterceptor,
-)
+from services.gateway.deadline import DEADLINE_SLACK_S, DeadlineInterceptor
+from services.gateway.errors import ErrorMappingInterceptor
+from services.gateway.interceptors import InFlightLimitInterceptor, MetricsInterceptor
 from services.gateway.service import COMMANDS_CLIENT_NAME, GatewayService
 from services.gateway.servicer import GuidanceServicer
 from services.gateway.settings import GatewaySettings

@@ -14,7 +14,14 @@ from redis.asyncio import Redis
 from gkt import logs, metrics, tracing
 from gkt.connections import connect_reader
 from gkt.dispatch import dispatch_student, student_client
-from gkt.errors import DeadlineExceeded, InvalidArgument, JobFailed, ResourceExhausted, Unavailable
+from gkt.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    JobFailed,
+    ResourceExhausted,
+    StatusCode,
+    Unavailable,
+)
 from gkt.jobs import (
     DeltaEvent,
     ErrorEvent,
@@ -25,34 +32,19 @@ from gkt.jobs import (
     GuidanceSpec,
     Job,
     JobKind,
-    decode_event,
 )
-from gkt.queue import (
-    TAKE_SLOT,
-    AnyEvent,
-    Keys,
-    enqueue_job,
-    publish_event,
-    teacher_capacity,
-)
+from gkt.keys import Keys
+from gkt.liveness import teacher_capacity
+from gkt.queue import AnyEvent, enqueue_job, publish_event
 from services.gateway.events import EventReader
+from services.gateway.limits import TAKE_SLOT
+from services.gateway.request_ids import RequestIds
 from services.gateway.settings import GatewaySettings
 from services.gateway.tenancy import Tenant
 
 log = logging.getLogger(__name__)
 
-# Set a request id's job to ARGV[2] (for ARGV[3] s) when the key is missing or still holds ARGV[1] (the
-# ended job a retry replaces; "" for none); otherwise return the job it holds.
-_REPLACE_REQUEST = """
-local current = redis.call('GET', KEYS[1])
-if not current or current == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-  return false
-end
-return current
-"""
-
-_ENDED_BY_ITS_CALLER = {"CANCELLED", "DEADLINE_EXCEEDED"}
+_ENDED_BY_ITS_CALLER = {StatusCode.CANCELLED, StatusCode.DEADLINE_EXCEEDED}
 
 COMMANDS_CLIENT_NAME = "gkt-gateway"
 READER_CLIENT_NAME = "gkt-gateway-reader"
@@ -68,7 +60,7 @@ class GatewayService:
         self.keys = Keys(settings.key_prefix)
         self._celery = student_client(broker_url=settings.redis_url, key_prefix=settings.key_prefix)
         self._take_slot = redis.register_script(TAKE_SLOT)
-        self._replace_request = redis.register_script(_REPLACE_REQUEST)
+        self.request_ids = RequestIds(redis=redis, keys=self.keys, ttl_s=settings.job_ttl_s)
         self._was_degraded = False
         self.events = EventReader(
             reader=connect_reader(settings.redis_url, client_name=READER_CLIENT_NAME),
@@ -136,7 +128,7 @@ class GatewayService:
         if holds_slot:
             await self._take_queue_slot(job, tenant=tenant)
         if job.request_id:
-            earlier = await self._claim_request_id(job, tenant=tenant)
+            earlier = await self.request_ids.claim(job, tenant=tenant)
             if earlier is not None:
                 if holds_slot:
                     await self.redis.zrem(self.keys.queued(tenant.id), job.id)
@@ -156,40 +148,6 @@ class GatewayService:
             },
         )
         return job, True
-
-    async def _claim_request_id(self, job: Job, *, tenant: Tenant) -> Job | None:
-        """Make `job` the job of its request id, unless the id names a job to attach to: one answered (its
-        stored answer is replayed) or one still on its way within its deadline. A job that ended without an
-        answer (cancelled, failed, or past its deadline) is replaced, so a retry starts afresh. Returns the
-        job to attach to, or None when `job` is the request's job now."""
-        key = self.keys.request(tenant.id, job.request_id)
-        replacing: Any = None
-        while True:
-            current: Any = await self._replace_request(
-                keys=[key], args=[replacing or "", job.model_dump_json(), self.settings.job_ttl_s]
-            )
-            if current is None:
-                if replacing is not None:
-                    log.info(
-                        "request_id's earlier job ended unanswered: starting afresh",
-                        extra={"request_id": job.request_id},
-                    )
-                return None
-            earlier = Job.model_validate_json(current)
-            if not await self._ended_unanswered(earlier):
-                return earlier
-            replacing = current  # unless another retry replaced it first, then that one is followed
-
-    async def _ended_unanswered(self, job: Job) -> bool:
-        """Whether a job will never be answered: it failed, was cancelled, or its deadline passed first."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xrevrange(self.keys.events(job.id), count=1)
-            pipe.exists(self.keys.cancelled(job.id))
-            last, cancelled = await pipe.execute()
-        event = decode_event(last[0][1][b"e"]) if last else None
-        if isinstance(event, FinalEvent):
-            return False
-        return isinstance(event, ErrorEvent) or bool(cancelled) or job.expired()
 
     async def _take_queue_slot(self, job: Job, *, tenant: Tenant) -> None:
         """Count the job among its tenant's jobs waiting for a teacher, or refuse it when the tenant has
@@ -276,7 +234,7 @@ class GatewayService:
                             continue
                         event, shown = unseen, unseen.offset + len(unseen.text)
                     if isinstance(event, ErrorEvent):
-                        if event.code == InvalidArgument.code and event.field:
+                        if event.code == StatusCode.INVALID_ARGUMENT and event.field:
                             raise InvalidArgument(event.field, event.message)
                         raise JobFailed(event.code, event.message)
                     yield event
@@ -298,18 +256,22 @@ class GatewayService:
         """Keep the queue gauges current for dashboards and autoscalers."""
         while True:
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xlen(self.keys.queries)
-                    pipe.llen(self.keys.student_queue)
-                    pipe.xrange(self.keys.queries, count=1)
-                    pipe.time()
-                    depth, student_depth, oldest, (seconds, micros) = await pipe.execute()
-                metrics.GATEWAY_QUEUE_DEPTH.set(depth)
-                metrics.GATEWAY_STUDENT_QUEUE_DEPTH.set(student_depth)
-                metrics.GATEWAY_OLDEST_JOB_AGE.set(_age_s(oldest, now_s=seconds + micros / 1e6))
+                await self.sample_queues_once()
             except Exception:
                 log.warning("queue sampling failed", exc_info=True)
             await asyncio.sleep(interval_s)
+
+    async def sample_queues_once(self) -> None:
+        """Set the queue gauges from one look at Redis: both queues' depths and the oldest query's age."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.keys.queries)
+            pipe.llen(self.keys.student_queue)
+            pipe.xrange(self.keys.queries, count=1)
+            pipe.time()
+            depth, student_depth, oldest, (seconds, micros) = await pipe.execute()
+        metrics.GATEWAY_QUEUE_DEPTH.set(depth)
+        metrics.GATEWAY_STUDENT_QUEUE_DEPTH.set(student_depth)
+        metrics.GATEWAY_OLDEST_JOB_AGE.set(_age_s(oldest, now_s=seconds + micros / 1e6))
 
 
 def _age_s(entries: list[Any], *, now_s: float) -> float:
@@ -326,7 +288,11 @@ def _student_only(job: Job) -> Job:
     if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
         raise Unavailable("no teacher is reading queries, so no guidance can be written; retry later")
     return job.model_copy(
-        update={"guidance": GuidanceSpec(mode=GuidanceMode.NONE, max_tokens=job.guidance.max_tokens)}
+        update={
+            "guidance": GuidanceSpec(
+                mode=GuidanceMode.NONE, max_guidance_tokens=job.guidance.max_guidance_tokens
+            )
+        }
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from gkt.errors import JobFailed
+from gkt.errors import JobFailed, StatusCode
 from gkt.jobs import DeltaEvent, FinalEvent, GuidanceEvent, GuidanceMode, Job, JobKind
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
@@ -33,7 +33,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                 return convert.generate_response(
                     accepted, event.completion, now=time.time(), degraded=_degraded(job, accepted)
                 )
-        raise JobFailed("INTERNAL", "the job ended without an answer")
+        raise JobFailed(StatusCode.INTERNAL, "the job ended without an answer")
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -62,7 +62,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
         async for accepted, event in self.service.run(job, tenant=tenancy.current()):
             if isinstance(event, FinalEvent):
                 return convert.guide_response(accepted, event.completion.guidance, now=time.time())
-        raise JobFailed("INTERNAL", "the job ended without guidance")
+        raise JobFailed(StatusCode.INTERNAL, "the job ended without guidance")
 
 
 def _degraded(requested: Job, accepted: Job) -> bool:

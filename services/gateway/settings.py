@@ -129,9 +129,6 @@ class GatewaySettings(CommonSettings):
         description="Longest model prompt (the task's few-shot exemplars plus the query), in characters: "
         "the gateway has no tokenizer; the workers check tokens against their model's context.",
     )
-    gateway_max_guidance_tokens: int = Field(
-        default=512, ge=1, description="Largest max_guidance_tokens accepted."
-    )
     gateway_max_new_tokens: int = Field(
         default=1024, ge=1, description="Largest student max_new_tokens accepted."
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -19,8 +18,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from gkt.keys import STUDENT_QUEUE
 from gkt.logs import configure_logging
-from gkt.queue import STUDENT_QUEUE
 from services.student.settings import StudentSettings
 
 log = logging.getLogger("gkt.student.supervisor")
@@ -39,7 +38,7 @@ def worker_command(*, name: str, log_level: str) -> list[str]:
     ]  # fmt: skip
 
 
-def supervise(command: list[str]) -> int:
+def supervise(command: list[str], *, metrics_dir: Path | None) -> int:
     """Run `command` until told to stop, starting it again each time it dies; returns its last status."""
     stopping = False
     child: subprocess.Popen[bytes] | None = None
@@ -55,7 +54,7 @@ def supervise(command: list[str]) -> int:
     backoff = 1.0
     while True:
         started = time.monotonic()
-        _clear_metrics()
+        _clear_metrics(metrics_dir)
         child = subprocess.Popen(command)
         status = child.wait()
         if stopping:
@@ -74,12 +73,12 @@ def supervise(command: list[str]) -> int:
         backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
 
-def _clear_metrics() -> None:
+def _clear_metrics(directory: Path | None) -> None:
     """Start each worker with an empty metrics directory: a dead worker's files (or those of an earlier
     run of a restarted container) must not be summed into the new one's."""
-    if directory := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        for stale in Path(directory).glob("*.db"):
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
             stale.unlink(missing_ok=True)
 
 
@@ -92,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = StudentSettings()
     configure_logging(level=settings.log_level, service="student")
     log.info("supervising a student worker", extra={"host": socket.gethostname()})
-    return supervise(worker_command(name=args.name, log_level=settings.log_level))
+    return supervise(
+        worker_command(name=args.name, log_level=settings.log_level),
+        metrics_dir=settings.prometheus_multiproc_dir,
+    )
 
 
 if __name__ == "__main__":

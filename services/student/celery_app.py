@@ -1,12 +1,14 @@
 """The student Celery app (module-level: Celery workers import it by name).
 
 A worker runs a threads pool with one thread per batch slot: each thread holds one job and waits on
-the process's engine, which decodes all of them together (`services.student.runtime`).
+the process's backend, which decodes all of them together or streams each from a server
+(`services.student.runtime`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery
@@ -14,13 +16,16 @@ from celery.signals import worker_init, worker_shutdown
 
 from gkt import tracing
 from gkt.connections import celery_broker
+from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from gkt.queue import STUDENT_QUEUE, STUDENT_TASK
 from services.student import broker, runtime
-from services.student.settings import StudentSettings
+from services.student.settings import REMOTE_BACKENDS, StudentServerSettings, StudentSettings
 
 settings = StudentSettings()
+remote = StudentServerSettings() if settings.student_backend in REMOTE_BACKENDS else None
+STARTUP_FAILED = 3
+"""The worker's exit status when its backend cannot start (a model that does not load, a server refused)."""
 
 app = Celery("gkt-student", include=["services.student.tasks"])
 app.conf.update(
@@ -69,10 +74,20 @@ def send_again(job_json: str, guidance_json: str) -> None:
 def _on_worker_init(**_: Any) -> None:
     configure_logging(level=settings.log_level, service="student")
     log.info("settings %s", settings.describe())
-    serve_metrics(port=settings.student_metrics_port, addr=settings.metrics_addr)
+    serve_metrics(
+        port=settings.student_metrics_port,
+        addr=settings.metrics_addr,
+        multiprocess_dir=settings.prometheus_multiproc_dir,
+    )
     tracing.configure(tracing.TracingSettings(), service="student")
-    # The model loads before the worker consumes: a task never waits for it.
-    runtime.install(runtime.StudentRuntime.start(settings, send_task=send_again))
+    # The model loads (or the server is checked) before the worker consumes: a task never waits for it.
+    try:
+        runtime.install(runtime.StudentRuntime.start(settings, remote=remote, send_task=send_again))
+    except Exception as exc:
+        # Celery would log a failed signal handler and consume anyway, failing every task: exit instead
+        # (the parent, `python -m services.student`, starts a new worker after a backoff).
+        log.critical("student cannot start: %s: %s", type(exc).__name__, exc)
+        os._exit(STARTUP_FAILED)
 
 
 @worker_shutdown.connect

@@ -1,4 +1,4 @@
-"""One student job: claim it, continue the teacher's guidance on the shared engine, stream, publish.
+"""One student job: claim it, continue the teacher's guidance on the process's backend, stream, publish.
 
 This is the logic of the Celery task, kept apart from Celery so it is tested without it.
 """
@@ -14,19 +14,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import metrics, tracing
 from gkt.answers import extract_answer
-from gkt.decoding import check_room, encode
-from gkt.engine import Engine, EngineRequest, EngineResult, Generation, Sampler
-from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument
+from gkt.engine import EngineResult
+from gkt.errors import Cancelled, DeadlineExceeded, GktError, InvalidArgument, StatusCode
 from gkt.jobs import Completion, DeltaEvent, ErrorEvent, FinalEvent, Guidance, Job
 from gkt.leases import Claim, Lease
 from gkt.prompts import STOP_SEQUENCE, student_prompt
-from gkt.queue import SyncEventPublisher
+from gkt.publisher import SyncEventPublisher
+from gkt.remote.errors import BackendError
+from services.student.backends.base import Stream, StudentBackend, StudentRequest
 from services.student.jobbook import JobBook, LeaseLost
 
 log = logging.getLogger(__name__)
 
 _GRACE_S = 10.0
-"""How long past a generation's deadline a job waits for the engine's own verdict."""
+"""How long past a generation's deadline a job waits for the backend's own verdict."""
 REDIS_AWAY = (RedisConnectionError, RedisTimeoutError)
 """Redis errors the student's client raises only after waiting out an outage (`services.student.runtime`)."""
 
@@ -44,7 +45,7 @@ class JobLimits:
 
 def run_job(
     *,
-    engine: Engine,
+    backend: StudentBackend,
     job: Job,
     guidance: Guidance,
     publisher: SyncEventPublisher,
@@ -62,7 +63,7 @@ def run_job(
         return
     try:
         _run_claimed(
-            engine=engine,
+            backend=backend,
             job=job,
             guidance=guidance,
             publisher=publisher,
@@ -87,7 +88,7 @@ def run_job(
 
 def _run_claimed(
     *,
-    engine: Engine,
+    backend: StudentBackend,
     job: Job,
     guidance: Guidance,
     publisher: SyncEventPublisher,
@@ -100,7 +101,7 @@ def _run_claimed(
         log.error("student job dead-lettered", extra={"job_id": job.id, "attempts": lease.attempt - 1})
         publisher.dead_letter(job, reason=message)
         metrics.STUDENT_JOBS.labels("dead_lettered").inc()
-        publisher.publish_final(job.id, ErrorEvent(code="INTERNAL", message=message))
+        publisher.publish_final(job.id, ErrorEvent(code=StatusCode.INTERNAL, message=message))
         return
     tracing.record_span(
         "gkt.student.queue_wait", traceparent=job.traceparent, start=guidance.published_at, end=time.time()
@@ -111,7 +112,7 @@ def _run_claimed(
             "gkt.student.generate", traceparent=job.traceparent, attributes={"gkt.attempt": lease.attempt}
         ):
             completion, last_delta = complete(
-                engine=engine,
+                backend=backend,
                 job=job,
                 guidance=guidance,
                 publisher=publisher,
@@ -141,7 +142,7 @@ def _run_claimed(
 
 def complete(
     *,
-    engine: Engine,
+    backend: StudentBackend,
     job: Job,
     guidance: Guidance,
     publisher: SyncEventPublisher,
@@ -149,12 +150,13 @@ def complete(
     attempt: int,
     limits: JobLimits,
 ) -> tuple[Completion, DeltaEvent | None]:
-    """Generate on the engine beside other jobs, streaming deltas; return the completion and its last
+    """Generate on the backend beside other jobs, streaming deltas; return the completion and its last
     delta, still to publish (with the final event, in one round trip).
 
     Deltas are coalesced: one Redis round trip (publish what is new, check the durable cancel mark) at
     most every `stream_interval_s`, the first delta at once. A cancellation heard on the channel
-    (`SyncEventPublisher.watch_cancellations`) stops the row at the engine's next step.
+    (`SyncEventPublisher.watch_cancellations`) stops the job at the engine's next step, or closes its
+    server stream.
     """
     started_at = time.time()
     started = time.perf_counter()
@@ -164,38 +166,25 @@ def complete(
         raise DeadlineExceeded("the deadline passed before a student started the job")
     if publisher.heard_cancel(job.id) or publisher.cancelled(job.id):
         raise Cancelled("the client cancelled the job before a student started it")
-    lm = engine.lm
     prompt = student_prompt(task=job.task, query=job.query, guidance=guidance.text)
     params = job.sampling
-    prompt_ids = encode(lm, prompt)
-    check_room(
-        lm,
-        prompt_tokens=len(prompt_ids),
-        max_new_tokens=params.max_new_tokens,
-        length_field="sampling.max_new_tokens",
-    )
     time_limit = started_at + limits.time_limit_s
-    generation = engine.submit(
-        EngineRequest(
-            prompt_ids=prompt_ids,
-            sampler=Sampler(
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k,
-                repetition_penalty=params.repetition_penalty,
-                seed=params.seed,
-            ),
-            max_new_tokens=params.max_new_tokens,
+    deadline = min(job.deadline, time_limit) if job.deadline is not None else time_limit
+    generation = backend.submit(
+        StudentRequest(
+            prompt=prompt,
+            sampling=params,
             stop=(STOP_SEQUENCE, *params.stop),
             strip_leading=not guidance.text,
-            deadline=min(job.deadline, time_limit) if job.deadline is not None else time_limit,
+            deadline=deadline,
             cancelled=lambda: publisher.heard_cancel(job.id) or book.lost(job.id),
-            prompt=prompt,
         )
     )
-    result = _stream(generation=generation, job=job, publisher=publisher, attempt=attempt, limits=limits)
+    result = _stream(
+        generation=generation, deadline=deadline, job=job, publisher=publisher, attempt=attempt, limits=limits
+    )
     if result.item is None:
-        raise AssertionError("the engine ended a generation without a result")
+        raise AssertionError("the backend ended a generation without a result")
     outcome = result.item
     if outcome.finish_reason == "cancelled":
         if book.lost(job.id):
@@ -238,13 +227,19 @@ class _Streamed:
 
 
 def _stream(
-    *, generation: Generation, job: Job, publisher: SyncEventPublisher, attempt: int, limits: JobLimits
+    *,
+    generation: Stream,
+    deadline: float,
+    job: Job,
+    publisher: SyncEventPublisher,
+    attempt: int,
+    limits: JobLimits,
 ) -> _Streamed:
-    """Publish the generation's deltas as they come (coalesced), until its result arrives. The engine
-    ends every row by its deadline; should it ever fail to, the job still ends soon after."""
+    """Publish the generation's deltas as they come (coalesced), until its result arrives. The backend
+    ends every generation by its deadline; should it ever fail to, the job still ends soon after."""
     state = _Streamed()
     last_sync = 0.0
-    give_up_at = (generation.request.deadline or time.time() + limits.time_limit_s) + _GRACE_S
+    give_up_at = deadline + _GRACE_S
     while state.item is None:
         if time.time() > give_up_at:
             generation.cancel()
@@ -270,6 +265,8 @@ def _finish_with_error(publisher: SyncEventPublisher, job: Job, exc: GktError) -
     metrics.STUDENT_JOBS.labels("failed").inc()
     if isinstance(exc, InvalidArgument):
         event = ErrorEvent(code=exc.code, message=exc.description, field=exc.field)
+    elif isinstance(exc, BackendError):
+        event = ErrorEvent(code=exc.code, message=exc.message, field=exc.field)
     else:
         event = ErrorEvent(code=exc.code, message=exc.message)
     publisher.publish_final(job.id, event)

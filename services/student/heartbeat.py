@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 
 from redis import Redis
 from redis.exceptions import RedisError
 
-from gkt.queue import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, heartbeat_value
+from gkt.liveness import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, write_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,9 @@ class Heartbeat:
             self.redis.delete(self.key)
 
     def beat(self) -> None:
-        value = heartbeat_value(at=time.time(), busy=self.busy, capacity=self.capacity)
-        self.redis.set(self.key, value, ex=HEARTBEAT_TTL_S)
+        write_heartbeat(
+            self.redis, key=self.key, ttl_s=HEARTBEAT_TTL_S, busy=self.busy, capacity=self.capacity
+        )
 
     def _run(self) -> None:
         while True:

@@ -8,8 +8,8 @@ from redis import Redis
 
 from gkt import leases
 from gkt.jobs import Guidance, Job
+from gkt.keys import Keys
 from gkt.leases import Claim, Lease, Orphan
-from gkt.queue import Keys
 
 
 class LeaseLost(Exception):

@@ -1,5 +1,6 @@
-"""A student process's state, built once at start: the model's engine, the Redis publisher, the jobs it
-holds, its heartbeat, and the timer that keeps its jobs' leases fresh and takes over orphaned jobs."""
+"""A student process's state, built once at start: its backend (the model's engine, or an inference
+server's client), the Redis publisher, the jobs it holds, its heartbeat, and the timer that keeps its
+jobs' leases fresh and takes over orphaned jobs."""
 
 from __future__ import annotations
 
@@ -10,19 +11,17 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
 from gkt import leases, metrics
 from gkt.connections import connect, outlasting
-from gkt.decoding import PrefixCache, encode, few_shot_prefixes
-from gkt.engine import Engine, EngineRequest
-from gkt.jobs import Guidance, GuidanceMode, Job
-from gkt.models import load_model
-from gkt.queue import Keys, SyncEventPublisher
+from gkt.jobs import Guidance, Job
+from gkt.keys import Keys
+from gkt.publisher import SyncEventPublisher
+from services.student.backends import build_backend
+from services.student.backends.base import StudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.heartbeat import Heartbeat
 from services.student.jobbook import JobBook
-from services.student.settings import StudentSettings
+from services.student.settings import StudentServerSettings, StudentSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +40,14 @@ class StudentRuntime:
         self,
         *,
         settings: StudentSettings,
-        engine: Engine,
+        backend: StudentBackend,
         publisher: SyncEventPublisher,
         book: JobBook,
         heartbeat: Heartbeat,
         send_task: SendTask,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        self.backend = backend
         self.publisher = publisher
         self.book = book
         self.heartbeat = heartbeat
@@ -62,30 +61,12 @@ class StudentRuntime:
         self._timer = threading.Thread(target=self._keep_alive, name="gkt-student-timer", daemon=True)
 
     @classmethod
-    def start(cls, settings: StudentSettings, *, send_task: SendTask) -> StudentRuntime:
-        """Load the model, warm it, start the engine, the heartbeat and the timer; the first heartbeat
-        says ready."""
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        lm = load_model(
-            name=settings.student_model,
-            cache_dir=settings.model_cache_dir,
-            device=settings.student_device,
-            dtype=settings.student_dtype,
-        )
-        # Student prompts are task prompts: their shared prefixes are those of the `cutoff` mode.
-        texts = few_shot_prefixes(modes=[GuidanceMode.CUTOFF]) if settings.student_prefix_cache else []
-        prefixes = PrefixCache(lm, texts=texts)
-        engine = Engine(
-            lm,
-            max_batch=settings.student_max_batch,
-            prefix_cache=prefixes,
-            on_step=metrics.STUDENT_BATCH_ROWS.observe,
-        )
-        if settings.student_warmup:
-            prefixes.warm()
-            engine.generate([EngineRequest(prompt_ids=encode(lm, "Q: 1+1?\nA:"), max_new_tokens=2)])
-        engine.start()
+    def start(
+        cls, settings: StudentSettings, *, remote: StudentServerSettings | None, send_task: SendTask
+    ) -> StudentRuntime:
+        """Start the backend (load and warm the model, or connect to its server), the heartbeat and the
+        timer; the first heartbeat says ready."""
+        backend = build_backend(settings, remote=remote)
         keys = Keys(settings.key_prefix)
         redis = connect(settings.redis_url, retry=outlasting(REDIS_OUTAGE_S))
         publisher = SyncEventPublisher(redis, keys=keys, ttl_s=settings.job_ttl_s)
@@ -99,7 +80,7 @@ class StudentRuntime:
         )
         runtime = cls(
             settings=settings,
-            engine=engine,
+            backend=backend,
             publisher=publisher,
             book=book,
             heartbeat=heartbeat,
@@ -108,14 +89,14 @@ class StudentRuntime:
         heartbeat.start()
         runtime._timer.start()
         metrics.STUDENT_WORKERS.set(settings.student_max_batch)
-        log.info("student ready", extra={"max_batch": settings.student_max_batch})
+        log.info("student ready", extra={"max_batch": settings.student_max_batch, "backend": backend.name})
         return runtime
 
     def run(self, job: Job, guidance: Guidance) -> None:
         self.heartbeat.job_started()
         try:
             run_job(
-                engine=self.engine,
+                backend=self.backend,
                 job=job,
                 guidance=guidance,
                 publisher=self.publisher,
@@ -128,7 +109,7 @@ class StudentRuntime:
     def stop(self) -> None:
         self._stopping.set()
         self.heartbeat.stop()
-        self.engine.stop()
+        self.backend.stop()
         self.publisher.stop_watching()
 
     def _keep_alive(self) -> None:

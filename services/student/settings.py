@@ -2,24 +2,46 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from gkt.config import CommonSettings
+from gkt.remote.settings import RemoteServerSettings
+
+BUNDLED_STUDENT = "smollm2-135m-instruct"
+"""The model the local backend loads when GKT_STUDENT_MODEL is empty."""
+REMOTE_BACKENDS = ("openai", "tgi")
+"""The backends that stream from an inference server (`StudentServerSettings` says how)."""
 
 
 class StudentSettings(CommonSettings):
     """Which student model, and the limits a job runs under."""
 
+    student_backend: Literal["local", "openai", "tgi"] = Field(
+        default="local",
+        description="local: the model in this process; openai: an OpenAI-compatible completions server "
+        "(vLLM, llama.cpp, TGI's /v1); tgi: TGI's /generate_stream. Remote ones read GKT_STUDENT_URL & co.",
+    )
     student_model: str = Field(
-        default="smollm2-135m-instruct",
-        min_length=1,
-        description="Bundled alias, Hugging Face id or directory.",
+        default="",
+        max_length=256,
+        description=f"The student model. local: a bundled alias, Hugging Face id or directory (empty: "
+        f"{BUNDLED_STUDENT}); openai: the name the server serves it under (empty: the only model its "
+        "/v1/models lists); tgi: unused (a TGI server serves one model).",
     )
     student_device: str = Field(default="cpu", description="torch device.")
     student_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Weights dtype."
+    )
+    student_max_new_tokens: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="Longest completion a job may ask for (keep it at GKT_GATEWAY_MAX_NEW_TOKENS): a model or "
+        "server that cannot generate it beside a prompt is refused at start-up.",
     )
     student_task_time_limit_s: int = Field(
         default=300,
@@ -62,6 +84,31 @@ class StudentSettings(CommonSettings):
         le=10_000,
         description="Token deltas are coalesced into one event (one Redis round trip) per this many ms.",
     )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="prometheus-client's multiprocess directory: the worker writes its metrics there and serves "
+        "them; emptied before each worker starts. Unset: plain metrics.",
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process (0 = default)."
+    )
+
+    @property
+    def local_model(self) -> str:
+        """The model the local backend loads."""
+        return self.student_model or BUNDLED_STUDENT
+
+
+class StudentServerSettings(RemoteServerSettings):
+    """How a student reaches its remote inference server (`openai` or `tgi` backend): `GKT_STUDENT_*`;
+    which model it asks for is `StudentSettings.student_model`."""
+
+    model_config = SettingsConfigDict(env_prefix="GKT_STUDENT_", extra="ignore", env_ignore_empty=True)
+
+    request_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for a stream's first token (retried until then), and for each next one.",
     )

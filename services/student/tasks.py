@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gkt import logs
 from gkt.jobs import Guidance, Job
-from gkt.queue import STUDENT_TASK
+from gkt.keys import STUDENT_TASK
 from services.student import runtime
 from services.student.celery_app import app
 

@@ -14,21 +14,18 @@ from gkt.dispatch import dispatch_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
 from services.teacher.backends import build_backend
-from services.teacher.settings import TeacherSettings
+from services.teacher.settings import REMOTE_BACKENDS, TeacherServerSettings, TeacherSettings
 from services.teacher.worker import TeacherWorker
 
 log = logging.getLogger("gkt.teacher")
 
 
-async def serve(settings: TeacherSettings) -> None:
-    if settings.teacher_start_delay_s:
-        log.warning("start delayed by %.0f s (GKT_TEACHER_START_DELAY_S)", settings.teacher_start_delay_s)
-        await asyncio.sleep(settings.teacher_start_delay_s)
+async def serve(settings: TeacherSettings, *, remote: TeacherServerSettings | None) -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    backend = build_backend(settings)
+    backend = build_backend(settings, remote=remote)
     await backend.start()
-    backend.check_limits(max_new_tokens=settings.teacher_max_guidance_tokens)
+    backend.check_limits(max_guidance_tokens=settings.max_guidance_tokens)
     redis = connect_async(settings.redis_url)
     celery = student_client(broker_url=settings.redis_url, key_prefix=settings.key_prefix)
     worker = TeacherWorker(
@@ -51,10 +48,11 @@ async def serve(settings: TeacherSettings) -> None:
 
 def main() -> None:
     settings = TeacherSettings()
+    remote = TeacherServerSettings() if settings.teacher_backend in REMOTE_BACKENDS else None
     configure_logging(level=settings.log_level, service="teacher")
     tracing.configure(tracing.TracingSettings(), service="teacher")
     log.info("settings %s", settings.describe())
-    asyncio.run(serve(settings))
+    asyncio.run(serve(settings, remote=remote))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gkt.jobs import Job
-from gkt.queue import MAX_BLOCK_MS, TEACHER_GROUP, Keys
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.queue import MAX_BLOCK_MS
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ async def claim_stale(
     broken: list[str] = []
     _parse(claimed, batch, broken)
     counts: dict[str, int] = {}
+    if claimed:
+        log.warning("took over jobs left unacknowledged too long", extra={"jobs": len(claimed)})
     if batch:
         pending: Any = await redis.xpending_range(
             keys.queries,

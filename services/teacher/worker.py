@@ -1,5 +1,9 @@
-"""The teacher loop: collect a batch, drop what expired or was cancelled, generate guidance, publish it
-and dispatch students, then ack."""
+"""The teacher loop: take jobs, drop what expired or was cancelled, generate guidance, publish it and
+dispatch students, then ack — one batch at a time, or pipelined (`services.teacher.pipeline`).
+
+Longer than most modules: the loop's steps, the takeover of dead teachers' jobs interleaved with them, and
+the heartbeat and pace the worker publishes all use the worker's state, and read best in one place.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Sequence
 
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.asyncio import Redis
@@ -15,46 +19,39 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gkt import leases, logs, metrics, tracing
-from gkt.answers import extract_answer
+from gkt import logs, metrics
+from gkt.errors import StatusCode
 from gkt.jobs import (
-    Completion,
     ErrorEvent,
-    FinalEvent,
-    Guidance,
-    GuidanceEvent,
     GuidanceMode,
     Job,
-    JobKind,
 )
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import teacher_pace, write_heartbeat
 from gkt.prompts import STOP_SEQUENCE, teacher_prompt
 from gkt.queue import (
-    DEAD_LETTERS_MAXLEN,
     MAX_BLOCK_MS,
-    TEACHER_GROUP,
-    AnyEvent,
-    Keys,
+    add_dead_letter,
     cancelled_jobs,
     ensure_group,
-    heartbeat_value,
     publish_events,
     publish_final,
-    teacher_pace,
 )
-from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult, TeacherBackend
+from services.teacher.backends.base import GenerationRequest, TeacherBackend
 from services.teacher.batching import Delivery, claim_from_dead, claim_stale, collect_batch
+from services.teacher.pipeline import NO_GUIDANCE, Generated, Pipeline
+from services.teacher.publishing import Dispatch, publish_guidance
 from services.teacher.settings import TeacherSettings
 
 log = logging.getLogger(__name__)
 
-Dispatch = Callable[[Job, Guidance], None]
 _REDIS_RETRY_S = 1.0
 _READ_MARK_TTL_S = 86_400
 _TAKEOVER_CHECK_S = 2.0
 
 
 class TeacherWorker:
-    """Drains the query stream; one backend call per batch; never acks before publishing."""
+    """Drains the query stream, a batch at a time or pipelined; never acks a job before publishing it."""
 
     def __init__(
         self, *, settings: TeacherSettings, redis: Redis, backend: TeacherBackend, dispatch: Dispatch
@@ -93,100 +90,103 @@ class TeacherWorker:
                     await pipe.execute()
 
     async def _serve(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self._mark_read()
-                batch = await self._next_batch()
-                if batch:
-                    await self.process(batch)
-            except (RedisConnectionError, RedisTimeoutError, BrokerUnavailable) as exc:
-                # Unacknowledged jobs stay pending in the group: this teacher (or another) claims them later.
-                log.warning("redis unavailable; retrying", extra={"error": str(exc)})
-                await asyncio.sleep(_REDIS_RETRY_S)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # Redis restarted without persistence: the stream and its group are gone. Jobs the
-                # gateway enqueues from now on recreate the stream; the group must be made again.
-                log.warning("consumer group missing (redis restarted?); recreating it")
-                await ensure_group(self.redis, keys=self.keys)
+        pipeline = (
+            Pipeline(worker=self, limit=self.in_flight_limit()) if self.settings.teacher_pipeline else None
+        )
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if pipeline is not None:
+                        await pipeline.admit(stopping=self._stopping)
+                        continue
+                    await self.mark_read()
+                    batch = await self.next_deliveries(count=self.settings.teacher_max_batch_size)
+                    if batch:
+                        await self.process(batch)
+                except (RedisConnectionError, RedisTimeoutError, BrokerUnavailable) as exc:
+                    # Unacknowledged jobs stay pending in the group: this teacher (or another) claims them later.
+                    log.warning("redis unavailable; retrying", extra={"error": str(exc)})
+                    await asyncio.sleep(_REDIS_RETRY_S)
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # Redis restarted without persistence: the stream and its group are gone. Jobs the
+                    # gateway enqueues from now on recreate the stream; the group must be made again.
+                    log.warning("consumer group missing (redis restarted?); recreating it")
+                    await ensure_group(self.redis, keys=self.keys)
+        finally:
+            if pipeline is not None:
+                await pipeline.drain()
+
+    def in_flight_limit(self) -> int:
+        """Jobs the pipelined teacher keeps generating at once (GKT_TEACHER_MAX_IN_FLIGHT, or the
+        backend's own concurrency)."""
+        return self.settings.teacher_max_in_flight or max(1, self.backend.concurrency)
 
     async def process(self, batch: Sequence[Delivery]) -> None:
         """Steps 2–4 for one batch: generate, publish + dispatch, acknowledge."""
         began = time.perf_counter()
         metrics.TEACHER_BATCH_SIZE.observe(len(batch))
-        for delivery in batch:
-            metrics.TEACHER_QUEUE_WAIT.observe(max(0.0, delivery.dequeued_at - delivery.job.enqueued_at))
-        live = [d for d in batch if not d.job.expired()]
-        for expired in (d for d in batch if d.job.expired()):
-            await self._fail(expired.job, "DEADLINE_EXCEEDED", "the deadline passed while the job was queued")
-        live = await self._drop_cancelled(live)
+        live = await self.screen(batch)
 
         # 2) generate: one backend call for every job that needs the teacher
         needs_teacher = [d for d in live if d.job.guidance.mode != GuidanceMode.NONE]
         started, started_at = time.perf_counter(), time.time()
-        results = await self.backend.generate_batch([self._request(d.job) for d in needs_teacher])
+        results = await self.backend.generate_batch([self.request(d.job) for d in needs_teacher])
         teacher_seconds = time.perf_counter() - started
         if needs_teacher:
             metrics.TEACHER_GENERATION.observe(teacher_seconds)
-        by_job: dict[str, GenerationResult | BackendError] = {
-            d.job.id: r for d, r in zip(needs_teacher, results, strict=True)
-        }
+        by_job = {d.job.id: r for d, r in zip(needs_teacher, results, strict=True)}
 
-        # 3) publish every job's guidance (and the answer of Guide and FULL jobs) in one round trip, then
-        # send the student tasks: a student never starts before its guidance is in the job's stream
-        outbox: list[tuple[str, AnyEvent]] = []
-        students: list[tuple[Job, Guidance]] = []
-        for delivery in live:
-            job = delivery.job
-            result = by_job.get(job.id, GenerationResult(text="", token_count=0, finish_reason="none"))
-            if isinstance(result, BackendError):
-                metrics.TEACHER_BACKEND_ERRORS.labels(result.kind).inc()
-                await self._fail(job, result.code, result.message, field=result.field)
-                continue
-            guidance = Guidance(
-                text=result.text.strip(),
-                token_count=result.token_count,
-                finish_reason=result.finish_reason,
-                batch_size=len(batch),
-                dequeued_at=delivery.dequeued_at,
-                teacher_seconds=teacher_seconds if job.id in by_job else 0.0,
-                published_at=time.time(),
-            )
-            _record_spans(delivery, guidance, generation_started_at=started_at)
-            metrics.TEACHER_GUIDANCE_TOKENS.inc(guidance.token_count)
-            outbox.append((job.id, GuidanceEvent(guidance=guidance)))
-            if job.kind == JobKind.GUIDE or job.guidance.mode == GuidanceMode.FULL:
-                outbox.append((job.id, FinalEvent(completion=_teacher_answer(job, guidance))))
-                metrics.TEACHER_JOBS.labels("answered").inc()
-            else:
-                students.append((job, guidance))
-        await publish_events(self.redis, keys=self.keys, events=outbox, ttl_s=self.settings.job_ttl_s)
-        # Recorded before they are sent: a task lost on its way is sent again by the students' sweepers.
-        await leases.record_dispatched(
-            self.redis,
-            keys=self.keys,
-            payloads=[
-                (
-                    job.id,
-                    leases.Orphan(job_json=job.model_dump_json(), guidance_json=guidance.model_dump_json()),
+        # 3) publish every job's guidance, then send the student tasks
+        await self.publish(
+            [
+                Generated(
+                    delivery=d,
+                    result=by_job.get(d.job.id, NO_GUIDANCE),
+                    started_at=started_at,
+                    seconds=teacher_seconds if d.job.id in by_job else 0.0,
+                    batch_size=len(batch),
                 )
-                for job, guidance in students
-            ],
-            at=time.time(),
+                for d in live
+            ]
         )
-        # Celery sends block on a round trip each: off the event loop, and side by side.
-        await asyncio.gather(*(asyncio.to_thread(self.dispatch, job, guidance) for job, guidance in students))
-        metrics.TEACHER_JOBS.labels("dispatched").inc(len(students))
 
         # 4) acknowledge only now that every job of the batch has its answer or its next step, and record
         # how long a batch takes: gateways estimate the wait of a new job from it
-        batch_s = time.perf_counter() - began
-        self._batch_s = batch_s if self._batch_s is None else 0.8 * self._batch_s + 0.2 * batch_s
-        pace = teacher_pace(
-            batch_s=self._batch_s, max_batch_size=self.settings.teacher_max_batch_size, at=time.time()
+        pace = self.record_pace(
+            seconds=time.perf_counter() - began, at_once=self.settings.teacher_max_batch_size
         )
-        await self._ack([d.entry_id for d in batch], pace=pace, taken=batch)
+        await self.ack([d.entry_id for d in batch], pace=pace, taken=batch)
+
+    async def screen(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Answer the jobs whose deadline passed or whose caller cancelled while they were queued; return the
+        others. Also records how long each waited in the queue."""
+        for delivery in deliveries:
+            metrics.TEACHER_QUEUE_WAIT.observe(max(0.0, delivery.dequeued_at - delivery.job.enqueued_at))
+        live = [d for d in deliveries if not d.job.expired()]
+        for expired in (d for d in deliveries if d.job.expired()):
+            await self._fail(
+                expired.job, StatusCode.DEADLINE_EXCEEDED, "the deadline passed while the job was queued"
+            )
+        return await self._drop_cancelled(live)
+
+    async def publish(self, done: Sequence[Generated]) -> None:
+        """Step 3 for jobs whose generation ended (`services.teacher.publishing`)."""
+        await publish_guidance(
+            redis=self.redis,
+            keys=self.keys,
+            ttl_s=self.settings.job_ttl_s,
+            dispatch=self.dispatch,
+            done=done,
+            fail=self._fail,
+        )
+
+    def record_pace(self, *, seconds: float, at_once: int) -> str:
+        """Fold one batch's (or pipelined job's) seconds into this teacher's pace: `at_once` jobs every that
+        many seconds, a moving average."""
+        self._batch_s = seconds if self._batch_s is None else 0.8 * self._batch_s + 0.2 * seconds
+        return teacher_pace(batch_s=self._batch_s, max_batch_size=at_once, at=time.time())
 
     async def _drop_cancelled(self, deliveries: list[Delivery]) -> list[Delivery]:
         """Jobs whose caller went away while they were queued end here, ungenerated (one round trip to
@@ -194,7 +194,9 @@ class TeacherWorker:
         cancelled = await cancelled_jobs(self.redis, keys=self.keys, job_ids=[d.job.id for d in deliveries])
         if not cancelled:
             return deliveries
-        event = ErrorEvent(code="CANCELLED", message="the client cancelled the job before a teacher took it")
+        event = ErrorEvent(
+            code=StatusCode.CANCELLED, message="the client cancelled the job before a teacher took it"
+        )
         await publish_events(
             self.redis,
             keys=self.keys,
@@ -205,26 +207,29 @@ class TeacherWorker:
         log.info("cancelled jobs dropped before generation", extra={"jobs": len(cancelled)})
         return [d for d in deliveries if d.job.id not in cancelled]
 
-    def _request(self, job: Job) -> GenerationRequest:
+    def request(self, job: Job) -> GenerationRequest:
         return GenerationRequest(
             prompt=teacher_prompt(task=job.task, mode=job.guidance.mode, query=job.query),
-            max_new_tokens=job.guidance.max_tokens,
+            max_guidance_tokens=job.guidance.max_guidance_tokens,
             temperature=self.settings.teacher_temperature,
             top_p=self.settings.teacher_top_p,
             seed=job.sampling.seed,
             stop=(STOP_SEQUENCE,),
         )
 
-    async def _next_batch(self) -> list[Delivery]:
-        """Jobs of dead teachers first (checked every few seconds), then new ones. A teacher is dead when its
-        heartbeat expired; one that hangs with its heartbeat going is passed over after the claim idle time."""
+    async def next_deliveries(self, *, count: int, held: Collection[str] = ()) -> list[Delivery]:
+        """Up to `count` jobs: those of dead teachers first (checked every few seconds), then new ones. A
+        teacher is dead when its heartbeat expired; one that hangs with its heartbeat going is passed over
+        after the claim idle time. One batch at a time, new jobs are collected for up to
+        GKT_TEACHER_MAX_WAIT_MS; pipelined (`held`: the entries this teacher holds, which a stale claim
+        must not hand it twice), whatever has arrived is taken at once."""
         s = self.settings
         if time.monotonic() - self._last_takeover > min(_TAKEOVER_CHECK_S, s.teacher_heartbeat_ttl_s / 3):
             self._last_takeover = time.monotonic()
             claimed, broken, deliveries = await claim_from_dead(
-                self.redis, keys=self.keys, consumer=s.teacher_name, count=s.teacher_max_batch_size
+                self.redis, keys=self.keys, consumer=s.teacher_name, count=count
             )
-            await self._ack(broken)
+            await self.ack(broken)
             if claimed:
                 metrics.TEACHER_CLAIMED.inc(len(claimed))
                 return await self._drop_poisoned(claimed, deliveries)
@@ -235,22 +240,24 @@ class TeacherWorker:
                 keys=self.keys,
                 consumer=s.teacher_name,
                 min_idle_ms=s.teacher_claim_idle_ms,
-                count=s.teacher_max_batch_size,
+                count=count,
             )
-            await self._ack(broken)
+            await self.ack(broken)
+            claimed = [d for d in claimed if d.entry_id not in held]
             if claimed:
                 metrics.TEACHER_CLAIMED.inc(len(claimed))
                 return await self._drop_poisoned(claimed, deliveries)
+        pipelined = s.teacher_pipeline
         batch, broken = await collect_batch(
             self.redis,
             keys=self.keys,
             consumer=s.teacher_name,
-            max_batch_size=s.teacher_max_batch_size,
-            max_wait_ms=s.teacher_max_wait_ms,
+            max_batch_size=count,
+            max_wait_ms=0 if pipelined else s.teacher_max_wait_ms,
             block_ms=MAX_BLOCK_MS,
         )
-        await self._ack(broken)
-        if batch:
+        await self.ack(broken)
+        if batch and not pipelined:
             metrics.TEACHER_BATCH_FILL.observe(time.time() - batch[0].dequeued_at)
         return batch
 
@@ -264,17 +271,16 @@ class TeacherWorker:
                 continue
             log.error("job dead-lettered", extra={**logs.job_fields(delivery.job), "deliveries": count})
             metrics.TEACHER_DEAD_LETTERED.inc()
-            await self.redis.xadd(
-                self.keys.dead_letters,
-                {"job": delivery.job.model_dump_json(), "reason": f"delivered {count} times"},
-                maxlen=DEAD_LETTERS_MAXLEN,
-                approximate=True,
+            async with self.redis.pipeline(transaction=False) as pipe:
+                add_dead_letter(pipe, keys=self.keys, job=delivery.job, reason=f"delivered {count} times")
+                await pipe.execute()
+            await self._fail(
+                delivery.job, StatusCode.INTERNAL, f"the job failed {count} times and was dead-lettered"
             )
-            await self._fail(delivery.job, "INTERNAL", f"the job failed {count} times and was dead-lettered")
-            await self._ack([delivery.entry_id], taken=[delivery])
+            await self.ack([delivery.entry_id], taken=[delivery])
         return keep
 
-    async def _fail(self, job: Job, code: str, message: str, *, field: str = "") -> None:
+    async def _fail(self, job: Job, code: StatusCode, message: str, *, field: str = "") -> None:
         log.warning("job failed", extra={**logs.job_fields(job), "code": code})
         metrics.TEACHER_JOBS.labels("failed").inc()
         await publish_final(
@@ -285,7 +291,7 @@ class TeacherWorker:
             ttl_s=self.settings.job_ttl_s,
         )
 
-    async def _ack(
+    async def ack(
         self, entry_ids: list[str], *, pace: str | None = None, taken: Sequence[Delivery] = ()
     ) -> None:
         """Acknowledge and delete entries, and free the tenants' queue slots of the jobs `taken` off it."""
@@ -310,43 +316,15 @@ class TeacherWorker:
         """Say this teacher is alive now and every third of the heartbeat's lifetime, from a timer: a batch
         being generated (off the event loop) or an idle wait must not make it look dead, and only a dead
         teacher's heartbeat expires (its jobs are then taken over)."""
-        ttl_ms = int(self.settings.teacher_heartbeat_ttl_s * 1000)
+        ttl_s = self.settings.teacher_heartbeat_ttl_s
         while True:
             try:
-                await self.redis.set(self._heartbeat_key, heartbeat_value(at=time.time()), px=ttl_ms)
+                await write_heartbeat(self.redis, key=self._heartbeat_key, ttl_s=ttl_s)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 log.warning("heartbeat not written", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.teacher_heartbeat_ttl_s / 3)
 
-    async def _mark_read(self) -> None:
+    async def mark_read(self) -> None:
         """Tell gateways a teacher is about to read the query stream (they go student-only when none has
         for a while): one write before each read, none after it."""
         await self.redis.set(self.keys.teacher_read, f"{time.time():.3f}", ex=_READ_MARK_TTL_S)
-
-
-def _teacher_answer(job: Job, guidance: Guidance) -> Completion:
-    """The whole answer of a job the teacher alone answers: the guidance (Guide), or the teacher's answer (FULL)."""
-    full = job.guidance.mode == GuidanceMode.FULL
-    return Completion(
-        text=guidance.text,
-        guidance=guidance,
-        answer=(extract_answer(task=job.task, text=guidance.text) or "") if full else "",
-        finish_reason=guidance.finish_reason,
-        seed=job.sampling.seed,
-    )
-
-
-def _record_spans(delivery: Delivery, guidance: Guidance, *, generation_started_at: float) -> None:
-    """The job's teacher stages as spans in its trace: waiting in the queue, then its batch's generation."""
-    job = delivery.job
-    tracing.record_span(
-        "gkt.teacher.queue_wait", traceparent=job.traceparent, start=job.enqueued_at, end=delivery.dequeued_at
-    )
-    if guidance.teacher_seconds:
-        tracing.record_span(
-            "gkt.teacher.generate",
-            traceparent=job.traceparent,
-            start=generation_started_at,
-            end=generation_started_at + guidance.teacher_seconds,
-            attributes={"gkt.batch_size": guidance.batch_size, "gkt.guidance_tokens": guidance.token_count},
-        )

@@ -9,10 +9,14 @@ import grpc
 import pytest
 
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 
-# A long batching window makes concurrent requests land in one batch however slow the machine is.
+# These tests read teacher batches: one batch at a time, and a long batching window makes concurrent
+# requests land in one batch however slow the machine is. The pipelined teacher (the default) has its
+# own tests (tests/integration/test_teacher_pipeline.py, tests/e2e/test_inference_servers.py).
 TINY_STACK_ENV = {
+    "GKT_TEACHER_PIPELINE": "false",
     "GKT_TEACHER_TEMPERATURE": "0",
     "GKT_TEACHER_MAX_BATCH_SIZE": "8",
     "GKT_TEACHER_MAX_WAIT_MS": "400",

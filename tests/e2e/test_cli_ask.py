@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from services.stack import Stack
+from gkt_tools.processes import child_environment
+from gkt_tools.stack import Stack
 
 ROOT = Path(__file__).parents[2]
 
 
 def ask(stack: Stack, *args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "ask", "--addr", stack.gateway_addr or "", *args],
+        [sys.executable, "-m", "gkt_tools.cli", "ask", "--addr", stack.gateway_addr or "", *args],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "GKT_STATE_DIR": "/nonexistent-gkt-state"},
+        env=child_environment({"GKT_STATE_DIR": "/nonexistent-gkt-state"}),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stdout

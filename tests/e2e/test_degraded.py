@@ -10,10 +10,11 @@ import grpc
 import pytest
 from redis import Redis
 
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 from tests.e2e.conftest import TINY_STACK_ENV
 
 PREFIX = "degraded"

@@ -9,8 +9,8 @@ import pytest
 
 from gkt.answers import extract_answer
 from gkt.jobs import Task
-from services.cli import main
-from services.stack import Stack
+from gkt_tools.cli import main
+from gkt_tools.stack import Stack
 from tests.unit.test_evaluation import CSQA_LINES, write_data_dir
 
 

@@ -17,10 +17,11 @@ import grpc
 import pytest
 from redis import Redis
 
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 
 CALLS = 2000
 MAX_CONNECTIONS = 16
@@ -68,10 +69,10 @@ def gateway_connections(redis: Redis) -> int:
     return sum(1 for client in clients if str(client.get("name", "")).startswith("gkt-gateway"))
 
 
-async def _stream(stub: guidance_pb2_grpc.GuidanceServiceStub) -> str:
+async def _stream(stub: guidance_pb2_grpc.GuidanceServiceStub, *, timeout_s: float = 240) -> str:
     """One streaming call to its end: "OK" when the final answer came, else the status code's name."""
     try:
-        async for reply in stub.GenerateStream(REQUEST, timeout=240):
+        async for reply in stub.GenerateStream(REQUEST, timeout=timeout_s):
             if reply.HasField("final"):
                 return "OK"
         return "NO_FINAL"
@@ -149,7 +150,11 @@ async def test_a_burst_after_a_redis_restart_meets_no_dead_connection(echo_stack
         echo_stack.restart("redis")
         redis = Redis.from_url(echo_stack.redis_url or "")
         await _until(lambda: _answers(redis), timeout_s=30, what="redis answers again")
-        await asyncio.sleep(10)
+        # the workers reconnect too (the teacher recreates its consumer group): one call is answered
+        deadline = time.monotonic() + 60
+        while (outcome := await _stream(stubs[0], timeout_s=10)) != "OK":
+            assert time.monotonic() < deadline, f"no call answered since the restart (last: {outcome})"
+            await asyncio.sleep(0.2)
 
         assert await _burst(stubs, 200) == {"OK": 200}
     finally:

@@ -16,7 +16,8 @@ from redis import Redis
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 
 PREFIXES = ("alpha", "beta")
 CALLS = 12

@@ -14,13 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from redis import Redis
 
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack
+from gkt_tools.stack import Stack
 from services.student.settings import StudentSettings
 
 TIMEOUT = 60
+KEYS = Keys("e2e")  # the tiny stack's prefix
 Samples = list[tuple[str, dict[str, str], float]]
 
 
@@ -66,19 +69,18 @@ def _eventually(check: Callable[[], bool], *, timeout_s: float = 15, what: str =
 
 
 def _idle(stack: Stack) -> bool:
-    """No call in flight, no job queued for a teacher or a student, no student busy, twice in a row.
-
-    The gateway samples its queue gauges every second, hence the second look after a pause.
-    """
-    for look in range(2):
-        gateway = Scrape(stack, "gateway")
-        busy = Scrape(stack, "student").value("gkt_student_busy_workers")
-        queued = gateway.value("gkt_gateway_queue_depth") + gateway.value("gkt_gateway_student_queue_depth")
-        if gateway.value("gkt_gateway_in_flight_requests") or queued or busy:
-            return False
-        if look == 0:
-            time.sleep(1.5)
-    return True
+    """No call in flight, and no job anywhere on its way: none waiting for or held by a teacher (the query
+    stream), none sent to the students and not yet claimed, none claimed and not yet released (the job
+    books of `gkt.leases`), no student busy. Read where it is kept, not from gauges sampled each second."""
+    redis = Redis.from_url(stack.redis_url or "")
+    try:
+        on_its_way = (
+            redis.xlen(KEYS.queries) + redis.hlen(KEYS.student_dispatched) + redis.hlen(KEYS.student_running)
+        )
+    finally:
+        redis.close()
+    busy = Scrape(stack, "student").value("gkt_student_busy_workers")
+    return not (on_its_way or busy or Scrape(stack, "gateway").value("gkt_gateway_in_flight_requests"))
 
 
 @pytest.fixture

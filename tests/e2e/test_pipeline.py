@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from gkt.v1 import guidance_pb2 as pb
-from services.stack import Stack
+from gkt_tools.stack import Stack
 
 TIMEOUT = 60
 

@@ -5,7 +5,8 @@ process serving /metrics on a free port; one `prometheus` (Debian's package) scr
 and evaluating the shipped alert rules, with every `for:` shortened to seconds by `scripts/monitor.py
 rules --for`. The benchmark's closed-loop load generator sends a mix of calls throughout. Then:
 every panel query of k8s/monitoring/dashboard.json returns sane data; SIGKILLing every student fires
-GktNoStudentAlive and restarting them resolves it; killing Redis fires GktErrorRatioHigh.
+GktNoStudentAlive and restarting them resolves it; killing Redis fires GktErrorRatioHigh. Most of the
+module is the fixtures that run Prometheus and the load, which the three tests share.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import grpc
 import pytest
 import yaml
 
-from gkt.bench.load import closed_loop, grpc_call
-from gkt.bench.stats import Sample
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.bench.load import closed_loop, grpc_call
+from gkt_tools.bench.stats import Sample
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = json.loads((REPO / "k8s" / "monitoring" / "dashboard.json").read_text(encoding="utf-8"))

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from gkt.connections import connect, outlasting
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt_tools.load import Load, first_answer, tally
+from gkt_tools.processes import free_port
 from gkt_tools.sentinel import SentinelGroup
-from services.stack import Stack, free_port
+from gkt_tools.stack import Stack
 
 KEYS = Keys("failover")
 WAVE = 20

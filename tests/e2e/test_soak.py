@@ -8,22 +8,32 @@ GKT_SOAK_REQUESTS scales it (default 600 here; `GKT_SOAK_REQUESTS=5000` for a lo
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections import Counter
 from pathlib import Path
 
 import grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis import Redis
 
 from gkt.jobs import ErrorEvent, FinalEvent
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack
+from gkt_tools.stack import Stack
 from tests.events import job_events
 
-REQUESTS = int(os.environ.get("GKT_SOAK_REQUESTS", "600"))
+
+class SoakSettings(BaseSettings):
+    """`make soak` sets GKT_SOAK_REQUESTS for a longer run."""
+
+    model_config = SettingsConfigDict(env_prefix="GKT_", extra="ignore")
+
+    soak_requests: int = Field(default=600, ge=1, description="Requests the soak sends.")
+
+
+REQUESTS = SoakSettings().soak_requests
 CONCURRENCY = 32
 KEYS = Keys("e2e")
 

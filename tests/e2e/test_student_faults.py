@@ -11,10 +11,12 @@ from collections.abc import Iterator
 import pytest
 
 from gkt.connections import connect, outlasting
-from gkt.queue import Keys, parse_heartbeat
+from gkt.keys import Keys
+from gkt.liveness import parse_heartbeat
 from gkt_tools import faults, scenarios
 from gkt_tools.load import Tally
-from services.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 from tests.e2e.conftest import TINY_STACK_ENV
 
 pytestmark = pytest.mark.real_models

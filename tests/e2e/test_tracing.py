@@ -11,7 +11,8 @@ import pytest
 
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import Stack, free_port
+from gkt_tools.processes import free_port
+from gkt_tools.stack import Stack
 from tests.e2e.conftest import TINY_STACK_ENV
 
 pytest.importorskip("opentelemetry.sdk.trace", reason="the `tracing` extra is not installed")

@@ -1,10 +1,14 @@
 """A test HTTP server that follows TGI's published API and the OpenAI completions schema.
 
 TGI (and vLLM) need a GPU and a model hub, neither of which exists here, so the remote backends are
-tested against this server instead: it speaks TGI's documented routes (`/generate`, `/info`, `/health`,
-`/v1/completions`, `/v1/models`), enforces TGI's request validation rules, and can be scripted to answer
-429, 503, malformed bodies, slow or dropped replies. `PublishedApi` checks every request it received and
-every JSON reply it sent against the schemas in TGI's OpenAPI document (`../shared/ref/tgi-openapi.json`).
+tested against this server instead: it speaks TGI's documented routes (`/generate`, `/generate_stream`,
+`/info`, `/health`, `/v1/completions` with and without `stream: true`, `/v1/models`), enforces TGI's
+request validation rules, and can be scripted to answer 429, 503, malformed bodies, slow, held or dropped
+replies, and streams that die after some tokens. It notes a client that hangs up mid-stream. `PublishedApi`
+checks every request it received and every JSON reply or streamed event it sent against the schemas in
+TGI's OpenAPI document (`../shared/ref/tgi-openapi.json`).
+Its length is both APIs' routes, streamed and not, and TGI's validation rules, which the teacher's and the
+students' backend tests share: a test double is clearest read in one place.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -22,13 +26,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Literal, cast
 
 import pytest
 from openapi_schema_validator import OAS30Validator
 
-REF_DIR = Path(os.environ.get("GKT_SHARED_REF_DIR") or Path(__file__).parents[2].parent / "shared" / "ref")
+from gkt_tools.settings import ToolSettings
+from tests.integration.fake_streams import completion_chunks, tgi_events
+
+REF_DIR = ToolSettings().shared_ref_dir
 OPENAPI_FILE = REF_DIR / "tgi-openapi.json"
 
 DEFAULT_INFO: dict[str, Any] = {
@@ -69,6 +75,9 @@ class Reply:
     delay_s: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False  # close the connection without answering
+    gate: threading.Event | None = None  # hold the answer until the test sets this event
+    drop_after_tokens: int | None = None  # a stream: send this many tokens, then cut the connection
+    events: tuple[Any, ...] | None = None  # a stream: the events to send (filled in by the server)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +90,8 @@ class Exchange:
     headers: dict[str, str]
     status: int = 0  # 0 until the server has answered
     response_json: Any = None  # None when the reply was not JSON (scripted raw bytes, a dropped connection)
+    events: tuple[Any, ...] = ()  # a stream's events sent so far
+    hung_up: bool = False  # the client closed a stream before its end
 
 
 def tokenize(text: str) -> list[str]:
@@ -109,6 +120,7 @@ class FakeInferenceServer:
         generation_delay_s: float = 0.0,
         hold_until_in_flight: int = 0,
         stop_reason_field: bool = True,
+        token_delay_s: float = 0.0,
     ) -> None:
         self.info = {**DEFAULT_INFO, **(info or {})}
         self.models = models if models is not None else [self.info["model_id"]]
@@ -120,6 +132,7 @@ class FakeInferenceServer:
         self.hold_until_in_flight = hold_until_in_flight
         self._enough_in_flight = threading.Event()
         self.stop_reason_field = stop_reason_field  # vLLM reports it; llama.cpp and OpenAI do not
+        self.token_delay_s = token_delay_s  # between two streamed tokens
         self.healthy = True
         self.exchanges: list[Exchange] = []
         self.max_in_flight = 0
@@ -145,11 +158,11 @@ class FakeInferenceServer:
     def generation_requests(self, match: str = "") -> list[Exchange]:
         """The generation requests received (either API) whose prompt contains `match`."""
         with self._lock:
-            return [
-                e
-                for e in self.exchanges
-                if e.path in ("/generate", "/v1/completions") and match in _prompt(e)
-            ]
+            return [e for e in self.exchanges if e.path in _GENERATION_PATHS and match in _prompt(e)]
+
+    def exchange(self, index: int) -> Exchange:
+        with self._lock:
+            return self.exchanges[index]
 
     def start(self) -> FakeInferenceServer:
         httpd = _Server(("127.0.0.1", 0), _Handler)
@@ -204,13 +217,19 @@ class FakeInferenceServer:
             reply = Reply(status=200, body=b"") if self.healthy else _error(503)
         elif (method, path) == ("GET", "/v1/models"):
             reply = self._models()
-        elif (method, path) in (("POST", "/generate"), ("POST", "/v1/completions")):
+        elif method == "POST" and path in _GENERATION_PATHS:
             self._enter()
             try:
                 reply = self._generation(path=path, request=request)
                 if self.hold_until_in_flight:
                     self._enough_in_flight.wait(timeout=1.0)
                 self._closing.wait(reply.delay_s or self.generation_delay_s)
+                if reply.gate is not None:
+                    while not reply.gate.wait(0.05) and not self._closing.is_set():
+                        pass
+                if reply.events is not None:
+                    self._stream(handler, index, reply)
+                    return
             finally:
                 self._leave()
         else:
@@ -232,19 +251,23 @@ class FakeInferenceServer:
                     break
             else:
                 scripted = Reply()
+        streaming = path == "/generate_stream" or (isinstance(request, dict) and bool(request.get("stream")))
         if scripted.status != 200 and scripted.body is None:
-            return dataclasses.replace(scripted, body=_error(scripted.status).body)
+            scripted = dataclasses.replace(scripted, body=_error(scripted.status).body)
         if scripted.body is not None or scripted.drop:
-            return scripted
+            return _as_stream_error(scripted) if path == "/generate_stream" else scripted
         problem = self._validate(path=path, request=request)
         if problem is not None:
-            return _error(422, problem)
+            error = _error(422, problem)
+            return _as_stream_error(error) if path == "/generate_stream" else error
+        if streaming:
+            return dataclasses.replace(scripted, events=tuple(self._events(path=path, request=request)))
         build = self._generate if path == "/generate" else self._complete
         return dataclasses.replace(scripted, body=build(request))
 
     def _validate(self, *, path: str, request: dict[str, Any]) -> str | None:
         """TGI's own validation rules (router/src/validation.rs), which the schema does not state."""
-        if path == "/generate":
+        if path in ("/generate", "/generate_stream"):
             params = request.get("parameters") or {}
             new_tokens = params.get("max_new_tokens", 100)
             temperature, top_p, stop = (
@@ -330,6 +353,51 @@ class FakeInferenceServer:
             },
         }
 
+    def _events(self, *, path: str, request: dict[str, Any]) -> list[dict[str, Any]]:
+        if path == "/generate_stream":
+            params = request.get("parameters") or {}
+            tokens, finish = _decode(
+                request["inputs"], params.get("max_new_tokens", 100), params.get("stop") or []
+            )
+            return tgi_events(tokens, finish, seed=params.get("seed") if params.get("do_sample") else None)
+        prompt, stop = _prompt_of(request), request.get("stop") or []
+        tokens, finish = _decode(prompt, request.get("max_tokens", 100), stop)
+        return completion_chunks(
+            tokens,
+            finish,
+            stop=stop,
+            model=request.get("model") or self.info["model_id"],
+            fingerprint=f"{self.info['version']}-fake",
+            stop_reason_field=self.stop_reason_field,
+            prompt_tokens=len(tokenize(prompt)),
+            include_usage=bool((request.get("stream_options") or {}).get("include_usage")),
+        )
+
+    def _stream(self, handler: _Handler, index: int, reply: Reply) -> None:
+        """Send `reply.events` as server-sent events, one per token interval; note a client that hangs up."""
+        assert reply.events is not None
+        with self._lock:
+            self.exchanges[index] = dataclasses.replace(self.exchanges[index], status=reply.status)
+        sent: list[Any] = []
+        for number, event in enumerate(reply.events):
+            if reply.drop_after_tokens is not None and number >= reply.drop_after_tokens:
+                handler.cut()
+                break
+            if number and self._closing.wait(self.token_delay_s):
+                handler.cut()
+                break
+            if not handler.send_event(event, first=number == 0):
+                with self._lock:
+                    self.exchanges[index] = dataclasses.replace(self.exchanges[index], hung_up=True)
+                return
+            sent.append(event)
+            with self._lock:
+                self.exchanges[index] = dataclasses.replace(self.exchanges[index], events=tuple(sent))
+        else:
+            if not handler.end_events(done=handler.path != "/generate_stream"):
+                with self._lock:
+                    self.exchanges[index] = dataclasses.replace(self.exchanges[index], hung_up=True)
+
     def _models(self) -> Reply:
         created = int(time.time())
         entries = [
@@ -376,6 +444,11 @@ class FakeInferenceServer:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # a whole batch connects at once; the default backlog of 5 would serialize it
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that closed its kept-alive connection is no error; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionResetError):
+            super().handle_error(request, client_address)
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as TGI's router serves it
@@ -416,6 +489,44 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) first
             self.close_connection = True
 
+    def send_event(self, event: Any, *, first: bool) -> bool:
+        """One server-sent event as one HTTP chunk (the headers before the first); False when the client
+        has hung up."""
+        try:
+            if first:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+            self._chunk(f"data: {json.dumps(event)}\n\n".encode())
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return False
+        return True
+
+    def end_events(self, *, done: bool) -> bool:
+        """End the stream (OpenAI's `[DONE]` first); False when the client has hung up."""
+        try:
+            if done:
+                self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return False
+        return True
+
+    def cut(self) -> None:
+        """Close the connection mid-stream, as a server that dies would."""
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: pytest shows failures, not every request line."""
 
@@ -440,6 +551,15 @@ class PublishedApi:
         validator = OAS30Validator({"$ref": f"#/components/schemas/{schema}", "components": self._components})
         return [f"{schema}: {e.message}" for e in validator.iter_errors(instance)]
 
+    def _event_errors(self, path: str, event: Any) -> list[str]:
+        if isinstance(event, dict) and "error" in event:
+            return self.errors("ErrorResponse", event)
+        if path == "/generate_stream":
+            return self.errors("StreamResponse", event)
+        # The discriminator of `Completion` cannot be resolved (see below): a streamed one is a Chunk.
+        object_ok = [] if event.get("object") == "text_completion" else ["Chunk: object != text_completion"]
+        return self.errors("Chunk", event) + object_ok
+
     def check(self, exchange: Exchange) -> list[str]:
         """Schema problems of one exchange: the request body and any JSON reply."""
         request_schema, ok_schema = _SCHEMAS.get((exchange.method, exchange.path), (None, None))
@@ -449,6 +569,7 @@ class PublishedApi:
             return problems
         if exchange.status >= 400:
             return problems + self.errors("ErrorResponse", body)
+        problems += [p for event in exchange.events for p in self._event_errors(exchange.path, event)]
         if exchange.path == "/v1/completions":
             # `Completion` is a oneOf (Chunk | CompletionFinal) with a discriminator that has no mapping,
             # which no validator can resolve; the route's documented 200 JSON schema is CompletionFinal.
@@ -464,6 +585,7 @@ class PublishedApi:
 
 _SCHEMAS: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("POST", "/generate"): ("GenerateRequest", "GenerateResponse"),
+    ("POST", "/generate_stream"): ("GenerateRequest", None),
     ("GET", "/info"): (None, "Info"),
     ("POST", "/v1/completions"): ("CompletionRequest", "CompletionFinal"),
     ("GET", "/v1/models"): (None, "ModelInfo"),
@@ -490,6 +612,9 @@ def published_api_servers() -> Iterator[Callable[..., FakeInferenceServer]]:
     assert not problems, "traffic off TGI's published schema:\n" + "\n".join(problems)
 
 
+_GENERATION_PATHS = ("/generate", "/generate_stream", "/v1/completions")
+
+
 def free_port() -> int:
     """A port nothing listens on (for the server-down case)."""
     with socket.socket() as sock:
@@ -507,6 +632,14 @@ def _decode(prompt: str, max_new_tokens: int | None, stop: list[str]) -> tuple[l
         if any(s in "".join(out) for s in stop):
             return out, "stop_sequence"
     return out, "eos_token"
+
+
+def _as_stream_error(reply: Reply) -> Reply:
+    """TGI's router sends the errors it makes itself (validation, overload, a failed generation) as one
+    event of a 200 stream; other statuses (503 from a proxy in front of it) stay HTTP statuses."""
+    if reply.status in (422, 424, 429, 500) and isinstance(reply.body, dict):
+        return dataclasses.replace(reply, status=200, body=None, events=(reply.body,))
+    return reply
 
 
 def _error(status: int, message: str | None = None) -> Reply:

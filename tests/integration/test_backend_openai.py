@@ -22,7 +22,7 @@ from pydantic import HttpUrl
 from gkt.errors import Unavailable
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.openai import DEFAULT_CONCURRENCY, OpenAIBackend
-from services.teacher.backends.resilience import RemoteBackendSettings
+from services.teacher.settings import TeacherServerSettings
 from tests.integration.fake_inference_server import (
     FakeInferenceServer,
     Reply,
@@ -42,11 +42,10 @@ def servers() -> Iterator[ServerFactory]:
         yield start
 
 
-def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
+def settings_for(url: str, **overrides: Any) -> TeacherServerSettings:
     """Small timeouts and backoff so failure paths take milliseconds."""
     values: dict[str, Any] = {
         "url": url,
-        "model": "",
         "request_timeout_s": 2.0,
         "max_retries": 3,
         "backoff_base_s": 0.01,
@@ -57,12 +56,12 @@ def settings_for(url: str, **overrides: Any) -> RemoteBackendSettings:
         "api_key": None,
         "api_key_file": None,
     }
-    return RemoteBackendSettings(**(values | overrides))
+    return TeacherServerSettings(**(values | overrides))
 
 
 @asynccontextmanager
-async def running(settings: RemoteBackendSettings) -> AsyncIterator[OpenAIBackend]:
-    backend = OpenAIBackend(settings=settings)
+async def running(settings: TeacherServerSettings, *, model: str = "") -> AsyncIterator[OpenAIBackend]:
+    backend = OpenAIBackend(settings=settings, model=model)
     await backend.start()
     try:
         yield backend
@@ -71,10 +70,10 @@ async def running(settings: RemoteBackendSettings) -> AsyncIterator[OpenAIBacken
 
 
 def ask(
-    question: str, *, max_new_tokens: int = 40, stop: tuple[str, ...] = (STOP,), **kw: Any
+    question: str, *, max_guidance_tokens: int = 40, stop: tuple[str, ...] = (STOP,), **kw: Any
 ) -> GenerationRequest:
     return GenerationRequest(
-        prompt=f"Q: {question}\nA:", max_new_tokens=max_new_tokens, temperature=0.8, stop=stop, **kw
+        prompt=f"Q: {question}\nA:", max_guidance_tokens=max_guidance_tokens, temperature=0.8, stop=stop, **kw
     )
 
 
@@ -94,7 +93,7 @@ async def test_batch_gets_guidance_and_usage_token_counts_from_the_only_served_m
     server = servers(models=["teacher-70b"])
     async with running(settings_for(server.url)) as backend:
         results = await backend.generate_batch(
-            [ask("apples", seed=7, top_p=0.9), ask("pears", max_new_tokens=3), ask("plums", stop=())]
+            [ask("apples", seed=7, top_p=0.9), ask("pears", max_guidance_tokens=3), ask("plums", stop=())]
         )
     assert backend.model == "teacher-70b" and backend.max_model_len == 2048
 
@@ -121,7 +120,7 @@ async def test_batch_gets_guidance_and_usage_token_counts_from_the_only_served_m
 
 async def test_finish_reason_without_vllm_stop_reason_follows_the_request(servers: ServerFactory) -> None:
     server = servers(stop_reason_field=False, models_format="absent")
-    async with running(settings_for(server.url, model="gpt-3.5-turbo-instruct")) as backend:
+    async with running(settings_for(server.url), model="gpt-3.5-turbo-instruct") as backend:
         with_stop, without_stop = await backend.generate_batch([ask("figs"), ask("dates", stop=())])
     assert succeeded(with_stop).finish_reason == "stop"
     assert succeeded(without_stop).finish_reason == "eos"
@@ -163,7 +162,6 @@ async def test_overloaded_429_is_retried_then_succeeds(servers: ServerFactory) -
         [result] = await backend.generate_batch([ask("busy day")])
     assert succeeded(result).finish_reason == "stop"
     assert [e.status for e in server.generation_requests("busy")] == [429, 429, 200]
-    assert backend.resilience.retries["overloaded"] == 2
 
 
 async def test_503_is_retried_then_unavailable(servers: ServerFactory) -> None:
@@ -174,7 +172,6 @@ async def test_503_is_retried_then_unavailable(servers: ServerFactory) -> None:
     assert (failed(result).code, failed(result).kind) == ("UNAVAILABLE", "overloaded")
     assert "after 4 attempts" in failed(result).message
     assert len(server.generation_requests("down")) == 4
-    assert backend.resilience.failures == {"overloaded": 1}
 
 
 async def test_timeout_fails_only_the_slow_request(servers: ServerFactory) -> None:
@@ -238,7 +235,7 @@ async def test_start_refuses_a_server_that_is_down() -> None:
 async def test_start_refuses_a_model_the_server_does_not_serve(servers: ServerFactory) -> None:
     server = servers(models=["a", "b"])
     with pytest.raises(ValueError, match=r"GKT_TEACHER_MODEL \('c'\) is not served.*\['a', 'b'\]"):
-        await OpenAIBackend(settings=settings_for(server.url, model="c")).start()
+        await OpenAIBackend(settings=settings_for(server.url), model="c").start()
     with pytest.raises(ValueError, match="set GKT_TEACHER_MODEL"):
         await OpenAIBackend(settings=settings_for(server.url)).start()
 
@@ -254,9 +251,9 @@ async def test_tgi_model_info_and_a_v1_base_url_are_accepted(servers: ServerFact
 async def test_check_limits_uses_the_model_length_vllm_reports(servers: ServerFactory) -> None:
     server = servers(info={"max_input_tokens": 30, "max_total_tokens": 64})
     async with running(settings_for(server.url)) as backend:
-        backend.check_limits(max_new_tokens=40)
-        with pytest.raises(ValueError, match=r"max_new_tokens \(64\).*max_model_len 64"):
-            backend.check_limits(max_new_tokens=64)
+        backend.check_limits(max_guidance_tokens=40)
+        with pytest.raises(ValueError, match=r"max_guidance_tokens \(64\).*max_model_len 64"):
+            backend.check_limits(max_guidance_tokens=64)
 
 
 async def test_api_key_file_wins_over_the_environment_and_is_never_logged(
@@ -268,7 +265,7 @@ async def test_api_key_file_wins_over_the_environment_and_is_never_logged(
     monkeypatch.setenv("GKT_TEACHER_API_KEY", "sk-from-env")
     monkeypatch.setenv("GKT_TEACHER_API_KEY_FILE", str(key_file))
     caplog.set_level(logging.DEBUG)
-    settings = RemoteBackendSettings(url=HttpUrl(server.url), max_retries=0)
+    settings = TeacherServerSettings(url=HttpUrl(server.url), max_retries=0)
     async with running(settings) as backend:
         [result] = await backend.generate_batch([ask("secret garden")])
     assert succeeded(result).finish_reason == "stop"

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from gkt.bench.stats import Sample, percentile, summarize
 from gkt.decoding import encode
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import ECHO_MODEL, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
-from services import bench
+from gkt_tools.bench import command as bench
+from gkt_tools.bench.stats import Sample, percentile, summarize
+from gkt_tools.settings import ToolSettings
 from services.teacher.backends.base import GenerationRequest
 from services.teacher.backends.echo import EchoBackend
 
@@ -55,8 +56,8 @@ async def test_the_echo_teacher_returns_the_first_words_of_the_question_at_once(
     prompt = teacher_prompt(
         task=Task.CSQA, mode=GuidanceMode.CUTOFF, query="Where is the plate?\n(A) x (B) y"
     )
-    short = GenerationRequest(prompt=prompt, max_new_tokens=2, stop=(STOP_SEQUENCE,))
-    long = GenerationRequest(prompt=prompt, max_new_tokens=50)
+    short = GenerationRequest(prompt=prompt, max_guidance_tokens=2, stop=(STOP_SEQUENCE,))
+    long = GenerationRequest(prompt=prompt, max_guidance_tokens=50)
 
     first, second = await backend.generate_batch([short, long])
 
@@ -89,7 +90,7 @@ def test_bench_sweeps_the_echo_stack_beside_both_floors_and_writes_a_consistent_
          "--out", str(tmp_path)]
     )  # fmt: skip
 
-    assert bench.run(args) == 0
+    assert bench.run(args, settings=ToolSettings()) == 0
 
     results = json.loads((tmp_path / "results.json").read_text())
     sweep = results["overhead"]["sweep"]
@@ -119,3 +120,33 @@ def test_bench_sweeps_the_echo_stack_beside_both_floors_and_writes_a_consistent_
     assert "| bare Celery task | 1 |" in table
     for plot in ("overhead_latency.png", "overhead_throughput.png", "batch_sizes.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+
+
+def test_teacher_pipeline_scenario_measures_every_teacher_at_one_server_and_reports_the_ratios(
+    tmp_path: Path,
+) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--scenarios", "teacher-pipeline", "--server-rows", "4", "--server-step-ms", "5",
+         "--pipeline-requests", "24", "--pipeline-rounds", "2", "--out", str(tmp_path)]
+    )  # fmt: skip
+
+    assert bench.run(args, settings=ToolSettings()) == 0
+
+    result = json.loads((tmp_path / "results.json").read_text())["teacher_pipeline"]
+    assert result["server"] == {"rows": 4, "step_ms": 5, "median_tokens": 20, "sigma": 0.6}
+    runs = result["runs"]
+    assert set(runs) == {"batched", "pipelined", "pipelined-2m"}
+    for run in runs.values():
+        assert (run["requests"], run["ok"], run["errors"]) == (24, 24, {})
+        assert 0 < run["mean_rows_per_step"] <= 4 and 0 < run["server_row_utilization"] <= 1
+    # a batch of 4 is one teacher batch; pipelined jobs were admitted beside up to 3 others
+    assert max(int(size) for size in runs["batched"]["batch_sizes"]) <= 4
+    assert max(int(size) for size in runs["pipelined"]["batch_sizes"]) <= 4
+    assert max(int(size) for size in runs["pipelined-2m"]["batch_sizes"]) <= 8
+    for mode in ("pipelined", "pipelined-2m"):
+        assert result["vs_batched"][mode]["throughput"] == pytest.approx(
+            runs[mode]["throughput_rps"] / runs["batched"]["throughput_rps"]
+        )
+    assert "## Teacher pipelining" in (tmp_path / "results.md").read_text()

@@ -16,12 +16,14 @@ import pytest
 from redis import Redis
 
 from gkt.jobs import Task
-from gkt.queue import Keys, heartbeat_value, teacher_pace
-from services.cli import _parser
+from gkt.keys import Keys
+from gkt.liveness import heartbeat_value, teacher_pace
+from gkt_tools.cli import _parser
+from gkt_tools.processes import child_environment, free_port
+from gkt_tools.settings import ToolSettings
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 from tests.certificates import make_certificates
 from tests.unit.test_evaluation import CSQA_LINES, write_data_dir
 
@@ -31,12 +33,12 @@ UNREACHABLE_HINT = "is the stack up? `make up`, or `--addr`"
 
 def gkt(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "gkt_tools.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "GKT_STATE_DIR": "/nonexistent-gkt-state", **(env or {})},
+        env=child_environment({"GKT_STATE_DIR": "/nonexistent-gkt-state", **(env or {})}),
         timeout=120,
     )
 
@@ -44,8 +46,8 @@ def gkt(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subpr
 async def agkt(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """`gkt` without blocking the event loop (a gateway of this test serves on it)."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli", *args, cwd=ROOT,
-        env={**os.environ, "GKT_STATE_DIR": "/nonexistent-gkt-state", **(env or {})},
+        sys.executable, "-m", "gkt_tools.cli", *args, cwd=ROOT,
+        env=child_environment({"GKT_STATE_DIR": "/nonexistent-gkt-state", **(env or {})}),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), timeout=120)
@@ -101,7 +103,9 @@ def test_eval_live_against_an_unreachable_gateway_is_one_line(tmp_path: Path) ->
 
 
 def test_every_option_of_every_command_is_explained() -> None:
-    subcommands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    subcommands = next(
+        a for a in _parser(ToolSettings())._actions if isinstance(a, argparse._SubParsersAction)
+    )
     commands: dict[str, argparse.ArgumentParser] = subcommands.choices
     unexplained = [
         f"gkt {name} {action.option_strings or action.dest}"
@@ -168,9 +172,9 @@ def test_status_finds_the_redis_of_the_stack_gkt_up_started_here(
     }
     (tmp_path / "stack.json").write_text(json.dumps(record))
     redis.set(Keys("gkt").heartbeat("teacher", "t-here"), heartbeat_value(at=time.time()), ex=60)
-    env = {k: v for k, v in os.environ.items() if k not in ("GKT_REDIS_URL", "GKT_KEY_PREFIX")}
+    env = {k: v for k, v in child_environment().items() if k not in ("GKT_REDIS_URL", "GKT_KEY_PREFIX")}
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "status", "--json"],
+        [sys.executable, "-m", "gkt_tools.cli", "status", "--json"],
         capture_output=True, text=True, cwd=ROOT, timeout=60, env={**env, "GKT_STATE_DIR": str(tmp_path)},
     )  # fmt: skip
     status = json.loads(result.stdout)

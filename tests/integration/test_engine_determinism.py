@@ -3,18 +3,16 @@ that join and leave around it, greedy or sampled."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
+from gkt.config import CommonSettings
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest, Sampler
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt
 
-CACHE = Path(os.environ.get("GKT_MODEL_CACHE_DIR", Path.home() / ".cache" / "gkt" / "models"))
+CACHE = CommonSettings().model_cache_dir
 QUESTIONS = (
     "Tom has 3 boxes with 4 apples in each box. How many apples does Tom have?",
     "A baker makes 12 loaves a day for 5 days and sells 40. How many are left?",
@@ -58,12 +56,13 @@ def test_the_bundled_student_gives_each_seeded_request_the_same_text_alone_and_b
     requests = _requests(lm, 12)
     alone = [Engine(lm, max_batch=1, prefix_cache=cache).generate([r])[0] for r in requests]
 
-    engine = Engine(lm, max_batch=6, prefix_cache=cache)
-    generations = []
-    for request in requests:  # each joins a batch already decoding; short ones leave early
-        generations.append(engine.submit(request))
-        engine.step()
-    while any(g.result is None for g in generations):
-        engine.step()
-
-    assert [g.result for g in generations] == alone
+    for arrivals_per_step in (1, 3):  # alone, or prefilled together with other arrivals
+        engine = Engine(lm, max_batch=6, prefix_cache=cache)
+        generations = []
+        for i, request in enumerate(requests):  # each joins a batch already decoding; short ones leave early
+            generations.append(engine.submit(request))
+            if i % arrivals_per_step == arrivals_per_step - 1:
+                engine.step()
+        while any(g.result is None for g in generations):
+            engine.step()
+        assert [g.result for g in generations] == alone, f"{arrivals_per_step} arrivals per step"

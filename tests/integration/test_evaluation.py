@@ -9,7 +9,7 @@ import pytest
 
 from gkt.answers import extract_answer, is_correct
 from gkt.jobs import Task
-from services.cli import main
+from gkt_tools.cli import main
 from tests.unit.test_evaluation import GSM8K_LINES, write_data_dir
 
 
@@ -118,3 +118,24 @@ def test_missing_data_is_a_clear_error(
     assert _eval(*run_args, "--data-dir", str(tmp_path / "empty")) == 2
     error = capsys.readouterr().err
     assert "gsm8k_test.jsonl" in error and "openai/grade-school-math" in error
+
+
+def test_oracle_rows_cut_the_reference_solution_and_never_run_the_teacher(
+    run_args: list[str], tmp_path: Path
+) -> None:
+    argv = [a for a in run_args if a != "3,6"]
+    argv[argv.index("--guidance-tokens") + 1 :] = ["3,100", *argv[argv.index("--guidance-tokens") + 1 :]]
+    assert _eval(*argv, "--limit", "2", "--guidance", "oracle", "--baselines", "student") == 0
+    records = {(r["condition"], r["index"]): r for r in _records(tmp_path / "out")}
+    assert sorted(records) == sorted((c, i) for c in ("student", "oracle-3", "oracle-100") for i in range(2))
+    whole = records[("oracle-100", 0)]
+    assert whole["guidance"] == "3+4=7 The answer is 7." and whole["teacher_answer"] == "7"
+    assert whole["teacher_correct"] and whole["correct"]
+    for (condition, index), r in records.items():
+        if condition.startswith("oracle-"):
+            reference = records[("oracle-100", index)]["guidance"]
+            assert reference.startswith(r["guidance"]) and r["guidance_tokens"] <= int(
+                condition.split("-")[1]
+            )
+            assert r["teacher_seconds"] == 0 and r["teacher_batch_size"] == 0 and r["student_tokens"] >= 1
+    assert records[("oracle-3", 0)]["guidance"] != whole["guidance"]

@@ -1,4 +1,4 @@
-"""Access control at the gateway: per-key limits in Redis, TLS, and secrets kept out of logs.
+"""Access control at the gateway: per-key limits in Redis, and secrets kept out of logs (TLS: test_gateway_tls.py).
 
 Real gRPC gateways on free ports, a real Redis behind them, certificates made with `openssl`.
 """
@@ -17,23 +17,22 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client import REGISTRY
 from redis import Redis
 
 from gkt.connections import connect_async
 from gkt.jobs import DeltaEvent, Guidance, GuidanceEvent, Job
+from gkt.keys import Keys
 from gkt.logs import JsonFormatter
-from gkt.queue import AnyEvent, Keys, publish_events
+from gkt.queue import AnyEvent, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.gateway.access import Limiter
+from gkt_tools.processes import free_port
 from services.gateway.auth import hash_key
+from services.gateway.limits import Limiter
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
-from tests.certificates import make_certificates
 
 BEARER = (("authorization", "Bearer team-a-key"),)
 EMPTY = pb.GenerateRequest(query="")  # passes access control, then fails validation: cheap to send
@@ -249,83 +248,6 @@ async def _until(check: object, timeout_s: float = 10) -> None:
 
 
 # --- TLS -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_certificates(tmp_path_factory.mktemp("tls"))
-
-
-async def _health(addr: str, credentials: grpc.ChannelCredentials | None) -> int:
-    channel = grpc.aio.secure_channel(addr, credentials) if credentials else grpc.aio.insecure_channel(addr)
-    async with channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-    return int(reply.status)
-
-
-async def test_tls_serves_clients_that_trust_its_ca_and_refuses_plaintext(
-    redis_url: str, certificates: Path
-) -> None:
-    gateway = await _start(
-        _settings(
-            redis_url,
-            gateway_tls_cert_file=certificates / "server.pem",
-            gateway_tls_key_file=certificates / "server.key",
-            gateway_health_addr=f"127.0.0.1:{free_port()}",
-        )
-    )
-    addr = gateway.settings.gateway_addr
-    try:
-        trusted = grpc.ssl_channel_credentials(root_certificates=(certificates / "ca.pem").read_bytes())
-        assert await _health(addr, trusted) == health_pb2.HealthCheckResponse.SERVING
-        with pytest.raises(grpc.aio.AioRpcError) as plaintext:
-            await _health(addr, None)
-        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
-
-        # The probes' port: health in plaintext, and nothing else.
-        probes = gateway.settings.gateway_health_addr
-        assert await _health(probes, None) == health_pb2.HealthCheckResponse.SERVING
-        async with grpc.aio.insecure_channel(probes) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as api:
-                await guidance_pb2_grpc.GuidanceServiceStub(channel).Generate(
-                    pb.GenerateRequest(query="q"), timeout=5
-                )
-        assert api.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    finally:
-        await gateway.stop()
-
-
-async def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(
-    redis_url: str, certificates: Path
-) -> None:
-    gateway = await _start(
-        _settings(
-            redis_url,
-            gateway_tls_cert_file=certificates / "server.pem",
-            gateway_tls_key_file=certificates / "server.key",
-            gateway_tls_client_ca_file=certificates / "ca.pem",
-        )
-    )
-    addr, ca = gateway.settings.gateway_addr, (certificates / "ca.pem").read_bytes()
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as anonymous:
-            await _health(addr, grpc.ssl_channel_credentials(root_certificates=ca))
-        assert anonymous.value.code() == grpc.StatusCode.UNAVAILABLE
-        with_certificate = grpc.ssl_channel_credentials(
-            root_certificates=ca,
-            private_key=(certificates / "client.key").read_bytes(),
-            certificate_chain=(certificates / "client.pem").read_bytes(),
-        )
-        assert await _health(addr, with_certificate) == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        await gateway.stop()
-
-
-def test_tls_settings_refuse_a_certificate_without_its_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="go together"):
-        GatewaySettings(gateway_tls_cert_file=tmp_path / "server.pem")
-    with pytest.raises(ValueError, match="mutual TLS"):
-        GatewaySettings(gateway_tls_client_ca_file=tmp_path / "ca.pem")
 
 
 # --- secrets in logs -------------------------------------------------------------------------------

@@ -15,12 +15,14 @@ from redis import Redis
 
 from gkt.connections import connect_bounded
 from gkt.errors import ResourceExhausted
-from gkt.queue import Keys, teacher_pace
+from gkt.keys import Keys
+from gkt.liveness import teacher_pace
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
+from tests.waiting import until_async
 
 REQUEST = pb.GenerateRequest(query="Waiting?", sampling=pb.SamplingParams(max_new_tokens=4))
 
@@ -120,7 +122,12 @@ async def test_a_command_that_waits_too_long_for_a_redis_connection_is_overload_
     try:
         # both connections busy for a second (blocking pops on an empty list)
         busy = [asyncio.ensure_future(client.blpop(["admission:nothing"], timeout=1)) for _ in range(2)]
-        await asyncio.sleep(0.1)
+
+        async def both_blocked() -> bool:
+            clients = redis.client_list()
+            return sum(c.get("name") == "gkt-gateway-test" and c.get("cmd") == "blpop" for c in clients) == 2
+
+        await until_async(both_blocked, what="both connections to block in BLPOP", timeout_s=0.8)
         with pytest.raises(ResourceExhausted, match=r"all 2 Redis connections stayed busy for 0\.2 s"):
             await client.ping()
         await asyncio.gather(*busy)

@@ -16,12 +16,13 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ResponseError
 
 from gkt.jobs import Completion, FinalEvent, Guidance, GuidanceEvent, Job
-from gkt.queue import AnyEvent, Keys, publish_events
+from gkt.keys import Keys
+from gkt.queue import AnyEvent, publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 from tests.conftest import redis_server
 
 KEYS = Keys("events")

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from gkt.errors import InvalidArgument
 from gkt.jobs import JobKind
 from gkt.v1 import guidance_pb2 as pb
+from gkt_tools.processes import free_port
 from services.gateway import convert
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 
 DEADLINE_S = 0.25
 _EXAMPLES = settings(

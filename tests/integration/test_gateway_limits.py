@@ -15,13 +15,13 @@ import grpc
 import pytest
 from redis import Redis
 
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.processes import free_port
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 
 BEARER = (("authorization", "Bearer team-a-key"),)
 KEYS = Keys("limits")

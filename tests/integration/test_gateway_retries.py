@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,13 +19,16 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from gkt.errors import StatusCode
 from gkt.jobs import Completion, ErrorEvent, FinalEvent, Guidance, GuidanceEvent, Job
-from gkt.queue import Keys, publish_events
+from gkt.keys import Keys
+from gkt.queue import publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
+from tests.waiting import until_async
 
 KEYS = Keys("retries")
 
@@ -78,7 +82,7 @@ async def _answer(redis_url: str, job: Job, text: str) -> None:
 
 async def _fail(redis_url: str, job: Job) -> None:
     client = AsyncRedis.from_url(redis_url)
-    event = ErrorEvent(code="INTERNAL", message="the student crashed")
+    event = ErrorEvent(code=StatusCode.INTERNAL, message="the student crashed")
     await publish_events(client, keys=KEYS, events=[(job.id, event)], ttl_s=60)
     await client.aclose()
 
@@ -149,12 +153,19 @@ async def test_a_retry_after_a_failure_starts_a_fresh_job(redis_url: str, redis:
         assert (await retry).text == "fixed"
 
 
-async def test_a_retry_while_the_job_runs_attaches_to_it(redis_url: str, redis: Redis) -> None:
+async def test_a_retry_while_the_job_runs_attaches_to_it(
+    redis_url: str, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="services.gateway.service")
     async with _stub(redis_url) as stub:
         first = asyncio.ensure_future(stub.Generate(_request("running"), timeout=30))
         job = await _queued_job(redis, after=0)
         retry = asyncio.ensure_future(stub.Generate(_request("running"), timeout=30))
-        await asyncio.sleep(0.3)
+
+        async def attached() -> bool:
+            return "request_id seen before: attaching to its job" in caplog.messages
+
+        await until_async(attached, what="the retry to find the running job")
         await _answer(redis_url, job, "shared")
 
         assert [(r.text, r.job_id) for r in await asyncio.gather(first, retry)] == [("shared", job.id)] * 2

@@ -8,7 +8,6 @@ A real gateway process and Redis; the test plays the workers, publishing the eve
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -23,10 +22,11 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import Completion, DeltaEvent, FinalEvent, Guidance, GuidanceEvent, Job
-from gkt.queue import Keys, publish_events
+from gkt.keys import Keys
+from gkt.queue import publish_events
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
-from services.stack import free_port
+from gkt_tools.processes import child_environment, free_port
 
 KEYS = Keys("shutdown")
 GRACE_S = 4.0
@@ -62,14 +62,15 @@ async def _collect(call: Any) -> tuple[str, list[str]]:
 def gateway(redis_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A gateway process (its address, the process) that the test stops; killed if it does not."""
     addr = f"127.0.0.1:{free_port()}"
-    env = {
-        **os.environ,
-        "GKT_REDIS_URL": redis_url,
-        "GKT_KEY_PREFIX": KEYS.prefix,
-        "GKT_GATEWAY_ADDR": addr,
-        "GKT_GATEWAY_METRICS_PORT": "0",
-        "GKT_GATEWAY_GRACE_S": str(GRACE_S),
-    }
+    env = child_environment(
+        {
+            "GKT_REDIS_URL": redis_url,
+            "GKT_KEY_PREFIX": KEYS.prefix,
+            "GKT_GATEWAY_ADDR": addr,
+            "GKT_GATEWAY_METRICS_PORT": "0",
+            "GKT_GATEWAY_GRACE_S": str(GRACE_S),
+        }
+    )
     process = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stderr=subprocess.DEVNULL)
     yield addr, process
     if process.poll() is None:

@@ -20,13 +20,13 @@ from redis import Redis
 
 from gkt.connections import connect_async
 from gkt.jobs import Guidance, Job
-from gkt.queue import Keys
+from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.processes import free_port
 from services.gateway.auth import hash_key
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.echo import EchoBackend
 from services.teacher.settings import TeacherSettings
@@ -47,6 +47,10 @@ class RecordingEcho(EchoBackend):
     ) -> list[GenerationResult | BackendError]:
         self.prompts.extend(request.prompt for request in requests)
         return await super().generate_batch(requests)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
+        self.prompts.append(request.prompt)
+        return await super().generate(request)
 
 
 def _no_student(job: Job, guidance: Guidance) -> None:

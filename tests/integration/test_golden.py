@@ -10,11 +10,9 @@ versions. If a deliberate upgrade changes them, re-check the text is sane and re
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
+from gkt.config import CommonSettings
 from gkt.decoding import PrefixCache, encode, few_shot_prefixes
 from gkt.engine import Engine, EngineRequest
 from gkt.jobs import GuidanceMode, Task
@@ -53,7 +51,7 @@ GOLDEN = {
         [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33, 29, 34, 34, 216],
     ),
 }
-CACHE = Path(os.environ.get("GKT_MODEL_CACHE_DIR", Path.home() / ".cache" / "gkt" / "models"))
+CACHE = CommonSettings().model_cache_dir
 
 
 @pytest.mark.real_models

@@ -11,7 +11,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.jobs import GuidanceSpec, Job
-from gkt.queue import Keys, enqueue_job, ensure_group, parse_heartbeat
+from gkt.keys import Keys
+from gkt.liveness import parse_heartbeat
+from gkt.queue import enqueue_job, ensure_group
 from services.student.heartbeat import Heartbeat
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.settings import TeacherSettings
@@ -48,9 +50,10 @@ def test_a_student_heartbeat_is_rewritten_while_idle_and_says_how_busy_it_is(red
 
 
 class _StuckBackend:
-    """A teacher backend whose batch never ends until released: a batch longer than a heartbeat's life."""
+    """A teacher backend whose generation never ends until released: longer than a heartbeat's life."""
 
     name = "stuck"
+    concurrency = 4
 
     def __init__(self) -> None:
         self.entered = asyncio.Event()
@@ -58,7 +61,7 @@ class _StuckBackend:
 
     async def start(self) -> None: ...
 
-    def check_limits(self, *, max_new_tokens: int) -> None: ...
+    def check_limits(self, *, max_guidance_tokens: int) -> None: ...
 
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]
@@ -66,6 +69,9 @@ class _StuckBackend:
         self.entered.set()
         await self.release.wait()
         return [GenerationResult(text="g", token_count=1, finish_reason="length") for _ in requests]
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
+        return (await self.generate_batch([request]))[0]
 
     async def close(self) -> None: ...
 
@@ -80,7 +86,7 @@ async def test_a_teacher_heartbeat_is_rewritten_during_a_long_batch(redis_url: s
     key = KEYS.heartbeat("teacher", "t1")
     running = asyncio.create_task(worker.run())
     try:
-        await enqueue_job(aredis, keys=KEYS, job=Job(query="q", guidance=GuidanceSpec(max_tokens=1)))
+        await enqueue_job(aredis, keys=KEYS, job=Job(query="q", guidance=GuidanceSpec(max_guidance_tokens=1)))
         await asyncio.wait_for(backend.entered.wait(), timeout=20)
         await aredis.delete(key)  # as if it had expired mid-batch
         deadline = time.monotonic() + 20

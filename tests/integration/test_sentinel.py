@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gkt.connections import connect, connect_async, connect_bounded, connect_reader, outlasting
 from gkt.dispatch import student_client
-from gkt.queue import STUDENT_QUEUE, Keys
+from gkt.keys import STUDENT_QUEUE, Keys
 from gkt_tools.sentinel import SentinelGroup
 
 KEYS = Keys("sentinel")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from redis import Redis
 
-from services.stack import Stack
+from gkt_tools.stack import Stack
 
 
 def test_the_stacks_redis_appends_every_write_and_keeps_it_across_a_kill(tmp_path: Path) -> None:

@@ -13,11 +13,15 @@ from redis import Redis
 from gkt import leases
 from gkt.engine import Engine, EngineRequest, Generation
 from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent, Guidance, GuidanceSpec, Job, SamplingParams
+from gkt.keys import Keys
 from gkt.models import LoadedModel, load_model
-from gkt.queue import AnyEvent, Keys, SyncEventPublisher
+from gkt.publisher import SyncEventPublisher
+from gkt.queue import AnyEvent
+from services.student.backends.local import LocalStudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from tests.events import job_events
+from tests.waiting import until
 
 KEYS = Keys("stest")
 GUIDANCE = Guidance(text="There are 15 trees", token_count=4, published_at=1.0)
@@ -52,7 +56,14 @@ LIMITS = JobLimits(max_attempts=3, time_limit_s=60)
 def _run(
     job: Job, engine: Engine, publisher: SyncEventPublisher, book: JobBook, limits: JobLimits = LIMITS
 ) -> None:
-    run_job(engine=engine, job=job, guidance=GUIDANCE, publisher=publisher, book=book, limits=limits)
+    run_job(
+        backend=LocalStudentBackend(engine),
+        job=job,
+        guidance=GUIDANCE,
+        publisher=publisher,
+        book=book,
+        limits=limits,
+    )
 
 
 def _events(redis: Redis, job: Job) -> list[AnyEvent]:
@@ -61,7 +72,7 @@ def _events(redis: Redis, job: Job) -> list[AnyEvent]:
 
 def _job(**sampling: object) -> Job:
     params = SamplingParams(**{"temperature": 0.9, "max_new_tokens": 12, "seed": 3, **sampling})  # type: ignore[arg-type]
-    return Job(query="How many trees?", guidance=GuidanceSpec(max_tokens=4), sampling=params)
+    return Job(query="How many trees?", guidance=GuidanceSpec(max_guidance_tokens=4), sampling=params)
 
 
 def test_deltas_add_up_to_the_final_text_which_continues_the_guidance(
@@ -113,11 +124,9 @@ def test_a_cancellation_heard_on_the_channel_stops_the_job_at_the_next_token_wit
     job = _job(max_new_tokens=200, temperature=1.0)
     publisher.watch_cancellations()
     try:
-        while redis.pubsub_numsub(KEYS.cancellations)[0][1] < 1:
-            time.sleep(0.01)
+        until(lambda: redis.pubsub_numsub(KEYS.cancellations)[0][1] >= 1, what="the listener to subscribe")
         redis.publish(KEYS.cancellations, job.id)
-        while not publisher.heard_cancel(job.id):
-            time.sleep(0.01)
+        until(lambda: publisher.heard_cancel(job.id), what="the cancellation to be heard")
         _run(job, engine, publisher, book, JobLimits(max_attempts=3, time_limit_s=60, stream_interval_s=3600))
     finally:
         publisher.stop_watching()

@@ -6,11 +6,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
 from gkt.decoding import encode
+from gkt.errors import StatusCode
 from gkt.jobs import (
     ErrorEvent,
     FinalEvent,
@@ -22,9 +24,11 @@ from gkt.jobs import (
     JobKind,
     Task,
 )
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import teacher_capacity
 from gkt.models import load_model
 from gkt.prompts import teacher_prompt
-from gkt.queue import TEACHER_GROUP, Keys, enqueue_job, ensure_group, read_events, teacher_capacity
+from gkt.queue import enqueue_job, ensure_group, read_events
 from services.teacher.backends.base import BackendError, GenerationRequest, GenerationResult
 from services.teacher.backends.echo import EchoBackend
 from services.teacher.backends.local import LocalBackend
@@ -51,7 +55,20 @@ def backend(tiny_models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFac
 
 
 def _job(query: str, **kwargs: object) -> Job:
-    return Job(query=query, guidance=GuidanceSpec(max_tokens=4), **kwargs)  # type: ignore[arg-type]
+    return Job(query=query, guidance=GuidanceSpec(max_guidance_tokens=4), **kwargs)  # type: ignore[arg-type]
+
+
+async def _pending_idle(aredis: AsyncRedis, *, count: int, at_least_ms: int) -> None:
+    """Until `count` entries of the query stream are pending, each idle `at_least_ms` by Redis's clock."""
+    deadline = time.monotonic() + 20
+    while True:
+        rows: Any = await aredis.xpending_range(
+            KEYS.queries, TEACHER_GROUP, min="-", max="+", count=count + 16
+        )
+        if len(rows) >= count and all(int(row["time_since_delivered"]) >= at_least_ms for row in rows):
+            return
+        assert time.monotonic() < deadline, f"{count} entries not pending and idle {at_least_ms} ms: {rows}"
+        await asyncio.sleep(0.02)
 
 
 async def test_a_batch_closes_when_full_without_waiting(aredis: AsyncRedis) -> None:
@@ -130,7 +147,7 @@ async def test_worker_publishes_guidance_dispatches_students_and_acks(
         e for _, e in await read_events(aredis, keys=KEYS, job_id=jobs[3].id, after="0", block_ms=10)
     ]
     assert late_events == [
-        ErrorEvent(code="DEADLINE_EXCEEDED", message="the deadline passed while the job was queued")
+        ErrorEvent(code=StatusCode.DEADLINE_EXCEEDED, message="the deadline passed while the job was queued")
     ]
     # acknowledged and deleted: the stream holds nothing, nothing is pending
     assert await aredis.xlen(KEYS.queries) == 0
@@ -150,7 +167,7 @@ async def test_jobs_of_a_dead_teacher_are_reclaimed(aredis: AsyncRedis) -> None:
         aredis, keys=KEYS, consumer="dead", max_batch_size=1, max_wait_ms=0, block_ms=100
     )
     assert taken
-    await asyncio.sleep(0.15)
+    await _pending_idle(aredis, count=1, at_least_ms=100)
     claimed, broken, deliveries = await claim_stale(
         aredis, keys=KEYS, consumer="alive", min_idle_ms=100, count=10
     )
@@ -163,14 +180,14 @@ async def test_a_prompt_beyond_the_models_context_fails_alone_naming_the_field(b
     context = backend._loaded().context_window
     assert context == 4096  # the tiny teacher's
 
-    def request(query: str, max_new_tokens: int = 4) -> GenerationRequest:
+    def request(query: str, max_guidance_tokens: int = 4) -> GenerationRequest:
         prompt = teacher_prompt(task=Task.GSM8K, mode=GuidanceMode.CUTOFF, query=query)
-        return GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens)
+        return GenerationRequest(prompt=prompt, max_guidance_tokens=max_guidance_tokens)
 
     # "x " is two tokens of the tiny vocabulary; the exemplars are about 730 more.
     assert len(encode(backend._loaded(), request("x " * 1500).prompt)) < 4096 - 300
     fits, too_long, too_much = await backend.generate_batch(
-        [request("How many trees?"), request("x " * 2500), request("x " * 1500, max_new_tokens=2000)]
+        [request("How many trees?"), request("x " * 2500), request("x " * 1500, max_guidance_tokens=2000)]
     )
     assert isinstance(fits, GenerationResult) and fits.token_count > 0
     assert isinstance(too_long, BackendError)
@@ -232,7 +249,7 @@ async def test_jobs_of_a_teacher_whose_heartbeat_is_gone_are_taken_over_and_dead
     await aredis.xreadgroup(TEACHER_GROUP, "alive", {KEYS.queries: ">"}, count=1)
     await aredis.xreadgroup(TEACHER_GROUP, "gone", {KEYS.queries: ">"}, count=1)
     await aredis.set(KEYS.heartbeat("teacher", "alive"), "1", ex=60)
-    await asyncio.sleep(1.1)  # entries are claimed only once idle for a second
+    await _pending_idle(aredis, count=4, at_least_ms=1000)  # entries are claimed only once idle for a second
 
     claimed, broken, deliveries = await claim_from_dead(aredis, keys=KEYS, consumer="me", count=8)
 

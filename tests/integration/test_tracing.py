@@ -13,13 +13,16 @@ from redis.asyncio import Redis as AsyncRedis
 
 from gkt.engine import Engine
 from gkt.jobs import Guidance, Job
+from gkt.keys import Keys
 from gkt.models import LoadedModel, load_model
-from gkt.queue import Keys, SyncEventPublisher, ensure_group
+from gkt.publisher import SyncEventPublisher
+from gkt.queue import ensure_group
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools.processes import free_port
 from services.gateway.server import Gateway
 from services.gateway.settings import GatewaySettings
-from services.stack import free_port
+from services.student.backends.local import LocalStudentBackend
 from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from services.teacher.backends.local import LocalBackend
@@ -95,7 +98,7 @@ async def test_one_jobs_spans_share_one_trace_under_the_gateways_span(
         try:
             await asyncio.to_thread(
                 lambda: run_job(
-                    engine=engine,
+                    backend=LocalStudentBackend(engine),
                     job=job,
                     guidance=guidance,
                     publisher=publisher,

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO = Path(__file__).resolve().parents[2]
-OVERLAYS = ("dev", "prod", "prod-tgi-hpa")
-PROD = ("prod", "prod-tgi-hpa")
+OVERLAYS = ("dev", "prod", "prod-tgi-hpa", "prod-servers")
+PROD = ("prod", "prod-tgi-hpa", "prod-servers")
 GKT = {"gateway": "gkt-gateway", "teacher": "gkt-teacher", "student": "gkt-student"}
 
 
@@ -85,19 +85,26 @@ def test_each_pod_may_reach_only_what_it_needs(overlay: str) -> None:
         {("anywhere", 6379), ("anywhere", 6380)} if overlay == "prod-tgi-hpa" else set()
     )
     assert _egress(objects, "gkt-gateway") == DNS | redis
-    assert _egress(objects, "gkt-student") == DNS | redis
+    student_server = {("student-server", 8000)} if overlay == "prod-servers" else set()
+    assert _egress(objects, "gkt-student") == DNS | redis | student_server
     server = {("teacher-server", 8000)} if overlay in PROD else set()
     assert _egress(objects, "gkt-teacher") == DNS | redis | server
     if overlay in PROD:
         assert _egress(objects, "teacher-server") == DNS | {("anywhere", 443)}  # the model hub
+    if overlay == "prod-servers":
+        assert _egress(objects, "student-server") == DNS | {("anywhere", 443)}
     if overlay != "prod-tgi-hpa":  # its Redis is outside the cluster
         assert _egress(objects, "redis") == DNS
 
 
-@pytest.mark.parametrize("overlay", PROD)
-def test_monitoring_scrapes_the_teacher_server_through_its_metrics_proxy_only(overlay: str) -> None:
+@pytest.mark.parametrize(
+    ("overlay", "server"), [*((o, "teacher-server") for o in PROD), ("prod-servers", "student-server")]
+)
+def test_monitoring_scrapes_an_inference_server_through_its_metrics_proxy_only(
+    overlay: str, server: str
+) -> None:
     objects = _render(overlay)
-    server_labels = {"app.kubernetes.io/name": "teacher-server"}
+    server_labels = {"app.kubernetes.io/name": server}
     rules = [
         rule
         for o in objects
@@ -116,19 +123,15 @@ def test_monitoring_scrapes_the_teacher_server_through_its_metrics_proxy_only(ov
 
     monitoring_ports = {port["port"] for rule in rules if from_monitoring(rule) for port in rule["ports"]}
     assert monitoring_ports == {9400}
-    server = next(
-        o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == "teacher-server"
+    stateful_set = next(o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"] == server)
+    proxy = next(
+        c for c in stateful_set["spec"]["template"]["spec"]["containers"] if c["name"] == "metrics-proxy"
     )
-    proxy = next(c for c in server["spec"]["template"]["spec"]["containers"] if c["name"] == "metrics-proxy")
     assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"metrics": 9400}
-    monitor = next(
-        o for o in objects if o["kind"] == "ServiceMonitor" and o["metadata"]["name"] == "teacher-server"
-    )
+    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor" and o["metadata"]["name"] == server)
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     config = next(
-        o
-        for o in objects
-        if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "teacher-server-metrics-proxy"
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == f"{server}-metrics-proxy"
     )
     conf = config["data"]["metrics.conf"]
     assert "location = /metrics" in conf and "return 404" in conf  # nothing else is proxied

@@ -2,12 +2,12 @@
 
 Each broken case edits a copy of k8s/ the way a person might get it wrong, runs the real validator
 (scripts/k8s_validate.py: kubectl kustomize, yamllint, kubernetes-validate, the project's CR schemas
-and the upstream CRDs when ../shared/ref/crds exists) and checks the failure names the mistake.
+and the upstream CRDs when ../shared/ref/crds exists) and checks the failure names the mistake. Its
+length is that table of broken cases, one per mistake, beside what each production overlay must render.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from gkt_tools.settings import ToolSettings
 
 for _module in ("kubernetes_validate", "yamllint", "jsonschema"):
     pytest.importorskip(_module, reason=f"{_module} is not installed (`make setup` installs the dev extras)")
@@ -28,7 +30,14 @@ pytestmark = pytest.mark.skipif(
 
 REPO = Path(__file__).resolve().parents[2]
 VALIDATOR = REPO / "scripts" / "k8s_validate.py"
-RENDER_TARGETS = ("base", "monitoring", "overlays/dev", "overlays/prod", "overlays/prod-tgi-hpa")
+RENDER_TARGETS = (
+    "base",
+    "monitoring",
+    "overlays/dev",
+    "overlays/prod",
+    "overlays/prod-tgi-hpa",
+    "overlays/prod-servers",
+)
 
 Mutation = Callable[[Path], None]
 
@@ -66,7 +75,43 @@ def test_the_prod_overlay_has_every_production_piece() -> None:
     assert settings["GKT_TEACHER_URL"] == "http://teacher-server:8000/v1"
 
 
-@pytest.mark.parametrize("overlay", ["prod", "prod-tgi-hpa"])
+def test_the_prod_servers_overlay_runs_students_as_thin_clients_of_a_student_server() -> None:
+    objects = _render(REPO / "k8s" / "overlays" / "prod-servers")
+    settings = next(
+        obj
+        for obj in objects
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("gkt-config")
+    )["data"]
+    assert (settings["GKT_TEACHER_BACKEND"], settings["GKT_STUDENT_BACKEND"]) == ("openai", "openai")
+    assert settings["GKT_STUDENT_URL"] == "http://student-server:8000/v1"
+    server = next(
+        obj for obj in objects if obj["kind"] == "StatefulSet" and obj["metadata"]["name"] == "student-server"
+    )
+    (vllm, _proxy) = server["spec"]["template"]["spec"]["containers"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--served-model-name=$(GKT_STUDENT_MODEL)" in vllm["args"]
+    api_key = next(e for e in vllm["env"] if e["name"] == "VLLM_API_KEY")["valueFrom"]["secretKeyRef"]
+    assert api_key == {"name": "gkt-student-api-key", "key": "api-key"}
+    # the students load no model: no GPU, little memory, no shared model cache; the server's key mounted
+    student = next(
+        obj for obj in objects if obj["kind"] == "Deployment" and obj["metadata"]["name"] == "student"
+    )
+    pod = student["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert container["resources"]["limits"]["memory"] == "1Gi"
+    key_file = Path(settings["GKT_STUDENT_API_KEY_FILE"])
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(key_file.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "gkt-student-api-key"
+    assert not any(obj["kind"] == "PersistentVolumeClaim" for obj in objects)
+    assert all("persistentVolumeClaim" not in v for v in pod["volumes"])
+    # the autoscaler's unit is one pod's streams
+    scaled = next(obj for obj in objects if obj["kind"] == "ScaledObject")
+    assert scaled["spec"]["advanced"]["scalingModifiers"]["target"] == settings["GKT_STUDENT_MAX_BATCH"]
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-tgi-hpa", "prod-servers"])
 def test_prod_gateways_serve_tls_from_the_secret_and_probe_a_plaintext_health_port(overlay: str) -> None:
     objects = _render(REPO / "k8s" / "overlays" / overlay)
     gateway = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway")
@@ -253,7 +298,7 @@ def test_a_broken_manifest_fails_validation(case: str, tmp_path: Path) -> None:
 
 
 def test_the_upstream_crds_catch_what_they_define_too(tmp_path: Path) -> None:
-    crds = Path(os.environ.get("GKT_SHARED_REF_DIR") or REPO.parent / "shared" / "ref") / "crds"
+    crds = ToolSettings().shared_ref_dir / "crds"
     if not crds.is_dir():
         pytest.skip(f"no upstream CRDs at {crds}")
     k8s = tmp_path / "k8s"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from redis.connection import parse_url
 
 from gkt.connections import broker_tls_options
 from gkt.dispatch import student_client
+from gkt_tools.processes import child_environment
 from services.gateway.settings import GatewaySettings
 from services.teacher.settings import TeacherSettings
 
@@ -83,6 +83,6 @@ def test_the_student_worker_app_uses_tls_for_a_rediss_url() -> None:
         "assert app.conf.broker_use_ssl['ssl_cert_reqs'] == ssl.CERT_REQUIRED, app.conf.broker_use_ssl; "
         "assert app.conf.broker_use_ssl['ssl_ca_certs'] == '/ca.pem'"
     )
-    env = {**os.environ, "GKT_REDIS_URL": "rediss://:pw@redis.internal:6380/0?ssl_ca_certs=/ca.pem"}
+    env = child_environment({"GKT_REDIS_URL": "rediss://:pw@redis.internal:6380/0?ssl_ca_certs=/ca.pem"})
     # A fresh interpreter: the worker app reads its settings once, at import.
     subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=120)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from gkt import paper
 from gkt.errors import InvalidArgument
 from gkt.jobs import GuidanceMode, Job, JobKind, Task
 from gkt.v1 import guidance_pb2 as pb
-from services.gateway.convert import TASK_DEFAULTS, to_job
+from services.gateway.convert import to_job
 from services.gateway.settings import GatewaySettings
 
 SETTINGS = GatewaySettings()
@@ -21,7 +22,7 @@ def test_unset_fields_take_the_papers_defaults_for_the_task() -> None:
     job = _job(pb.GenerateRequest(query="How many?", task=pb.TASK_GSM8K))
     assert job.task == Task.GSM8K
     assert job.guidance.mode == GuidanceMode.CUTOFF
-    assert (job.guidance.max_tokens, job.sampling.max_new_tokens) == TASK_DEFAULTS[Task.GSM8K] == (40, 300)
+    assert (job.guidance.max_guidance_tokens, job.sampling.max_new_tokens) == (40, 300)
     assert (job.sampling.temperature, job.sampling.top_p) == (0.8, 0.95)
 
 
@@ -32,7 +33,7 @@ def test_explicit_fields_are_kept_and_zero_temperature_is_not_unset() -> None:
         sampling=pb.SamplingParams(temperature=0.0, top_k=5, max_new_tokens=9, seed=42, stop=["END"]),
     )
     job = _job(request)
-    assert job.guidance.mode == GuidanceMode.HINT and job.guidance.max_tokens == 7
+    assert job.guidance.mode == GuidanceMode.HINT and job.guidance.max_guidance_tokens == 7
     assert job.sampling.greedy and job.sampling.top_k == 5 and job.sampling.max_new_tokens == 9
     assert job.sampling.seed == 42 and job.sampling.stop == ("END",)
 
@@ -53,7 +54,7 @@ def test_full_mode_defaults_to_a_whole_answer() -> None:
             query="q", task=pb.TASK_CSQA, guidance=pb.GuidanceParams(mode=pb.GUIDANCE_MODE_FULL)
         )
     )
-    assert job.guidance.max_tokens == TASK_DEFAULTS[Task.CSQA][1]
+    assert job.guidance.max_guidance_tokens == paper.TASK_DEFAULTS[Task.CSQA].student_max_new_tokens == 100
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,6 +69,37 @@ def test_rows_joining_and_leaving_mid_flight_generate_what_they_generate_alone(l
             assert engine.running <= 3
         for request, generation in zip(requests, generations, strict=True):
             assert generation.result == _alone(lm, request)
+
+
+def test_arrivals_in_one_step_are_prefilled_together_and_generate_what_they_generate_alone(
+    lm: LoadedModel,
+) -> None:
+    """Prompts of different lengths and different cached prefixes (two tasks) arriving at once: one
+    forward pass per prefix group, padded on the right, and every row's text is its text alone."""
+    for prefix_cache in (None, PrefixCache(lm, texts=few_shot_prefixes())):
+        requests = [_request(lm, i, max_new_tokens=3 + 2 * i) for i in range(6)]
+        alone = [_alone(lm, r) for r in requests]
+        engine = Engine(lm, max_batch=6, prefix_cache=prefix_cache)
+        passes: list[int] = []
+        model: Any = lm.model
+
+        def counting(
+            *args: object, forward: Any = model.forward, passes: list[int] = passes, **kwargs: object
+        ) -> object:
+            passes.append(1)
+            return forward(*args, **kwargs)
+
+        model.forward = counting
+        try:
+            generations = [engine.submit(r) for r in requests]
+            engine.step()  # admits all six
+            admitted = len(passes) - 1  # minus the step's decoding pass
+            while any(g.result is None for g in generations):
+                engine.step()
+        finally:
+            del model.forward
+        assert admitted < len(requests)
+        assert [g.result for g in generations] == alone
 
 
 def test_a_finished_row_leaves_the_batch_at_once(lm: LoadedModel) -> None:

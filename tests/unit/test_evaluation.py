@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from gkt.evaluation.command import add_arguments, build_plan
+from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.evaluation.datasets import DATASETS, SUMS_FILE, DataError, load_dataset, resolve_data_dir
 from gkt.evaluation.plan import Condition, EvalPlan
 from gkt.evaluation.records import ExampleRecord, RecordStore
 from gkt.evaluation.report import markdown_table, summarize, write_report
 from gkt.jobs import GuidanceMode, Task
+from gkt_tools.evaluation import add_arguments, build_plan
+from gkt_tools.settings import ToolSettings
 
 GSM8K_LINES = [
     {
@@ -89,15 +91,16 @@ def test_data_dir_comes_from_the_option_then_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("GKT_DATA_DIR", str(tmp_path / "env"))
-    assert resolve_data_dir(tmp_path / "option") == tmp_path / "option"
-    assert resolve_data_dir(None) == tmp_path / "env"
+    assert ToolSettings().data_dir_for(tmp_path / "option") == tmp_path / "option"
+    assert ToolSettings().data_dir_for(None) == tmp_path / "env"
     monkeypatch.delenv("GKT_DATA_DIR")
-    assert resolve_data_dir(None).parts[-2:] == ("shared", "data")
+    assert ToolSettings().data_dir_for(None).parts[-2:] == ("shared", "data")
+    assert resolve_data_dir(None) == ToolSettings().data_dir_for(None)
 
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, default_addr=DEFAULT_GATEWAY_ADDR)
     return parser.parse_args(list(argv))
 
 
@@ -106,7 +109,7 @@ def _args(*argv: str) -> argparse.Namespace:
 )
 def test_plan_defaults_are_the_papers(dataset: str, n: int, student_tokens: int) -> None:
     plan = build_plan(_args("--dataset", dataset))
-    assert plan.guidance_tokens == (n,)
+    assert plan.max_guidance_tokens == (n,)
     assert plan.student_tokens == student_tokens
     assert (plan.teacher_temperature, plan.teacher_top_p) == (0.8, 0.9)
     assert (plan.student_temperature, plan.student_top_p) == (0.8, 0.95)
@@ -145,7 +148,7 @@ def test_example_seeds_are_stable_and_distinct() -> None:
 
 def _plan() -> EvalPlan:
     return EvalPlan(
-        task=Task.GSM8K, teacher="big", student="small", modes=(GuidanceMode.CUTOFF,), guidance_tokens=(10, 20),
+        task=Task.GSM8K, teacher="big", student="small", modes=(GuidanceMode.CUTOFF,), max_guidance_tokens=(10, 20),
         student_tokens=300,
     )  # fmt: skip
 

@@ -78,9 +78,11 @@ def test_job_fields_leave_out_an_absent_request_id() -> None:
 
 
 async def test_ids_bound_in_one_task_stay_in_that_task(lines: Lines) -> None:
+    both_bound = asyncio.Barrier(2)
+
     async def rpc(job_id: str) -> None:
         logs.bind(job_id=job_id)
-        await asyncio.sleep(0.01)  # the other RPC binds its own id meanwhile
+        await both_bound.wait()  # the other RPC has bound its own id by now
         log.info("job enqueued")
 
     await asyncio.gather(rpc("a" * 32), rpc("b" * 32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from services.startup import ProgressLines, last_message, worker_phase
+from gkt_tools.startup import ProgressLines, last_message, worker_phase
 
 STARTING = '{"ts": 1.0, "level": "INFO", "logger": "gkt", "msg": "starting", "service": "teacher"}\n'
 CONVERTING = (

@@ -1,4 +1,4 @@
-"""The teacher backend protocol: one call generates guidance for a whole batch."""
+"""The teacher backend protocol: guidance for one prompt, or for a whole batch in one call."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gkt.errors import GktError
+from gkt.remote.errors import BackendError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,7 +14,8 @@ class GenerationRequest:
     """One prompt of a batch, with the teacher's sampling settings for it."""
 
     prompt: str
-    max_new_tokens: int
+    max_guidance_tokens: int
+    """N: the most teacher tokens of guidance to generate."""
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
@@ -25,7 +26,7 @@ class GenerationRequest:
 class GenerationResult:
     """What the model produced for one request.
 
-    `text` holds at most `max_new_tokens` teacher tokens, cut before the first stop sequence;
+    `text` holds at most `max_guidance_tokens` teacher tokens, cut before the first stop sequence;
     `token_count` is the number of tokens that text came from.
     """
 
@@ -34,32 +35,22 @@ class GenerationResult:
     finish_reason: str  # "length" | "stop" | "eos"
 
 
-class BackendError(GktError):
-    """Generation failed for one request; `code` says how the client should see it."""
-
-    code = "UNAVAILABLE"
-
-    def __init__(
-        self, message: str, *, code: str = "UNAVAILABLE", kind: str = "error", field: str = ""
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.kind = kind
-        """A bounded label for metrics: timeout, connection, overloaded, server, invalid, circuit_open…"""
-        self.field = field
-        """For `INVALID_ARGUMENT`: the request field at fault."""
-
-
 class TeacherBackend(Protocol):
     """A model that can continue many prompts; implementations: local, tgi, openai."""
 
     name: str
+    concurrency: int
+    """Requests it works on at once (known after `start`): the pipelined teacher's default in-flight limit."""
 
     async def start(self) -> None:
         """Connect / load, and refuse settings the model cannot honour (raise ValueError)."""
 
-    def check_limits(self, *, max_new_tokens: int) -> None:
+    def check_limits(self, *, max_guidance_tokens: int) -> None:
         """After start(): raise ValueError (naming the values) if guidance this long cannot be generated."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult | BackendError:
+        """Generate for one request; many may run at once (the pipelined teacher keeps them in flight)."""
+        ...
 
     async def generate_batch(
         self, requests: Sequence[GenerationRequest]

@@ -2,13 +2,13 @@
 
 They carry no GKT code, so the orchestration overhead of the full path can be read against what
 Redis and Celery cost on the same machine. `gkt bench` starts both helpers as subprocesses:
-`python -m gkt.bench.floors URL STREAM` (the stream responder) and a Celery worker on this module.
+`python -m gkt_tools.bench.floors URL STREAM` (the stream responder) and a Celery worker on
+`gkt_tools.bench.floor_worker`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -20,33 +20,14 @@ from celery import Celery
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from gkt.bench.load import Call
-from gkt.bench.stats import Sample
+from gkt_tools.bench.load import Call
+from gkt_tools.bench.stats import Sample
+from gkt_tools.processes import child_environment
 
 FLOOR_QUEUE = "gkt-bench-floor"
 FLOOR_TASK = "gkt.bench.floor"
 _GROUP = "floor"
 _REPLY_TTL_S = 60
-
-app = Celery("gkt-bench-floor", broker=os.environ.get("GKT_REDIS_URL", "redis://127.0.0.1:6379/0"))
-app.conf.update(
-    # The student's settings, so the floor pays what a student task pays.
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    task_ignore_result=True,
-    broker_connection_retry_on_startup=True,
-    worker_hijack_root_logger=False,
-)
-_worker_redis: list[Redis] = []
-
-
-@app.task(name=FLOOR_TASK)
-def reply_task(reply_key: str) -> None:
-    """Answer on the reply stream, as a student publishes its final event."""
-    if not _worker_redis:
-        _worker_redis.append(Redis.from_url(os.environ["GKT_REDIS_URL"]))
-    _reply(_worker_redis[0], reply_key)
 
 
 def redis_call(redis: AsyncRedis, *, stream: str) -> Call:
@@ -83,11 +64,11 @@ def floor_client(redis_url: str) -> Celery:
 @contextlib.contextmanager
 def floor_processes(*, redis_url: str, stream: str, log_dir: Any) -> Iterator[None]:
     """Run the stream responder and a one-process Celery worker until the block ends."""
-    env = {**os.environ, "GKT_REDIS_URL": redis_url}
+    env = child_environment({"GKT_REDIS_URL": redis_url})
     commands = {
-        "floor-responder": [sys.executable, "-m", "gkt.bench.floors", redis_url, stream],
+        "floor-responder": [sys.executable, "-m", "gkt_tools.bench.floors", redis_url, stream],
         "floor-celery": [
-            sys.executable, "-m", "celery", "-A", "gkt.bench.floors", "worker", "-Q", FLOOR_QUEUE,
+            sys.executable, "-m", "celery", "-A", "gkt_tools.bench.floor_worker", "worker", "-Q", FLOOR_QUEUE,
             "--concurrency", "1", "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle",
             "--loglevel", "WARNING", "--hostname", f"floor-{uuid.uuid4().hex[:6]}@%h",
         ],
@@ -115,7 +96,8 @@ async def _await_reply(redis: AsyncRedis, key: str, started: float) -> Sample:
     return Sample(latency_s=latency) if reply else Sample(latency_s=latency, ok=False, error="TIMEOUT")
 
 
-def _reply(redis: Redis, key: str) -> None:
+def reply(redis: Redis, key: str) -> None:
+    """Answer a request on its reply stream."""
     pipe = redis.pipeline(transaction=False)
     pipe.xadd(key, {"e": "done"})
     pipe.expire(key, _REPLY_TTL_S)

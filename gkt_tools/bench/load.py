@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 from tqdm import tqdm
 
-from gkt.bench.stats import STAGES, Sample
+from gkt_tools.bench.stats import STAGES, Sample
 
 Call = Callable[[int], Awaitable[Sample]]
 """Sends request number `i` and returns what the client saw."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,8 +15,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from gkt.config import CommonSettings
 from gkt.connections import connect
-from gkt.queue import HEARTBEAT_TTL_S, TEACHER_GROUP, Keys, parse_heartbeat
-from services.stack import read_detached
+from gkt.keys import TEACHER_GROUP, Keys
+from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
+from gkt_tools.stack import read_detached
 
 # Kombu's Redis transport keeps a queue's tasks in one list per priority step, and every task delivered to a
 # worker but not yet acknowledged (a running job: students acknowledge late) in one hash.
@@ -31,7 +31,7 @@ class Teacher:
     name: str
     beat_age_s: float
     batch_s: float | None
-    """Seconds per batch (a moving average); None until its first batch."""
+    """Seconds per batch, or per job when pipelined (a moving average); None until its first."""
     max_batch_size: int | None
 
 
@@ -51,7 +51,7 @@ class Status:
     teachers: list[Teacher] = field(default_factory=list)
     students: list[Student] = field(default_factory=list)
     queued_jobs: int = 0
-    """Jobs in the query stream: not yet taken by a teacher, or in a teacher's batch now."""
+    """Jobs in the query stream: not yet taken by a teacher, or held by one now."""
     jobs_in_teacher_batches: int = 0
     oldest_job_age_s: float | None = None
     student_tasks_waiting: int = 0
@@ -78,10 +78,9 @@ def run(*, as_json: bool, state_dir: Path) -> int:
     local = read_detached(state_dir) or {}
     try:
         # GKT_REDIS_URL names the stack; without it, the private Redis of the stack `gkt up` started here.
-        own_redis = (
-            {} if "GKT_REDIS_URL" in os.environ or not local.get("redis") else {"redis_url": local["redis"]}
-        )
-        settings = CommonSettings(**own_redis)
+        settings = CommonSettings()
+        if "redis_url" not in settings.model_fields_set and local.get("redis"):
+            settings = CommonSettings(redis_url=local["redis"])
     except (ValidationError, OSError) as exc:
         print(f"error: the Redis settings cannot be used: {_first_line(exc)}", file=sys.stderr)
         return 2
@@ -139,7 +138,7 @@ def format_status(status: Status, *, where: str) -> str:
     lines.append(f"teachers       {len(status.teachers)} alive")
     for t in status.teachers:
         pace = (
-            f"{t.batch_s:.2f} s per batch, batches up to {t.max_batch_size}" if t.batch_s else "no batch yet"
+            f"{t.batch_s:.2f} s per batch or job, {t.max_batch_size} at once" if t.batch_s else "no job yet"
         )
         lines.append(f"  {t.name:<28} beat {t.beat_age_s:.0f} s ago   {pace}")
     busy = sum(s.busy or 0 for s in status.students)
@@ -150,7 +149,7 @@ def format_status(status: Status, *, where: str) -> str:
         lines.append(f"  {s.name:<28} beat {s.beat_age_s:.0f} s ago   {load}".rstrip())
     oldest = f", oldest {status.oldest_job_age_s:.1f} s old" if status.oldest_job_age_s is not None else ""
     lines.append(
-        f"query queue    {_jobs(status.queued_jobs)} ({status.jobs_in_teacher_batches} in a teacher's batch){oldest}"
+        f"query queue    {_jobs(status.queued_jobs)} ({status.jobs_in_teacher_batches} held by a teacher){oldest}"
     )
     lines.append(
         f"student queue  {status.student_tasks_waiting} waiting, {status.student_tasks_running} delivered to "

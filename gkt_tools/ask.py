@@ -9,11 +9,18 @@ from typing import Any
 
 import grpc
 
-from gkt.arguments import UINT32_MAX, UINT64_MAX, real_number, whole_number
-from gkt.client import CONNECTION_ENV_HELP, ConnectionOptionError, GatewayConnection, add_connection_arguments
+from gkt import paper
+from gkt.client import GatewayConnection
+from gkt_tools.arguments import UINT32_MAX, UINT64_MAX, real_number, whole_number
+from gkt_tools.connection import (
+    CONNECTION_ENV_HELP,
+    ConnectionOptionError,
+    add_connection_arguments,
+    connection_from_args,
+)
 
-TASKS = ("freeform", "gsm8k", "csqa", "aqua")
-MODES = ("cutoff", "concise", "hint", "none", "full")
+TASKS = tuple(task.value for task in paper.Task)
+MODES = tuple(mode.value for mode in paper.GuidanceMode)
 UNREACHABLE_HINT = "is the stack up? `make up`, or `--addr`"
 ENV_HELP = CONNECTION_ENV_HELP
 
@@ -23,20 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
     parser.add_argument(
         "--task",
         choices=TASKS,
-        default="freeform",
+        default=paper.Task.FREEFORM.value,
         help="freeform: a plain question; gsm8k, csqa, aqua: the paper's few-shot prompt for that dataset "
         "(default: freeform)",
     )
     parser.add_argument(
         "--mode",
         choices=MODES,
-        default="cutoff",
+        default=paper.GuidanceMode.CUTOFF.value,
         help="guidance: cutoff (the teacher's first N tokens), concise, hint, none (student alone), "
         "full (teacher alone) (default: cutoff)",
     )
     parser.add_argument(
-        "--guidance-tokens", type=whole_number(1, UINT32_MAX), metavar="N", help="N, the guidance length in "
-        "teacher tokens (default: the task's, e.g. 40 for gsm8k)"
+        "--guidance-tokens", dest="max_guidance_tokens", type=whole_number(1, UINT32_MAX), metavar="N",
+        help="N, the guidance length in teacher tokens (default: the task's, e.g. "
+        f"{paper.TASK_DEFAULTS[paper.Task.GSM8K].max_guidance_tokens} for gsm8k)",
     )  # fmt: skip
     parser.add_argument(
         "--max-new-tokens", type=whole_number(1, UINT32_MAX), metavar="N",
@@ -45,17 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
     parser.add_argument(
         "--temperature",
         type=real_number(0.0, math.inf),
-        help="student sampling temperature, 0 = greedy (default 0.8)",
+        help=f"student sampling temperature, 0 = greedy (default {paper.STUDENT_TEMPERATURE:g})",
     )
     parser.add_argument(
         "--top-p",
         type=real_number(0.0, 1.0, open_low=True),
-        help="student nucleus sampling, in (0, 1] (default 0.95)",
+        help=f"student nucleus sampling, in (0, 1] (default {paper.STUDENT_TOP_P:g})",
     )
     parser.add_argument(
         "--seed",
         type=whole_number(0, UINT64_MAX),
-        help="student seed, for a repeatable answer (default: random)",
+        help="seed of the job's teacher and student sampling, for a repeatable answer (default: random)",
     )
     parser.add_argument(
         "--stream", action="store_true", help="print the guidance, then the student's text as it is written"
@@ -67,10 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
     add_connection_arguments(parser, default_addr=default_addr)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Ask, print the reply; 1 with one line on stderr when the gateway refuses or cannot be reached."""
+def run(args: argparse.Namespace, *, api_key: str | None) -> int:
+    """Ask, print the reply; 1 with one line on stderr when the gateway refuses or cannot be reached.
+    `api_key`: GKT_API_KEY, sent unless --api-key-file names another."""
     try:
-        connection = GatewayConnection.from_args(args)
+        connection = connection_from_args(args, api_key=api_key)
     except ConnectionOptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,8 +109,8 @@ def build_request(args: argparse.Namespace) -> Any:
         if getattr(args, name) is not None:
             setattr(sampling, name, getattr(args, name))
     guidance = pb.GuidanceParams(mode=pb.GuidanceMode.Value(f"GUIDANCE_MODE_{args.mode.upper()}"))
-    if args.guidance_tokens is not None:
-        guidance.max_guidance_tokens = args.guidance_tokens
+    if args.max_guidance_tokens is not None:
+        guidance.max_guidance_tokens = args.max_guidance_tokens
     return pb.GenerateRequest(
         query=args.query,
         task=pb.Task.Value(f"TASK_{args.task.upper()}"),

@@ -5,12 +5,9 @@ Used by `gkt demo`, `gkt up` / `gkt down` and the end-to-end tests.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,18 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
 from gkt.connections import connect
-from gkt.queue import Keys
-from services.startup import READY, ProgressLines, last_message, worker_phase
+from gkt.keys import Keys
+from gkt_tools import processes
+from gkt_tools.processes import free_port, port_free
+from gkt_tools.settings import StackSettings
+from gkt_tools.startup import READY, ProgressLines, last_message, worker_phase
 
 
 class StackError(RuntimeError):
     """The stack did not start: one line naming the process, what it was doing, and its log file."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -47,6 +41,7 @@ class Stack:
     redis_url: str | None = None
     students: int = 1
     gateway_addr: str | None = None
+    """Where the gateway serves; None: 127.0.0.1:50051 (or a free port, with `pick_free_ports`)."""
     detach: bool = False
     teacher: bool = True
     """False starts no teacher: a gateway with GKT_GATEWAY_DEGRADED_AFTER_S then answers student-only."""
@@ -71,6 +66,7 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
         try:
+            settings = self._settings()
             self.gateway_addr = self._gateway_address()
             if self.redis_url is None:
                 self.redis_url = self._start_redis()
@@ -78,13 +74,16 @@ class Stack:
             env = self._service_env()
             for i in range(self.teachers if self.teacher else 0):
                 name = f"teacher-{i}" if i else "teacher"
-                teacher_env = self._metrics_env(env, name, "GKT_TEACHER_METRICS_PORT", 9102, i * 10)
+                port = self._metrics_port(name, settings.teacher_metrics_port, 9102, offset=10 * i)
+                teacher_env = {**env, "GKT_TEACHER_METRICS_PORT": str(port)}
                 self._spawn(name, [sys.executable, "-m", "services.teacher"], teacher_env)
             for i in range(self.students):
-                self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i))
-            gateway_env = self._metrics_env(env, "gateway", "GKT_GATEWAY_METRICS_PORT", 9101)
+                port = self._metrics_port(f"student-{i}", settings.student_metrics_port, 9103, offset=i)
+                self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i, port))
+            port = self._metrics_port("gateway", settings.gateway_metrics_port, 9101)
+            gateway_env = {**env, "GKT_GATEWAY_METRICS_PORT": str(port)}
             self._spawn("gateway", [sys.executable, "-m", "services.gateway"], gateway_env)
-            self._wait_ready(timeout_s=timeout_s, progress=progress)
+            self._wait_ready(keys=Keys(settings.key_prefix), timeout_s=timeout_s, progress=progress)
         except BaseException:
             self.stop()
             raise
@@ -106,18 +105,17 @@ class Stack:
         after `restart()` started some again."""
         for name in sorted(self.processes, key=_start_order, reverse=True):
             process = self.processes.pop(name)
-            _terminate(process.pid)
+            processes.terminate(process.pid)
             try:
                 process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(process.pid)
+                processes.kill_group(process.pid)
                 process.wait()
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         """Send `sig` to one process of the stack (fault injection) and reap it."""
         process = self.processes.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
+        processes.kill_group(process.pid, sig)
         process.wait(timeout=30)
 
     def restart(self, name: str) -> None:
@@ -140,7 +138,7 @@ class Stack:
         # AOF, fsynced every second: a restart keeps every queued job; a machine crash loses about 1 s of writes
         durability = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec"]
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", *durability]
-        self._spawn("redis", [*command, "--dir", str(self.state_dir)], dict(os.environ))
+        self._spawn("redis", [*command, "--dir", str(self.state_dir)], processes.child_environment())
         url = f"redis://127.0.0.1:{port}/0"
         _wait(
             lambda: connect(url).ping(),
@@ -150,8 +148,17 @@ class Stack:
         )
         return url
 
+    def _settings(self) -> StackSettings:
+        """The settings the stack's services will read: `env`'s overrides over this process's environment."""
+        overrides: dict[str, Any] = {
+            name.removeprefix("GKT_").lower(): value
+            for name, value in self.env.items()
+            if name.startswith("GKT_")
+        }
+        return StackSettings(**overrides)
+
     def _gateway_address(self) -> str:
-        explicit = self.gateway_addr or os.environ.get("GKT_GATEWAY_ADDR")
+        explicit = self.gateway_addr
         addr = explicit or DEFAULT_GATEWAY_ADDR
         host, _, port = addr.rpartition(":")
         if port_free(int(port), host=host.strip("[]") or "0.0.0.0"):
@@ -163,56 +170,50 @@ class Stack:
         )
 
     def _service_env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.env)
+        env = processes.child_environment(self.env)
         env["GKT_REDIS_URL"] = self.redis_url or ""
         env["GKT_GATEWAY_ADDR"] = self.gateway_addr or ""
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _student_env(self, env: dict[str, str], index: int) -> dict[str, str]:
-        student_env = dict(env)
+    def _student_env(self, env: dict[str, str], index: int, metrics_port: int) -> dict[str, str]:
         multiproc = self.state_dir / f"prometheus-student-{index}"
         shutil.rmtree(multiproc, ignore_errors=True)
         multiproc.mkdir(parents=True)
-        student_env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
-        return self._metrics_env(student_env, f"student-{index}", "GKT_STUDENT_METRICS_PORT", 9103, index)
+        return {
+            **env,
+            "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+            "GKT_STUDENT_METRICS_PORT": str(metrics_port),
+        }
 
-    def _metrics_env(
-        self, env: dict[str, str], name: str, variable: str, default: int, offset: int = 0
-    ) -> dict[str, str]:
-        """Choose a process's metrics port (0 = off; students count up from theirs) and record it."""
-        port = int(env.get(variable, default))
+    def _metrics_port(self, name: str, configured: int | None, default: int, *, offset: int = 0) -> int:
+        """A process's metrics port (0 = off; students count up from theirs), recorded in `metrics_ports`.
+
+        A port left to its default that is in use is replaced by a free one with `pick_free_ports`; a port
+        set explicitly (in the environment or in `env`) that is in use stops the start.
+        """
+        port = configured if configured is not None else default
         if port:
             port += offset
         taken = bool(port) and not port_free(port)
-        replaceable = self.pick_free_ports and variable not in os.environ and variable not in self.env
-        if self.free_metrics_ports or (taken and replaceable):
+        if self.free_metrics_ports or (taken and self.pick_free_ports and configured is None):
             port = free_port()
         elif taken:
+            variable = f"GKT_{name.split('-')[0].upper()}_METRICS_PORT"
             raise StackError(
                 f"port {port} for the {name}'s metrics is in use: set {variable} to a free port, or 0 for none"
             )
         if port:
             self.metrics_ports[name] = port
-        return {**env, variable: str(port)}
+        return port
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         self.commands[name] = (command, env)
-        log = (self.state_dir / "logs" / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            command,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self.processes[name] = processes.spawn(command, env=env, log=self.log_path(name))
 
-    def _wait_ready(self, *, timeout_s: float, progress: bool) -> None:
+    def _wait_ready(self, *, keys: Keys, timeout_s: float, progress: bool) -> None:
         """Until every worker has a heartbeat and the gateway serves; `progress`: a line per worker."""
         redis = connect(self.redis_url or "")
-        keys = Keys(self.env.get("GKT_KEY_PREFIX", os.environ.get("GKT_KEY_PREFIX", "gkt")))
         workers = [name for name in self.processes if name not in ("redis", "gateway")]
         lines = ProgressLines(workers) if progress else None
 
@@ -242,17 +243,6 @@ class Stack:
         )
 
 
-def port_free(port: int, *, host: str = "0.0.0.0") -> bool:
-    """True when nothing listens on `port` (a socket lingering after a close does not count)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def read_detached(state_dir: Path) -> dict[str, Any] | None:
     """The record of the stack `detach=True` started in `state_dir`, while its gateway runs; else None."""
     record = state_dir / "stack.json"
@@ -261,7 +251,7 @@ def read_detached(state_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     gateway = stack.get("pids", {}).get("gateway")
-    return stack if gateway and _alive(gateway) else None
+    return stack if gateway and processes.alive(gateway) else None
 
 
 def gateway_serving(addr: str) -> bool:
@@ -277,12 +267,7 @@ def stop_detached(state_dir: Path, *, timeout_s: float = 30) -> list[str]:
         return []
     pids: dict[str, int] = json.loads(record.read_text())["pids"]
     for pid in reversed(list(pids.values())):
-        _terminate(pid)
-        deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            _kill_group(pid)
+        processes.stop(pid, timeout_s=timeout_s)
     record.unlink()
     return list(pids)
 
@@ -316,21 +301,3 @@ def _wait(check: Callable[[], object], *, timeout_s: float, stack: Stack, stuck:
             pass
         time.sleep(0.2)
     raise StackError(f"not ready after {timeout_s:.0f} s: {stuck()}")
-
-
-def _terminate(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-
-
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
+from gkt_tools.settings import ToolSettings
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-STATE_DIR = Path(os.environ.get("GKT_STATE_DIR", ".gkt"))
 _STATE_HELP = "  GKT_STATE_DIR          where `gkt up` keeps its state and logs (default: .gkt)"
 _REDIS_HELP = (
     "  GKT_REDIS_URL          Redis of the stack; GKT_REDIS_PASSWORD_FILE, GKT_KEY_PREFIX as the services"
@@ -33,17 +31,22 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     from pydantic import ValidationError
 
-    args = _parser().parse_args(argv)
     try:
-        sys.exit(_run(args))
+        settings = ToolSettings()
+    except ValidationError as exc:
+        sys.exit(f"error: {_settings_problems(exc)}")
+    args = _parser(settings).parse_args(argv)
+    try:
+        sys.exit(_run(args, settings))
     except KeyboardInterrupt:
         sys.exit(130)
     except ValidationError as exc:  # a GKT_* environment variable a service refused
         sys.exit(f"error: {_settings_problems(exc)}")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from services import ask, bench
+def _parser(settings: ToolSettings) -> argparse.ArgumentParser:
+    from gkt_tools import ask
+    from gkt_tools.bench import command as bench
 
     parser = _Parser(prog="gkt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     student.add_argument(
         "--name", default="student", help="Celery node name; the host is appended (default: %(default)s)"
     )
-    default_addr = _default_gateway_addr()
+    default_addr = _default_gateway_addr(settings)
     ask.add_arguments(
         command("ask", "ask a running gateway one question", env=f"{ask.ENV_HELP}\n{_STATE_HELP}"),
         default_addr=default_addr,
@@ -99,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         env=f"{ask.ENV_HELP}\n  GKT_DATA_DIR           the datasets (default of --data-dir)\n"
         "  GKT_MODEL_CACHE_DIR    offline: converted bundled models",
     )
-    from gkt.evaluation.command import add_arguments as add_eval_arguments
+    from gkt_tools.evaluation import add_arguments as add_eval_arguments
 
     add_eval_arguments(evaluation, default_addr=default_addr)
     bench.add_arguments(
@@ -127,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, settings: ToolSettings) -> int:
     if args.command == "gateway":
         from services.gateway.__main__ import main as gateway_main
 
@@ -141,33 +144,37 @@ def _run(args: argparse.Namespace) -> int:
 
         return student_main(["--name", args.name])
     elif args.command == "ask":
-        from services.ask import run as run_ask
+        from gkt_tools.ask import run as run_ask
 
-        return run_ask(args)
+        return run_ask(args, api_key=settings.api_key_value)
     elif args.command == "status":
-        from services.status import run as run_status
+        from gkt_tools.status import run as run_status
 
-        return run_status(as_json=args.json, state_dir=STATE_DIR)
+        return run_status(as_json=args.json, state_dir=settings.state_dir)
     elif args.command == "demo":
-        from services.demo import run as run_demo
+        from gkt_tools.demo import run as run_demo
 
-        return run_demo()
+        return run_demo(settings)
     elif args.command == "up":
-        return _up()
+        from gkt_tools.up import up
+
+        return up(settings)
     elif args.command == "down":
-        return _down()
+        from gkt_tools.up import down
+
+        return down(settings)
     elif args.command == "eval":
-        from gkt.evaluation.command import run as run_eval
+        from gkt_tools.evaluation import run as run_eval
 
-        return run_eval(args)
+        return run_eval(args, settings=settings)
     elif args.command == "bench":
-        from services.bench import run as run_bench
+        from gkt_tools.bench.command import run as run_bench
 
-        return run_bench(args)
+        return run_bench(args, settings=settings)
     elif args.command == "chaos":
         from gkt_tools.chaos import run as run_chaos
 
-        return run_chaos(args)
+        return run_chaos(args, settings=settings)
     elif args.command == "hash-key":
         return _hash_key(args.key)
     elif args.command == "probe":
@@ -179,66 +186,37 @@ def _settings_help(service: str) -> str:
     """Each environment variable a service reads, with its default and description."""
     from pydantic_settings import BaseSettings
 
+    from gkt.config import variable_name
     from gkt.tracing import TracingSettings
 
-    settings_class: type[BaseSettings]
+    classes: list[type[BaseSettings]]
     if service == "gateway":
-        from services.gateway.settings import GatewaySettings as settings_class
+        from services.gateway.settings import GatewaySettings
+
+        classes = [GatewaySettings]
     elif service == "teacher":
-        from services.teacher.settings import TeacherSettings as settings_class
+        from services.teacher.settings import TeacherServerSettings, TeacherSettings
+
+        classes = [TeacherSettings, TeacherServerSettings]
     else:
-        from services.student.settings import StudentSettings as settings_class
+        from services.student.settings import StudentServerSettings, StudentSettings
+
+        classes = [StudentSettings, StudentServerSettings]
+    classes.append(TracingSettings)
     lines = []
-    for cls in (settings_class, TracingSettings):
+    for cls in classes:
         for name, info in cls.model_fields.items():
             default = "" if info.is_required() or info.default_factory else f" (default: {info.default})"
-            lines.append(f"  GKT_{name.upper()}{default}\n      {info.description}")
+            lines.append(f"  {variable_name(cls, name)}{default}\n      {info.description}")
     return "\n".join(lines)
 
 
-def _default_gateway_addr() -> str:
+def _default_gateway_addr(settings: ToolSettings) -> str:
     """$GKT_GATEWAY_ADDR, else the gateway of the stack `gkt up` started here, else the usual port."""
-    from services.stack import read_detached
+    from gkt_tools.stack import read_detached
 
-    record = read_detached(STATE_DIR)
-    return os.environ.get("GKT_GATEWAY_ADDR") or (record or {}).get("gateway") or DEFAULT_GATEWAY_ADDR
-
-
-def _up() -> int:
-    from services.stack import Stack, StackError, read_detached
-
-    running = read_detached(STATE_DIR)
-    if running:
-        print(
-            f"error: a stack is already up here (gateway {running['gateway']}); `make down` first",
-            file=sys.stderr,
-        )
-        return 1
-    stack = Stack(
-        state_dir=STATE_DIR, redis_url=os.environ.get("GKT_REDIS_URL"), detach=True, pick_free_ports=True
-    )
-    try:
-        stack.start(progress=True)
-    except StackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    ports = ", ".join(f"{name} {port}" for name, port in stack.metrics_ports.items())
-    print(f"stack up: gateway {stack.gateway_addr}, Redis {stack.redis_url}; logs in {STATE_DIR / 'logs'}/")
-    print(f"metrics ports: {ports or 'none'}")
-    # Another state directory than the default must be named again to find this stack.
-    state = "" if "GKT_STATE_DIR" not in os.environ else f"GKT_STATE_DIR={STATE_DIR} "
-    print(f'try:  .venv/bin/gkt ask --addr {stack.gateway_addr} "What is 12 * 7?" --stream')
-    print(f"      {state}.venv/bin/gkt status")
-    print(f"stop: {state}make down")
-    return 0
-
-
-def _down() -> int:
-    from services.stack import stop_detached
-
-    stopped = stop_detached(STATE_DIR)
-    print(f"stopped: {', '.join(stopped)}" if stopped else "nothing running")
-    return 0
+    record = read_detached(settings.state_dir)
+    return settings.gateway_addr or (record or {}).get("gateway") or DEFAULT_GATEWAY_ADDR
 
 
 def _hash_key(key_on_command_line: str | None) -> int:
@@ -269,7 +247,8 @@ def _probe_teacher() -> int:
     """0 when a teacher on this host wrote its heartbeat in the last minute."""
     from gkt.config import CommonSettings
     from gkt.connections import connect
-    from gkt.queue import HEARTBEAT_TTL_S, Keys, parse_heartbeat
+    from gkt.keys import Keys
+    from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
 
     settings = CommonSettings()
     keys = Keys(settings.key_prefix)

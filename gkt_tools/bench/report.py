@@ -83,6 +83,8 @@ def markdown(results: Mapping[str, Any], *, plots: list[str] | None = None) -> s
             f"{d['sampled']} sampled). Alone {d['alone_s']:.0f} s, batched {d['batched_s']:.0f} s.",
             "",
         ]
+    if "teacher_pipeline" in results:
+        lines += _teacher_pipeline(results["teacher_pipeline"])
     if "gkt" in results:
         g = results["gkt"]
         lines += [
@@ -145,6 +147,36 @@ def _overhead(o: Mapping[str, Any]) -> list[str]:
     lines += ["", "Teacher batch sizes (jobs per size):", ""]
     for r in o["sweep"].get("gkt", []):
         lines.append(f"- concurrency {r['concurrency']}: {r['batch_sizes']}")
+    return [*lines, ""]
+
+
+def _teacher_pipeline(t: Mapping[str, Any]) -> list[str]:
+    server = t["server"]
+    limits = "/".join(str(n) for n in t["guidance_tokens"])
+    lines = [
+        f"## Teacher pipelining (fake continuously batching server: {server['step_ms']} ms a step, up to "
+        f"{server['rows']} rows)",
+        "",
+        f"`Guide` jobs with guidance limits {limits} tokens in turn, each answer ending on its own after a "
+        f"log-normal number of tokens (median {server['median_tokens']}, σ {server['sigma']}) when that comes "
+        f"first; {t['concurrency']} closed-loop clients. `batched`: batches of {server['rows']}; `pipelined`: "
+        f"{server['rows']} jobs in flight; `pipelined-2m`: {2 * server['rows']}.",
+        "",
+        *(
+            f"- {mode} / batched: throughput **{r['throughput']:.2f}x**, p50 latency {r['p50']:.2f}x, "
+            f"p99 latency **{r['p99']:.2f}x**"
+            for mode, r in t["vs_batched"].items()
+        ),
+        "",
+        "| teacher | jobs | jobs/s | p50 ms | p99 ms | rows per server step | waiting for a row | server rows busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, r in t["runs"].items():
+        lines.append(
+            f"| {mode} | {r['ok']} of {r['requests']} | {r['throughput_rps']:.2f} | {r['latency_ms']['p50']:.0f} "
+            f"| {r['latency_ms']['p99']:.0f} | {r['mean_rows_per_step']:.2f} | {r['mean_waiting_per_step']:.2f} "
+            f"| {r['server_row_utilization']:.0%} |"
+        )
     return [*lines, ""]
 
 

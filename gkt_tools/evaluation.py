@@ -3,38 +3,46 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from gkt.arguments import UINT32_MAX, real_number, whole_number
-from gkt.client import (
-    DEFAULT_GATEWAY_ADDR,
-    ConnectionOptionError,
-    GatewayConnection,
-    add_connection_arguments,
-)
+from gkt import paper
 from gkt.config import CommonSettings
-from gkt.evaluation.datasets import DATASETS, DataError, load_dataset, resolve_data_dir
+from gkt.evaluation.archive import RECORDS_ROOT, render
+from gkt.evaluation.datasets import DATASETS, DataError, load_dataset
 from gkt.evaluation.evaluate import Runner, evaluate, report
-from gkt.evaluation.plan import GKT_MODES, STUDENT_TEMPERATURE, TEACHER_TEMPERATURE, TEACHER_TOP_P, EvalPlan
+from gkt.evaluation.oracle import ORACLE, check_oracle_task
+from gkt.evaluation.plan import EvalPlan
 from gkt.evaluation.records import RecordStore
 from gkt.evaluation.report import markdown_table
 from gkt.jobs import GuidanceMode, Task
 from gkt.prompts import ExemplarSet
+from gkt_tools.arguments import UINT32_MAX, real_number, whole_number
+from gkt_tools.connection import ConnectionOptionError, add_connection_arguments, connection_from_args
+from gkt_tools.settings import ToolSettings
 
 DEFAULT_MODELS = "gemma-3-270m,smollm2-135m-instruct"
+_BASELINES = {"student": GuidanceMode.NONE, "teacher": GuidanceMode.FULL}
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None = None) -> None:
-    """The options of `gkt eval`; `default_addr`: the gateway of live runs (default: $GKT_GATEWAY_ADDR)."""
+def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None:
+    """The options of `gkt eval`; `default_addr`: the gateway of live runs."""
     parser.add_argument(
         "runner",
         nargs="?",
-        choices=["offline", "live"],
+        choices=["offline", "live", "report"],
         default="offline",
         help="offline: library calls in this process (batched teacher, students at batch 1); "
-        "live: every question through a running gateway over gRPC",
+        "live: every question through a running gateway over gRPC; "
+        "report: print every table and statistic of the kept records (--records), running nothing",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=RECORDS_ROOT,
+        help="report: the kept runs, one directory each with plan.json and records.jsonl.gz "
+        "(default: docs/results/records)",
     )
     parser.add_argument(
         "--dataset",
@@ -45,16 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
     parser.add_argument(
         "--guidance",
         default=GuidanceMode.CUTOFF.value,
-        help="comma-separated GKT modes among cutoff, concise, hint (default: cutoff)",
+        help=f"comma-separated GKT modes among {', '.join(paper.GKT_MODES)} (default: cutoff), and/or "
+        f"{ORACLE}: offline evaluation only, never served — the first N tokens of the dataset's reference "
+        "solution (GSM8K, AQuA) in place of the teacher's, an upper bound on what guidance gives the student",
     )
     parser.add_argument(
         "--guidance-tokens",
-        help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N)",
+        dest="max_guidance_tokens",
+        help="comma-separated guidance lengths N, e.g. 10,20,30,40 (default: the paper's N: "
+        + _per_dataset(lambda d: d.max_guidance_tokens)
+        + ")",
     )
     parser.add_argument(
         "--student-tokens",
         type=whole_number(1, UINT32_MAX),
-        help="student max new tokens (default: the paper's)",
+        help="student max new tokens (default: the paper's: "
+        + _per_dataset(lambda d: d.student_max_new_tokens)
+        + ")",
+    )
+    parser.add_argument(
+        "--baselines",
+        default=",".join(_BASELINES),
+        help="comma-separated rows without guidance: student (alone), teacher (alone); default: both",
     )
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the student-alone and teacher-alone rows"
@@ -79,7 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         help="corrected (default) or paper: the published exemplars with their two label errors",
     )
     parser.add_argument(
-        "--data-dir", type=Path, help="the datasets and SHA256SUMS ($GKT_DATA_DIR, ../shared/data)"
+        "--data-dir",
+        type=Path,
+        help="the datasets and SHA256SUMS (default: $GKT_DATA_DIR, else ../shared/data)",
     )
     parser.add_argument(
         "--out", type=Path, help="output directory, resumable (default: runs/<dataset>-<runner>)"
@@ -87,8 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
     parser.add_argument(
         "--batch-size",
         type=whole_number(1, 512),
-        default=10,
-        help="offline: teacher batch size (paper: 10-32)",
+        default=paper.TEACHER_BATCH_SIZE,
+        help=f"offline: teacher batch size (default: {paper.TEACHER_BATCH_SIZE}, the paper's smallest)",
     )
     parser.add_argument(
         "--concurrency", type=whole_number(1, 1024), default=8, help="live: requests in flight at once"
@@ -110,18 +132,28 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str | None =
         action="store_true",
         help="write the report from the records already in --out; run nothing",
     )
-    add_connection_arguments(
-        parser,
-        default_addr=default_addr or os.environ.get("GKT_GATEWAY_ADDR", DEFAULT_GATEWAY_ADDR),
-        title="live: connecting to the gateway",
-    )
+    add_connection_arguments(parser, default_addr=default_addr, title="live: connecting to the gateway")
 
 
-def run(args: argparse.Namespace) -> int:
+def _per_dataset(value: Callable[[paper.TaskDefaults], int]) -> str:
+    """A paper setting of every dataset, for a help text: `gsm8k 40, csqa 30, aqua 20`."""
+    return ", ".join(f"{task.value} {value(paper.TASK_DEFAULTS[task])}" for task in DATASETS)
+
+
+def run(args: argparse.Namespace, *, settings: ToolSettings) -> int:
     """Run the evaluation the arguments describe; print the table; 2 on a usage or data error."""
+    if args.runner == "report":
+        try:
+            print(render(args.records), end="")
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         plan = build_plan(args)
-        dataset = load_dataset(task=plan.task, data_dir=resolve_data_dir(args.data_dir), limit=args.limit)
+        dataset = load_dataset(
+            task=plan.task, data_dir=settings.data_dir_for(args.data_dir), limit=args.limit
+        )
         out = args.out or Path("runs") / f"{plan.task.value}-{plan.runner}"
         store = RecordStore(out, plan=plan)
     except (DataError, ValueError) as exc:
@@ -132,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(markdown_table(summary))
         return 0
     try:
-        runner = _runner(args, plan)
+        runner = _runner(args, plan, api_key=settings.api_key_value)
     except ConnectionOptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -157,50 +189,62 @@ def run(args: argparse.Namespace) -> int:
 def build_plan(args: argparse.Namespace) -> EvalPlan:
     """The plan the arguments ask for, with the paper's per-dataset defaults for what they leave out."""
     task = Task(args.dataset)
-    spec = DATASETS[task]
-    modes = tuple(GuidanceMode(m.strip()) for m in args.guidance.split(",") if m.strip())
-    if not set(modes) <= set(GKT_MODES):
-        raise ValueError(f"--guidance takes {', '.join(m.value for m in GKT_MODES)}; got {args.guidance!r}")
+    defaults = paper.TASK_DEFAULTS[task]
+    words = [m.strip() for m in args.guidance.split(",") if m.strip()]
+    allowed = [m.value for m in paper.GKT_MODES] + [ORACLE]
+    if not words or not set(words) <= set(allowed):
+        raise ValueError(f"--guidance takes {', '.join(allowed)}; got {args.guidance!r}")
+    modes = tuple(GuidanceMode(m) for m in words if m != ORACLE)
+    oracle = ORACLE in words
+    if oracle:
+        if args.runner == "live":
+            raise ValueError(f"--guidance {ORACLE} is for offline evaluation only: no server serves it")
+        check_oracle_task(task)
+    baseline_words = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    if not set(baseline_words) <= set(_BASELINES):
+        raise ValueError(f"--baselines takes {', '.join(_BASELINES)}; got {args.baselines!r}")
+    baselines = () if args.no_baselines else tuple(_BASELINES[b] for b in baseline_words)
     lengths = (
-        tuple(int(n) for n in args.guidance_tokens.split(","))
-        if args.guidance_tokens
-        else (spec.guidance_tokens,)
+        tuple(int(n) for n in args.max_guidance_tokens.split(","))
+        if args.max_guidance_tokens
+        else (defaults.max_guidance_tokens,)
     )
     if any(n < 1 for n in lengths):
-        raise ValueError(f"--guidance-tokens must be positive; got {args.guidance_tokens!r}")
+        raise ValueError(f"--guidance-tokens must be positive; got {args.max_guidance_tokens!r}")
     teacher, _, student = args.models.partition(",")
     if not teacher or not student:
         raise ValueError(f"--models takes TEACHER,STUDENT; got {args.models!r}")
     if args.runner == "live" and args.exemplars != ExemplarSet.CORRECTED.value:
         raise ValueError("live runs use the server's prompts, which use the corrected exemplars")
     live = args.runner == "live"
-    teacher_temperature = 0.0 if args.greedy else TEACHER_TEMPERATURE
+    teacher_temperature = 0.0 if args.greedy else paper.TEACHER_TEMPERATURE
     return EvalPlan(
         task=task,
         teacher=teacher.strip(),
         student=student.strip(),
         modes=modes,
-        guidance_tokens=lengths,
-        student_tokens=args.student_tokens or spec.student_tokens,
+        oracle=oracle,
+        max_guidance_tokens=lengths,
+        student_tokens=args.student_tokens or defaults.student_max_new_tokens,
         seed=args.seed,
         exemplar_set=ExemplarSet(args.exemplars),
         runner=args.runner,
-        baselines=not args.no_baselines,
+        baselines=baselines,
         extra={"concurrency": args.concurrency} if live else {"batch_size": args.batch_size},
         # A live teacher samples as its server is configured; the request cannot say.
         teacher_temperature=None if live else teacher_temperature,
-        teacher_top_p=None if live else TEACHER_TOP_P,
-        student_temperature=0.0 if args.greedy else STUDENT_TEMPERATURE,
+        teacher_top_p=None if live else paper.TEACHER_TOP_P,
+        student_temperature=0.0 if args.greedy else paper.STUDENT_TEMPERATURE,
     )
 
 
-def _runner(args: argparse.Namespace, plan: EvalPlan) -> Runner:
+def _runner(args: argparse.Namespace, plan: EvalPlan, *, api_key: str | None) -> Runner:
     if plan.runner == "live":
         from gkt.evaluation.live import LiveRunner
 
         live = LiveRunner(
             plan=plan,
-            connection=GatewayConnection.from_args(args),
+            connection=connection_from_args(args, api_key=api_key),
             concurrency=args.concurrency,
             timeout_s=args.timeout,
         )

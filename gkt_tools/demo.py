@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -12,8 +11,11 @@ from pathlib import Path
 import grpc
 
 from gkt.client import GatewayConnection
-from services.ask import build_request, explain, generate, print_reply
-from services.stack import Stack, StackError, free_port
+from gkt.paper import GuidanceMode
+from gkt_tools.ask import build_request, explain, generate, print_reply
+from gkt_tools.processes import free_port
+from gkt_tools.settings import ToolSettings
+from gkt_tools.stack import Stack, StackError
 
 _BUNDLED = ("gemma-3-270m", "smollm2-135m-instruct")
 # (task, question, the right answer: None for a free-form question, which has none to check)
@@ -25,18 +27,20 @@ QUESTIONS = (
 )  # fmt: skip
 
 
-def run() -> int:
-    from gkt.config import CommonSettings
+def run(settings: ToolSettings) -> int:
     from gkt.models import needs_conversion
+    from services.student.settings import StudentSettings
+    from services.teacher.settings import TeacherSettings
 
-    teacher = os.environ.get("GKT_TEACHER_MODEL", _BUNDLED[0])
-    student = os.environ.get("GKT_STUDENT_MODEL", _BUNDLED[1])
+    # The models the stack's workers will load, read as they will read them.
+    teacher_settings, student_settings = TeacherSettings(), StudentSettings()
+    teacher, student = teacher_settings.local_model, student_settings.student_model
     state = Path(tempfile.mkdtemp(prefix="gkt-demo-"))
-    addr = os.environ.get("GKT_GATEWAY_ADDR", f"127.0.0.1:{free_port()}")
+    addr = settings.gateway_addr or f"127.0.0.1:{free_port()}"
     env = {"GKT_GATEWAY_METRICS_PORT": "0", "GKT_TEACHER_METRICS_PORT": "0", "GKT_STUDENT_METRICS_PORT": "0"}
-    stack = Stack(state_dir=state, env=env, redis_url=os.environ.get("GKT_REDIS_URL"), gateway_addr=addr)
+    stack = Stack(state_dir=state, env=env, redis_url=settings.redis_url, gateway_addr=addr)
     print(f"starting Redis, teacher ({teacher}), student ({student}) and gateway…")
-    cache = CommonSettings().model_cache_dir
+    cache = teacher_settings.model_cache_dir
     if any(needs_conversion(name=name, cache_dir=cache) for name in (teacher, student)):
         print(
             f"(first run: converting the bundled GGUF models into {cache}: about a minute and a half on 2 "
@@ -67,7 +71,7 @@ def _ask_all(addr: str) -> int:
         for task, question, expected in QUESTIONS:
             print(f"=== {task}: {question}")
             args = argparse.Namespace(
-                query=question, task=task, mode="cutoff", guidance_tokens=None, max_new_tokens=None,
+                query=question, task=task, mode=GuidanceMode.CUTOFF.value, max_guidance_tokens=None, max_new_tokens=None,
                 temperature=0.0, top_p=None, seed=0,
             )  # fmt: skip
             try:
