@@ -106,8 +106,10 @@ def outlasting(outage_s: float) -> SyncRetry:
 
 
 def connect_async(url: str, **options: Any) -> AsyncRedis:
-    """An asyncio client (the teacher); `options` replace the default timeouts."""
-    options = {**_OPTIONS, **options}
+    """An asyncio client (the teacher); `options` replace the defaults. A command or pipeline that meets a
+    dead connection (Redis restarted) is sent once more on a fresh one: redis-py's default retry lets an
+    asyncio pipeline fail on the first stale pooled connection, leaving the teacher's batch unpublished."""
+    options = {**_OPTIONS, "retry": Retry(NoBackoff(), 1), **options}
     target = sentinel_target(url)
     if target is None:
         return AsyncRedis.from_url(url, **options)

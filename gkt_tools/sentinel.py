@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,11 @@ class SentinelGroup:
                 process.wait()
 
     def master(self) -> str:
-        """The node the sentinels name as master now."""
-        port = int(self._ask("sentinel", "get-master-addr-by-name", self.master_name)[1])
-        return next(name for name, known in self.ports.items() if known == port)
+        """The node most sentinels name as master now (one may learn of a failover a moment later)."""
+        named = Counter(self._masters())
+        if not named:
+            raise RuntimeError("no sentinel answered")
+        return self._name(named.most_common(1)[0][0])
 
     def kill_master(self) -> str:
         """SIGKILL the master (no shutdown, no last write to disk); returns its name."""
@@ -79,8 +82,13 @@ class SentinelGroup:
 
     def wait_failover(self, old: str, *, timeout_s: float = 60) -> str:
         """Until the sentinels name a master other than `old` and it accepts writes; returns its name."""
-        self._until(lambda: self.master() != old and self._writable(self.master()), timeout_s=timeout_s,
-                    what=f"the sentinels to promote a replica in place of {old}")  # fmt: skip
+        self._until(
+            lambda: (
+                old not in {self._name(port) for port in self._masters()} and self._writable(self.master())
+            ),
+            timeout_s=timeout_s,
+            what=f"the sentinels to promote a replica in place of {old}",
+        )
         return self.master()
 
     def restart(self, name: str, *, timeout_s: float = 30) -> None:
@@ -132,19 +140,26 @@ class SentinelGroup:
                 return False
         return True
 
+    def _name(self, port: int) -> str:
+        return next(name for name, known in self.ports.items() if known == port)
+
     def _writable(self, name: str) -> bool:
         return self._client(name).info("replication").get("role") == "master"
 
     def _is_replica(self, name: str) -> bool:
         return self._client(name).info("replication").get("master_link_status") == "up"
 
-    def _ask(self, *command: str) -> list[str]:
+    def _masters(self) -> list[int]:
+        """The master's port as each sentinel that answers names it."""
+        ports = []
         for i in range(SENTINELS):
             with contextlib.suppress(Exception):
-                reply = self._client(f"sentinel-{i}").execute_command(*command)
+                reply: Any = self._client(f"sentinel-{i}").execute_command(
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name
+                )
                 if reply:
-                    return [part.decode() if isinstance(part, bytes) else str(part) for part in reply]
-        raise RuntimeError(f"no sentinel answered {' '.join(command)}")
+                    ports.append(int(reply[1]))
+        return ports
 
     def _client(self, name: str) -> Redis:
         return Redis(port=self.ports[name], socket_timeout=2, socket_connect_timeout=2)

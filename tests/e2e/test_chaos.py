@@ -3,10 +3,11 @@ say, and writes the table; a student worker killed is started again once, a Redi
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from gkt_tools.processes import child_environment
 
 TABLE_HEADER = "| scenario | sent | answered | failed by status | lost | duplicated |"
 
@@ -26,15 +27,16 @@ def test_gkt_chaos_runs_two_scenarios_and_writes_their_table(
 ) -> None:
     teacher, student = tiny_models
     out = tmp_path / "chaos.md"
-    env = {
-        **os.environ,
-        "GKT_TEACHER_MODEL": str(teacher),
-        "GKT_STUDENT_MODEL": str(student),
-        "GKT_STUDENT_WARMUP": "false",
-        "GKT_TEACHER_TEMPERATURE": "0",
-    }
+    env = child_environment(
+        {
+            "GKT_TEACHER_MODEL": str(teacher),
+            "GKT_STUDENT_MODEL": str(student),
+            "GKT_STUDENT_WARMUP": "false",
+            "GKT_TEACHER_TEMPERATURE": "0",
+        }
+    )
     command = [
-        sys.executable, "-m", "services.cli", "chaos", "--scenarios", "pool-process,redis-restart", "--calls", "8", "--max-new-tokens", "300",
+        sys.executable, "-m", "gkt_tools.cli", "chaos", "--scenarios", "pool-process,redis-restart", "--calls", "8", "--max-new-tokens", "300",
         "--deadline", "120", "--out", str(out), "--state-dir", str(tmp_path / "state"),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
