@@ -10,7 +10,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PROTO_OUT := gkt/v1/guidance_pb2.py
 
-.PHONY: help setup proto lint test test-fast demo up down monitor bench eval soak k8s-validate clean
+.PHONY: help setup proto lint test test-fast demo up down monitor bench chaos eval soak k8s-validate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ monitor: setup  ## Prometheus (with the shipped alert rules) scraping `make up`'
 
 bench: setup  ## benchmarks; results go to docs/benchmarks.md
 	$(VENV)/bin/gkt bench
+
+chaos: setup  ## the fault matrix against a local stack on the bundled models (CHAOS_ARGS="--scenarios ...")
+	$(VENV)/bin/gkt chaos $(CHAOS_ARGS)
 
 eval: setup  ## paper reproduction on the bundled models (EVAL_ARGS="--dataset gsm8k --limit 100 ...")
 	$(VENV)/bin/gkt eval $(EVAL_ARGS)

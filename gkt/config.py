@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gkt.connections import SENTINEL_SCHEME, sentinel_target
+
 _URL_PASSWORD = re.compile(r"(?<=://)([^:@/]*):([^@/]+)@")
-_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 
 
 class CommonSettings(BaseSettings):
@@ -31,7 +31,8 @@ class CommonSettings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         description="Redis for the query stream, job events and the Celery broker: redis:// or rediss:// "
-        "(TLS; `?ssl_ca_certs=/ca.pem`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` as query parameters).",
+        "(TLS; `?ssl_ca_certs=/ca.pem`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` as query parameters), "
+        "or the master of a Sentinel group: redis+sentinel://[:password@]host:26379,host:26379,…/MASTER/DB.",
         min_length=8,
     )
     key_prefix: str = Field(default="gkt", description="Prefix of every Redis key.", pattern=r"^[\w.-]+$")
@@ -61,6 +62,7 @@ class CommonSettings(BaseSettings):
         scheme = urlsplit(url).scheme
         if scheme not in _REDIS_SCHEMES:
             raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(_REDIS_SCHEMES)}")
+        sentinel_target(url)  # a malformed Sentinel URL is refused here, saying what is wrong
         password_file = info.data.get("redis_password_file")
         if password_file is None:
             return url
@@ -95,43 +97,3 @@ def with_password(url: str, password: str) -> str:
     user = quote(parts.username or "", safe="")
     host = parts.netloc.rpartition("@")[2]
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
-
-
-def celery_broker(
-    url: str, *, key_prefix: str, transport_options: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Celery's broker settings for a Redis URL and key prefix.
-
-    Every key Celery makes (the task queues, `unacked`, kombu's bindings) starts with `{key_prefix}:`
-    (kombu's `global_keyprefix`), so two deployments with different prefixes on one Redis database share
-    nothing. TLS options go to `broker_use_ssl` alone, because kombu would let the URL's `ssl_*` query
-    parameters replace them (dropping the certificate requirement).
-    """
-    parts = urlsplit(url)
-    query = [(name, value) for name, value in parse_qsl(parts.query) if not name.startswith("ssl_")]
-    plain = urlunsplit(parts._replace(query="&".join(f"{n}={quote(v, safe='')}" for n, v in query)))
-    return {
-        "broker_url": plain,
-        "broker_use_ssl": broker_tls_options(url),
-        "broker_transport_options": {"global_keyprefix": f"{key_prefix}:", **(transport_options or {})},
-    }
-
-
-def broker_tls_options(url: str) -> dict[str, Any] | None:
-    """Celery's `broker_use_ssl` for a rediss:// URL, from the same query parameters redis-py reads.
-
-    Celery refuses a rediss:// broker without them; certificates are verified unless the URL says
-    `ssl_cert_reqs=none`.
-    """
-    parts = urlsplit(url)
-    if parts.scheme != "rediss":
-        return None
-    query = dict(parse_qsl(parts.query))
-    requirement = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
-    if requirement not in _CERT_REQS:
-        raise ValueError(f"ssl_cert_reqs={requirement!r}: expected required, optional or none")
-    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[requirement]}
-    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
-        if name in query:
-            options[name] = query[name]
-    return options

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from gkt.config import celery_broker
+from gkt.connections import celery_broker
 from gkt.jobs import Guidance, Job
 from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
 
@@ -15,6 +15,14 @@ def student_client(*, broker_url: str, key_prefix: str) -> Celery:
     app.conf.update(
         task_ignore_result=True,
         broker_connection_retry_on_startup=True,
+        # A Redis restart or a Sentinel failover takes seconds: sending a task waits it out (about 30 s)
+        # instead of failing the teacher's batch (the teacher sends from threads, its loop goes on).
+        task_publish_retry_policy={
+            "max_retries": 30,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 1,
+        },
         **celery_broker(broker_url, key_prefix=key_prefix),
     )
     return app

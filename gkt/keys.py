@@ -27,7 +27,7 @@ class Keys:
     @property
     def student_queue(self) -> str:
         """The Redis list of Celery's student queue: kombu puts `{prefix}:` before every key it makes
-        (`gkt.config.celery_broker`), so the queue named STUDENT_QUEUE is this list."""
+        (`gkt.connections.celery_broker`), so the queue named STUDENT_QUEUE is this list."""
         return f"{self.prefix}:{STUDENT_QUEUE}"
 
     @property

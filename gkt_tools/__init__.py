@@ -1,1 +1,1 @@
-"""The tools that drive GKT Serve: the `gkt` command, the local stack runner, benchmarks, evaluation."""
+"""The tools that drive GKT Serve: the `gkt` command, the local stack runner, benchmarks, evaluation, chaos."""

@@ -112,6 +112,15 @@ def _parser(settings: ToolSettings) -> argparse.ArgumentParser:
             env="  GKT_* service settings apply to the stacks it starts (see README)",
         )
     )
+    from gkt_tools import chaos
+
+    chaos.add_arguments(
+        command(
+            "chaos",
+            "break a local stack on purpose (the fault matrix) and report what the calls came to",
+            env="  GKT_* service settings apply to the stacks it starts (GKT_TEACHER_MODEL, GKT_STUDENT_MODEL…)",
+        )
+    )
     command(
         "hash-key",
         "read an API key from standard input (or a prompt) and print its line for GKT_GATEWAY_API_KEYS_FILE",
@@ -162,6 +171,10 @@ def _run(args: argparse.Namespace, settings: ToolSettings) -> int:
         from gkt_tools.bench.command import run as run_bench
 
         return run_bench(args, settings=settings)
+    elif args.command == "chaos":
+        from gkt_tools.chaos import run as run_chaos
+
+        return run_chaos(args, settings=settings)
     elif args.command == "hash-key":
         return _hash_key(args.key)
     elif args.command == "probe":
@@ -232,15 +245,14 @@ def _hash_key(key_on_command_line: str | None) -> int:
 
 def _probe_teacher() -> int:
     """0 when a teacher on this host wrote its heartbeat in the last minute."""
-    from redis import Redis
-
     from gkt.config import CommonSettings
+    from gkt.connections import connect
     from gkt.keys import Keys
     from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
 
     settings = CommonSettings()
     keys = Keys(settings.key_prefix)
-    redis = Redis.from_url(settings.redis_url, socket_timeout=3)
+    redis = connect(settings.redis_url, socket_timeout=3)
     pattern = keys.heartbeat("teacher", f"{socket.gethostname()}-*")
     for key in redis.scan_iter(match=pattern):
         beat = redis.get(key)

@@ -66,3 +66,39 @@ class StackSettings(CommonSettings):
     student_metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="The first student's /metrics (others count up)."
     )
+
+
+class ChaosSettings(BaseSettings):
+    """The settings `gkt chaos` gives the stacks it starts, unless the environment sets them (`GKT_*`), and
+    the models they run, for its report."""
+
+    model_config = SettingsConfigDict(env_prefix="GKT_", extra="ignore", frozen=True, env_ignore_empty=True)
+
+    key_prefix: str = Field(default="chaos", pattern=r"^[\w.-]+$", description="The stacks' key prefix.")
+    gateway_key_max_queued: int = Field(
+        default=0,
+        ge=0,
+        description="Jobs one caller may have queued (0: no limit, so a burst is one tenant).",
+    )
+    gateway_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="The gateway's drain on SIGTERM: long enough for most streams in flight to finish "
+        "(Kubernetes gives it 40 s).",
+    )
+    gateway_metrics_port: int = Field(default=0, ge=0, le=65535, description="Gateway /metrics (0: off).")
+    teacher_metrics_port: int = Field(default=0, ge=0, le=65535, description="Teacher /metrics (0: off).")
+    student_metrics_port: int = Field(default=0, ge=0, le=65535, description="Student /metrics (0: off).")
+    teacher_model: str = Field(default="", description="The teachers' model (empty: the bundled one).")
+    student_model: str = Field(default="", description="The students' model (empty: the bundled one).")
+
+    def stack_env(self) -> dict[str, str]:
+        """The stacks' settings, as the environment variables their services read."""
+        return {
+            "GKT_KEY_PREFIX": self.key_prefix,
+            "GKT_GATEWAY_KEY_MAX_QUEUED": str(self.gateway_key_max_queued),
+            "GKT_GATEWAY_GRACE_S": f"{self.gateway_grace_s:g}",
+            "GKT_GATEWAY_METRICS_PORT": str(self.gateway_metrics_port),
+            "GKT_TEACHER_METRICS_PORT": str(self.teacher_metrics_port),
+            "GKT_STUDENT_METRICS_PORT": str(self.student_metrics_port),
+        }

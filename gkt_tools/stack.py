@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from redis import Redis
 
 from gkt.client import DEFAULT_GATEWAY_ADDR
+from gkt.connections import connect
 from gkt.keys import Keys
 from gkt_tools import processes
 from gkt_tools.processes import free_port, port_free
@@ -45,6 +45,9 @@ class Stack:
     detach: bool = False
     teacher: bool = True
     """False starts no teacher: a gateway with GKT_GATEWAY_DEGRADED_AFTER_S then answers student-only."""
+    teachers: int = 1
+    """Teacher workers when `teacher` is true: `teacher`, then `teacher-1`, … (one takes over another's
+    batch when it dies)."""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
     free_metrics_ports: bool = False
@@ -69,10 +72,11 @@ class Stack:
                 self.redis_url = self._start_redis()
                 self.private_redis = True
             env = self._service_env()
-            if self.teacher:
-                port = self._metrics_port("teacher", settings.teacher_metrics_port, 9102)
+            for i in range(self.teachers if self.teacher else 0):
+                name = f"teacher-{i}" if i else "teacher"
+                port = self._metrics_port(name, settings.teacher_metrics_port, 9102, offset=10 * i)
                 teacher_env = {**env, "GKT_TEACHER_METRICS_PORT": str(port)}
-                self._spawn("teacher", [sys.executable, "-m", "services.teacher"], teacher_env)
+                self._spawn(name, [sys.executable, "-m", "services.teacher"], teacher_env)
             for i in range(self.students):
                 port = self._metrics_port(f"student-{i}", settings.student_metrics_port, 9103, offset=i)
                 self._spawn(f"student-{i}", _student_command(f"student-{i}"), self._student_env(env, i, port))
@@ -97,8 +101,9 @@ class Stack:
             )
 
     def stop(self, *, timeout_s: float = 30) -> None:
-        """Stop in reverse start order, each before the next (gateway drains first, Redis goes last)."""
-        for name in reversed(list(self.processes)):
+        """Stop in reverse start order, each before the next (gateway drains first, Redis goes last), even
+        after `restart()` started some again."""
+        for name in sorted(self.processes, key=_start_order, reverse=True):
             process = self.processes.pop(name)
             processes.terminate(process.pid)
             try:
@@ -136,7 +141,7 @@ class Stack:
         self._spawn("redis", [*command, "--dir", str(self.state_dir)], processes.child_environment())
         url = f"redis://127.0.0.1:{port}/0"
         _wait(
-            lambda: Redis.from_url(url).ping(),
+            lambda: connect(url).ping(),
             timeout_s=10,
             stack=self,
             stuck=lambda: f"redis-server does not answer at {url} (log {self.log_path('redis')})",
@@ -208,14 +213,14 @@ class Stack:
 
     def _wait_ready(self, *, keys: Keys, timeout_s: float, progress: bool) -> None:
         """Until every worker has a heartbeat and the gateway serves; `progress`: a line per worker."""
-        redis = Redis.from_url(self.redis_url or "")
+        redis = connect(self.redis_url or "")
         workers = [name for name in self.processes if name not in ("redis", "gateway")]
         lines = ProgressLines(workers) if progress else None
 
         def workers_up() -> bool:
             teachers = list(redis.scan_iter(match=keys.heartbeat("teacher", "*")))
             students = list(redis.scan_iter(match=keys.heartbeat("student", "*")))
-            up = (bool(teachers) or not self.teacher) and len(students) >= self.students
+            up = (len(teachers) >= self.teachers or not self.teacher) and len(students) >= self.students
             if lines is not None:
                 lines.show({n: READY if up else worker_phase(self.log(n)) for n in workers})
             return up
@@ -265,6 +270,11 @@ def stop_detached(state_dir: Path, *, timeout_s: float = 30) -> list[str]:
         processes.stop(pid, timeout_s=timeout_s)
     record.unlink()
     return list(pids)
+
+
+def _start_order(name: str) -> int:
+    """Where a process comes in the order `start()` starts them."""
+    return {"redis": 0, "gateway": 3}.get(name, 1 if name.startswith("teacher") else 2)
 
 
 def _student_command(name: str) -> list[str]:

@@ -15,11 +15,11 @@ from celery import Celery
 from celery.signals import worker_init, worker_shutdown
 
 from gkt import tracing
-from gkt.config import celery_broker
+from gkt.connections import celery_broker
 from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
-from services.student import runtime
+from services.student import broker, runtime
 from services.student.settings import REMOTE_BACKENDS, StudentServerSettings, StudentSettings
 
 settings = StudentSettings()
@@ -44,6 +44,8 @@ app.conf.update(
     # A Redis blip must not abandon running jobs: they finish, publish once Redis is back, and their
     # unacknowledgeable tasks return later only to be dropped by their claim.
     worker_cancel_long_running_tasks_on_connection_loss=False,
+    # ... and the worker process outlives it: no model reload for a Redis restart or a failover.
+    broker_transport=broker.transport_for(settings.redis_url),
     # rediss://: kombu needs the TLS options spelled out (None keeps a plain connection). Every key under
     # GKT_KEY_PREFIX.
     **celery_broker(

@@ -9,6 +9,9 @@ import logging
 import time
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from gkt import metrics, tracing
 from gkt.answers import extract_answer
 from gkt.engine import EngineResult
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 
 _GRACE_S = 10.0
 """How long past a generation's deadline a job waits for the backend's own verdict."""
+REDIS_AWAY = (RedisConnectionError, RedisTimeoutError)
+"""Redis errors the student's client raises only after waiting out an outage (`services.student.runtime`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,8 +71,19 @@ def run_job(
             lease=lease,
             limits=limits,
         )
-    finally:
+    except REDIS_AWAY as exc:
+        # Redis stayed away longer than the client waits for it: the job is left to its lease, which a
+        # student takes over once Redis is back. An error published now could reach the client after
+        # Redis returned, for a job that can still be answered.
+        book.abandon(lease)
+        log.warning(
+            "Redis unreachable; the job's lease hands it over", extra={"job_id": job.id, "error": str(exc)}
+        )
+        return
+    except BaseException:
         book.release(lease)
+        raise
+    book.release(lease)
 
 
 def _run_claimed(
@@ -107,6 +123,8 @@ def _run_claimed(
     except LeaseLost:
         log.warning("job taken over by another student; dropped here", extra={"job_id": job.id})
         return
+    except REDIS_AWAY:
+        raise
     except GktError as exc:
         _finish_with_error(publisher, job, exc)
         return

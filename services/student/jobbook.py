@@ -58,6 +58,13 @@ class JobBook:
         if not lost:
             leases.release(self.redis, keys=self.keys, lease=lease)
 
+    def abandon(self, lease: Lease) -> None:
+        """Stop renewing a job's lease without releasing it: once it expires, a student takes the job over
+        (its outcome could not be published here)."""
+        with self._lock:
+            self._held.pop(lease.job_id, None)
+            self._lost.discard(lease.job_id)
+
     def lost(self, job_id: str) -> bool:
         return job_id in self._lost
 

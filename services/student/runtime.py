@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from gkt import leases, metrics
-from gkt.connections import connect
+from gkt.connections import connect, outlasting
 from gkt.jobs import Guidance, Job
 from gkt.keys import Keys
 from gkt.publisher import SyncEventPublisher
@@ -24,6 +24,10 @@ from services.student.jobbook import JobBook
 from services.student.settings import StudentServerSettings, StudentSettings
 
 log = logging.getLogger(__name__)
+
+REDIS_OUTAGE_S = 30.0
+"""A Redis restart or a Sentinel failover this long is waited out: a job's next publish blocks until Redis
+is back, and the job goes on (a longer outage leaves the job to its lease)."""
 
 SendTask = Callable[[str, str], None]
 """Sends a student task (job JSON, guidance JSON) to the queue: how orphaned jobs are sent again."""
@@ -64,7 +68,7 @@ class StudentRuntime:
         timer; the first heartbeat says ready."""
         backend = build_backend(settings, remote=remote)
         keys = Keys(settings.key_prefix)
-        redis = connect(settings.redis_url)
+        redis = connect(settings.redis_url, retry=outlasting(REDIS_OUTAGE_S))
         publisher = SyncEventPublisher(redis, keys=keys, ttl_s=settings.job_ttl_s)
         publisher.watch_cancellations()
         name = f"{socket.gethostname()}-{os.getpid()}"

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Collection, Sequence
 
+from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -102,7 +103,7 @@ class TeacherWorker:
                     batch = await self.next_deliveries(count=self.settings.teacher_max_batch_size)
                     if batch:
                         await self.process(batch)
-                except (RedisConnectionError, RedisTimeoutError) as exc:
+                except (RedisConnectionError, RedisTimeoutError, BrokerUnavailable) as exc:
                     # Unacknowledged jobs stay pending in the group: this teacher (or another) claims them later.
                     log.warning("redis unavailable; retrying", extra={"error": str(exc)})
                     await asyncio.sleep(_REDIS_RETRY_S)

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
@@ -27,10 +27,12 @@ from gkt.jobs import DeltaEvent, ErrorEvent, FinalEvent
 from gkt.keys import TEACHER_GROUP, Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
+from gkt_tools import faults, load
 from gkt_tools.processes import free_port
 from gkt_tools.stack import Stack
 from tests.e2e.conftest import TINY_STACK_ENV
 from tests.events import job_events
+from tests.waiting import until
 
 TIMEOUT = 120
 KEYS = Keys("faults")
@@ -88,31 +90,11 @@ def _request(query: str, sampling: pb.SamplingParams = LONG) -> pb.GenerateReque
     )
 
 
-def _until(check: Callable[[], object], *, timeout_s: float = 60, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def _finals(redis: Redis, job_id: str) -> list[FinalEvent | ErrorEvent]:
-    """The final events (answers or errors) a job's event stream holds: exactly one when all went well."""
-    return [e for _, e in job_events(redis, KEYS, job_id) if isinstance(e, FinalEvent | ErrorEvent)]
-
-
 def _assert_each_answered_once(redis: Redis, replies: list[pb.GenerateResponse], submitted: int) -> None:
     assert len({r.job_id for r in replies}) == submitted  # lost = 0
     for reply in replies:
-        finals = _finals(redis, reply.job_id)
+        finals = load.finals(redis, keys=KEYS, job_id=reply.job_id)
         assert len(finals) == 1 and isinstance(finals[0], FinalEvent), finals  # duplicated = 0
-
-
-def _worker_child(stack: Stack, name: str = "student-0") -> int | None:
-    """The pid of the Celery worker's (single) pool process, where tasks run."""
-    pid = stack.processes[name].pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return int(children[0]) if children else None
 
 
 class _StudentKiller(threading.Thread):
@@ -132,7 +114,7 @@ class _StudentKiller(threading.Thread):
                 attempt = int(self.redis.get(key) or 0)
                 hit = (job_id, attempt)
                 if attempt in self.kill_attempts and hit not in self.killed and not self._finished(job_id):
-                    child = _worker_child(self.stack)
+                    child = faults.worker_pid(self.stack, "student-0")
                     if child is not None:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(child, signal.SIGKILL)
@@ -155,9 +137,11 @@ def test_jobs_of_a_teacher_killed_mid_batch_are_reclaimed_and_answered_once(
         futures: list[Future[pb.GenerateResponse]] = [
             stub.Generate.future(_request(f"Question {i}?", sampling), timeout=TIMEOUT) for i in range(4)
         ]
-        _until(
+        until(
             lambda: redis.xpending(KEYS.queries, TEACHER_GROUP)["pending"] == 4,
             what="the teacher to read 4 jobs",
+            timeout_s=60,
+            every_s=0.005,
         )
         stack.kill("teacher")
         stack.restart("teacher")  # a new consumer: it claims the dead one's jobs after 1 s idle
@@ -188,9 +172,11 @@ def test_a_teacher_killed_holding_a_batch_is_taken_over_when_its_heartbeat_expir
         futures: list[Future[pb.GenerateResponse]] = [
             stub.Generate.future(_request(f"Question {i}?", sampling), timeout=60) for i in range(4)
         ]
-        _until(
+        until(
             lambda: redis.xpending(KEYS.queries, TEACHER_GROUP)["pending"] == 4,
             what="the teacher to read 4 jobs",
+            timeout_s=60,
+            every_s=0.005,
         )
         (holder,) = [c["name"] for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP) if c["pending"]]
         stack.kill("teacher")
@@ -200,7 +186,7 @@ def test_a_teacher_killed_holding_a_batch_is_taken_over_when_its_heartbeat_expir
 
         _assert_each_answered_once(redis, replies, submitted=4)
         assert "took over a dead teacher's jobs" in stack.log("teacher")
-        _until(
+        until(
             lambda: holder not in [c["name"] for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)],
             timeout_s=30,
             what="the dead teacher to leave the group",
@@ -244,7 +230,7 @@ def test_a_job_that_keeps_killing_its_students_is_dead_lettered_with_an_error(
         assert "dead-lettered" in (failure.value.details() or "")
         assert [attempt for _, attempt in killer.killed] == [1, 2]
         job_id = killer.killed[0][0]
-        finals = _finals(redis, job_id)
+        finals = load.finals(redis, keys=KEYS, job_id=job_id)
         assert len(finals) == 1 and isinstance(finals[0], ErrorEvent)
         dead: Any = redis.xrange(KEYS.dead_letters)
         assert len(dead) == 1 and job_id.encode() in dead[0][1][b"job"]
@@ -273,7 +259,7 @@ def test_while_redis_is_down_the_gateway_answers_unavailable_and_serves_again_wh
                 answered.append(stub.Generate(_request("After?", short), timeout=15))
             return bool(answered)
 
-        _until(serves, timeout_s=120, what="the stack to serve again after redis came back")
+        until(serves, timeout_s=120, what="the stack to serve again after redis came back")
         assert {"teacher", "student-0", "gateway"} <= set(stack.processes)
         assert all(stack.processes[n].poll() is None for n in ("teacher", "student-0", "gateway"))
 
@@ -299,12 +285,12 @@ def test_a_client_that_cancels_stops_its_students_generation_within_one_step(tin
         found = (k.decode() for k in redis.scan_iter(match=keys.cancelled("*")))
         return [k for k in found if float(cast(bytes, redis.get(k) or 0)) >= started]
 
-    _until(marks, what="the gateway to mark the job cancelled")
+    until(marks, timeout_s=60, what="the gateway to mark the job cancelled")
     cancelled = marks()
     assert len(cancelled) == 1
     job_id = cancelled[0].rsplit(":", 1)[-1]
     cancelled_ms = int(float(cast(bytes, redis.get(cancelled[0]))) * 1000)
-    _until(lambda: redis.exists(keys.final(job_id)), what="the student to stop")
+    until(lambda: redis.exists(keys.final(job_id)), timeout_s=60, what="the student to stop")
     entries = job_events(redis, keys, job_id)
     final = entries[-1][1]
     assert isinstance(final, ErrorEvent) and final.code == "CANCELLED"

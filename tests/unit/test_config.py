@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 from redis.connection import parse_url
 
-from gkt.config import broker_tls_options
+from gkt.connections import broker_tls_options
 from gkt.dispatch import student_client
 from gkt_tools.processes import child_environment
 from services.gateway.settings import GatewaySettings
