@@ -39,7 +39,10 @@ TEACHER_QUEUE_WAIT = Histogram(
 )
 TEACHER_BATCH_SIZE = Histogram("gkt_teacher_batch_size", "Jobs per teacher batch.", buckets=_BATCH)
 TEACHER_BATCH_FILL = Histogram(
-    "gkt_teacher_batch_fill_seconds", "First job of a batch read → batch closed.", buckets=_LATENCY
+    "gkt_teacher_batch_fill_seconds",
+    "One batch at a time: first job of a batch read → batch closed. Pipelined: a job read → its generation "
+    "started (the wait for a free place in flight).",
+    buckets=_LATENCY,
 )
 TEACHER_GENERATION = Histogram(
     "gkt_teacher_generation_seconds",

@@ -73,6 +73,8 @@ class Generation:
         self._stop = threading.Event()
         self._events: queue.SimpleQueue[str | EngineResult | BaseException] = queue.SimpleQueue()
         self.result: EngineResult | None = None
+        self._failure: BaseException | None = None
+        """A failure that arrived behind text not yet collected: raised by the next `collect`."""
 
     def cancel(self) -> None:
         """Stop at the next step (finish reason `cancelled`)."""
@@ -92,19 +94,23 @@ class Generation:
                 return
 
     def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
-        """What arrived so far, waiting up to `timeout_s` for the first item ([] if none came);
-        raises what failed the generation."""
-        items: list[str | EngineResult | BaseException] = []
+        """What arrived so far, waiting up to `timeout_s` for the first item ([] if none came); raises
+        what failed the generation once the text made before the failure has been collected."""
+        if self._failure is not None:
+            raise self._failure
+        items: list[str | EngineResult] = []
         try:
-            items.append(self._events.get(timeout=timeout_s))
+            item = self._events.get(timeout=timeout_s)
             while True:
-                items.append(self._events.get_nowait())
+                if isinstance(item, BaseException):
+                    if items:  # the text made before the failure is handed out first
+                        self._failure = item
+                        return items
+                    raise item
+                items.append(item)
+                item = self._events.get_nowait()
         except queue.Empty:
-            pass
-        for item in items:
-            if isinstance(item, BaseException):
-                raise item
-        return [item for item in items if not isinstance(item, BaseException)]
+            return items
 
     def _emit(self, item: str | EngineResult | BaseException) -> None:
         if isinstance(item, EngineResult):

@@ -244,7 +244,15 @@ def _stream(
         if time.time() > give_up_at:
             generation.cancel()
             raise DeadlineExceeded("the student did not finish the job by its deadline")
-        for item in generation.collect(timeout_s=1.0):
+        try:
+            items = generation.collect(timeout_s=1.0)
+        except Exception:  # what was made before the failure reaches the client before its error
+            if state.pending:
+                publisher.publish(
+                    job.id, DeltaEvent(text=state.pending, offset=state.published, attempt=attempt)
+                )
+            raise
+        for item in items:
             if isinstance(item, EngineResult):
                 state.item = item
             else:

@@ -148,6 +148,7 @@ class Pipeline:
     def _start(self, delivery: Delivery, *, began: float) -> None:
         batch_size = len(self.generating) + 1
         metrics.TEACHER_BATCH_SIZE.observe(batch_size)
+        metrics.TEACHER_BATCH_FILL.observe(max(0.0, time.time() - delivery.dequeued_at))
         if delivery.job.guidance.mode == GuidanceMode.NONE:
             done = Generated(
                 delivery=delivery, result=NO_GUIDANCE, started_at=time.time(), seconds=0.0, batch_size=1

@@ -179,12 +179,16 @@ def test_failed_and_streamed_calls_are_counted_by_status_code(
 
 
 def test_queue_gauges_and_worker_count_are_exported(idle_stack: Stack) -> None:
-    gateway = Scrape(idle_stack, "gateway")
-    students = Scrape(idle_stack, "student")
-
-    names = {name for name, _, _ in gateway.samples}
+    names = {name for name, _, _ in Scrape(idle_stack, "gateway").samples}
     assert {"gkt_gateway_queue_depth", "gkt_gateway_oldest_job_age_seconds"} <= names
-    assert gateway.value("gkt_gateway_queue_depth") == 0  # idle: nothing waits for a teacher
+    # idle: nothing waits for a teacher, once the gateway's sampler (each second) has seen so
+    _eventually(
+        lambda: Scrape(idle_stack, "gateway").value("gkt_gateway_queue_depth") == 0,
+        what="the sampled queue depth of an idle stack to read 0",
+    )
     # two student processes, each with GKT_STUDENT_MAX_BATCH batch slots
     slots = StudentSettings.model_fields["student_max_batch"].default
-    assert students.value("gkt_student_workers") == 2 * slots
+    _eventually(
+        lambda: Scrape(idle_stack, "student").value("gkt_student_workers") == 2 * slots,
+        what=f"two students' {2 * slots} batch slots",
+    )

@@ -50,6 +50,8 @@ ENV = {
     "GKT_TEACHER_MODEL": "echo-benchmark-only",
     "GKT_STUDENT_MODEL": "echo-benchmark-only",
     "GKT_TEACHER_MAX_BATCH_SIZE": str(TEACHER_MAX_BATCH),
+    # the pipelined teacher's batch size is the jobs it has in flight: the same bound
+    "GKT_TEACHER_MAX_IN_FLIGHT": str(TEACHER_MAX_BATCH),
     "GKT_TEACHER_MAX_WAIT_MS": "50",
     "GKT_STUDENT_MAX_BATCH": str(STUDENT_SLOTS),
     "GKT_STUDENT_WARMUP": "false",

@@ -88,6 +88,8 @@ class RemoteGeneration:
         self.submitted = time.perf_counter()
         self._items: queue.SimpleQueue[str | EngineResult | BackendError] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._failure: BackendError | None = None
+        """A failure that arrived behind text not yet collected: raised by the next `collect`."""
 
     def cancel(self) -> None:
         self._stop.set()
@@ -96,6 +98,8 @@ class RemoteGeneration:
         return self._stop.is_set() or self.request.cancelled()
 
     def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
+        if self._failure is not None:
+            raise self._failure
         items: list[str | EngineResult] = []
         wait: float | None = timeout_s
         while True:
@@ -104,6 +108,9 @@ class RemoteGeneration:
             except queue.Empty:
                 return items
             if isinstance(item, BackendError):
+                if items:  # the text made before the failure is handed out first
+                    self._failure = item
+                    return items
                 raise item
             items.append(item)
             wait = None
