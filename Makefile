@@ -40,7 +40,7 @@ lint: setup  ## ruff (check + format --check) and mypy
 	$(VENV)/bin/mypy gkt services gkt_tools tests scripts
 
 test: lint k8s-validate  ## lint, manifests, and the whole test suite
-	$(VENV)/bin/pytest -q -p no:cacheprovider
+	$(VENV)/bin/pytest -q -p no:cacheprovider -rfE --durations=15
 
 test-fast: setup  ## unit tests only
 	$(VENV)/bin/pytest -q tests/unit

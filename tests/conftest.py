@@ -20,6 +20,26 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Convert the bundled models before the first test that loads them, outside every test's time limit:
+    on a fresh machine the conversion alone takes minutes (more on a busy one), and a stack started in a
+    test would spend them inside that test's timeout."""
+    if session.config.option.collectonly or not any(
+        item.get_closest_marker("real_models") for item in session.items
+    ):
+        return
+    from gkt.config import CommonSettings
+    from gkt.models import BUNDLED, load_tokenizer, needs_conversion
+
+    cache = CommonSettings().model_cache_dir
+    for name in BUNDLED:
+        if needs_conversion(name=name, cache_dir=cache):
+            started = time.monotonic()
+            print(f"\nconverting the bundled model {name} into {cache} (first run only)…", flush=True)
+            load_tokenizer(name=name, cache_dir=cache)
+            print(f"converted {name} in {time.monotonic() - started:.0f} s", flush=True)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server of our own (never the machine's shared one)."""
