@@ -140,6 +140,12 @@ class RemoteStudentBackend:
             self.stop()
             raise
 
+    prepares = False
+
+    def prepare(self, first_part: str, *, timeout_s: float) -> bool:
+        """An inference server keeps its own cache (vLLM's and TGI's prefix caching): nothing to prepare."""
+        return False
+
     def submit(self, request: StudentRequest) -> RemoteGeneration:
         generation = RemoteGeneration(request)
         asyncio.run_coroutine_threadsafe(self._drive(generation), self._loop)
