@@ -285,8 +285,16 @@ class Engine:
         self._admitting = arrivals
         for row in arrivals:
             self._match(row)
-        for group in self._runs([r for r in arrivals if r.needs_first_pass()], length=_Row.first_part_length):
+        # A question prepared and asked in the same step (the prepare came late) is computed once.
+        first_parts: dict[tuple[int, ...], _Row] = {}
+        for row in arrivals:
+            if row.needs_first_pass():
+                first_parts.setdefault(tuple(row.history[: row.split_at]), row)
+        for group in self._runs(list(first_parts.values()), length=_Row.first_part_length):
             self._prepare(group)
+        for row in arrivals:
+            if row.needs_first_pass():
+                row.prefix = first_parts[tuple(row.history[: row.split_at])].prefix
         generating = []
         for row in arrivals:
             if row.seq.request.max_new_tokens < 1:

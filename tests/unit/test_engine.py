@@ -299,3 +299,29 @@ def test_prepared_prompts_are_bounded_the_least_recently_used_dropped_first(lm: 
     results = [engine.generate([requests[i]])[0] for i in (3, 2, 0, 1)]
     assert [r.prepared for r in results] == [True, True, False, False]
     assert cache.prepared == 2  # 0 and 1 were kept by their own first pass, in place of 3 and 2
+
+
+def test_a_question_prepared_and_asked_in_the_same_step_is_computed_once(lm: LoadedModel) -> None:
+    (prepare,) = _split_requests(lm, 1, prepare=True)
+    (request,) = _split_requests(lm, 1)
+    cache = PrefixCache(lm, texts=few_shot_prefixes())
+    cache.warm()
+    engine = Engine(lm, max_batch=4, prefix_cache=cache)
+    passes: list[int] = []
+    model: Any = lm.model
+
+    def counting(*args: object, forward: Any = model.forward, **kwargs: object) -> object:
+        passes.append(1)
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        prepared, asked = engine.submit(prepare), engine.submit(request)
+        engine.step()  # admits both: one first pass, one second pass, one decoding pass
+        assert len(passes) == 3
+        while asked.result is None:
+            engine.step()
+    finally:
+        del model.forward
+    assert prepared.result is not None and prepared.result.token_count == 0
+    assert asked.result == _alone(lm, request)
