@@ -1,8 +1,9 @@
 """The generation engine: continuous batching of many requests on one model, each with its own sampling.
 
 A request joins the running batch at the next step (its prompt prefilled with the other arrivals',
-reusing the shared few-shot prefix, and a prompt's first part prepared earlier) and leaves it at the step it finishes — end of sequence, a stop string, its own token
-limit, cancellation or its deadline — its cache rows freed at once. A finished row is never computed
+reusing the shared few-shot prefix, and its first part when a request prepared it earlier) and leaves
+it at the step it finishes — end of sequence, a stop string, its own token limit, cancellation or its
+deadline — its cache rows freed at once. A finished row is never computed
 again. The students, the local teacher backend and the offline evaluation all generate through it.
 """
 
@@ -150,9 +151,9 @@ class _Row:
         self.echo_source = list((question or "echo").encode())
         """The echo model's output: the bytes of the prompt's last question, cycling."""
         self.prefix: Prefix | None = None
+        """The cached prefix its prompt starts with, if any (set at admission)."""
         self.prepared = False
         """Its first part came prepared from the prefix cache."""
-        """The cached prefix its prompt starts with, if any (set at admission)."""
         split = request.split_at
         self.split_at = split if split is not None and 0 < split < len(request.prompt_ids) else None
 
