@@ -46,7 +46,7 @@ TEACHER_BATCH_FILL = Histogram(
 )
 TEACHER_GENERATION = Histogram(
     "gkt_teacher_generation_seconds",
-    "Backend generation time per batch (a reply's teacher time).",
+    "Teacher generation time of a job's guidance (a reply's teacher time): per job when pipelined, per batch otherwise.",
     buckets=_LATENCY,
 )
 TEACHER_GUIDANCE_TOKENS = Counter(

@@ -114,7 +114,7 @@ PLOTTED = (
 )
 LATENCY_STAGES = (
     "Queue wait for a teacher",
-    "Teacher generation per batch",
+    "Teacher generation",
     "Student wait",
     "Student generation per job",
 )

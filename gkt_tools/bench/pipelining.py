@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import httpx2
 from gkt import paper
 from gkt.paper import Task
 from gkt_tools.arguments import real_number, whole_number
+from gkt_tools.bench import guidance_lengths
 from gkt_tools.bench.runs import run_on, running_stack
 from gkt_tools.bench.stats import Sample, summarize
 from gkt_tools.processes import free_port
@@ -76,6 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.6,
         help="teacher-pipeline: log-normal shape of that length",
     )
+    parser.add_argument(
+        "--guidance-lengths",
+        choices=("spread", "bundled"),
+        default="spread",
+        help="teacher-pipeline: where each answer's natural length comes from: the log-normal spread above, "
+        "or the lengths the bundled teacher writes on the first --length-questions questions of each task "
+        "(measured first, a few minutes)",
+    )
+    parser.add_argument(
+        "--length-questions",
+        type=whole_number(1, 10_000),
+        default=48,
+        help="teacher-pipeline with --guidance-lengths bundled: questions per task",
+    )
 
 
 def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
@@ -83,7 +99,14 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     concurrency = 3 * rows  # more clients than any teacher holds: each runs at its own pace
     modes = _modes(rows)
     per_round = max(1, args.pipeline_requests // args.pipeline_rounds)
-    spread = {"median_tokens": args.guidance_median, "sigma": args.guidance_sigma}
+    spread: dict[str, Any] = {"median_tokens": args.guidance_median, "sigma": args.guidance_sigma}
+    measured = None
+    if args.guidance_lengths == "bundled":
+        measured = guidance_lengths.measure(data_dir=args.data_dir, questions=args.length_questions)
+        table = state / "guidance-lengths.json"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        table.write_text(json.dumps(guidance_lengths.by_limit(measured)))
+        spread = {"lengths": f"the bundled teacher's ({measured['model']})", "lengths_file": str(table)}
     with _stepping_server(
         rows=rows, step_ms=step_ms, spread=spread, log=state / "stepping-server.log"
     ) as url:
@@ -129,8 +152,17 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
             busy[mode]["row_steps"] * step_ms / 1000 / (walls[mode] * rows)
         )
     batched = runs["batched"]
+    lengths: dict[str, Any] = {}
+    if measured is not None:
+        ceiling = guidance_lengths.batch_ceiling(measured, rows=rows, limits=GUIDANCE_TOKENS)
+        lengths = {"measured_lengths": measured, "full_rows_vs_one_batch_ceiling": ceiling}
     return {
-        "server": {"rows": rows, "step_ms": step_ms, **spread},
+        "server": {
+            "rows": rows,
+            "step_ms": step_ms,
+            **{k: v for k, v in spread.items() if k != "lengths_file"},
+        },
+        **lengths,
         "guidance_tokens": list(GUIDANCE_TOKENS),
         "concurrency": concurrency,
         "runs": runs,
@@ -163,16 +195,17 @@ def _request(offset: int) -> Callable[[int], Any]:
 
 
 @contextlib.contextmanager
-def _stepping_server(*, rows: int, step_ms: int, spread: dict[str, float], log: Path) -> Iterator[str]:
+def _stepping_server(*, rows: int, step_ms: int, spread: dict[str, Any], log: Path) -> Iterator[str]:
     port = free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "gkt_tools.bench.stepping_server", "--port", str(port), "--rows", str(rows),
+               "--step-ms", str(step_ms)]  # fmt: skip
+    if "lengths_file" in spread:
+        command += ["--lengths", spread["lengths_file"]]
+    else:
+        command += ["--median-tokens", str(spread["median_tokens"]), "--sigma", str(spread["sigma"])]
     with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gkt_tools.bench.stepping_server", "--port", str(port), "--rows", str(rows),
-             "--step-ms", str(step_ms), "--median-tokens", str(spread["median_tokens"]),
-             "--sigma", str(spread["sigma"])],
-            stdout=output, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 30

@@ -153,13 +153,25 @@ def _overhead(o: Mapping[str, Any]) -> list[str]:
 def _teacher_pipeline(t: Mapping[str, Any]) -> list[str]:
     server = t["server"]
     limits = "/".join(str(n) for n in t["guidance_tokens"])
+    if "measured_lengths" in t:
+        measured = t["measured_lengths"]
+        tasks = ", ".join(
+            f"{name} N = {task['max_guidance_tokens']}: mean {task['mean']:.1f}, {task['at_limit']:.0%} at N"
+            for name, task in measured["tasks"].items()
+        )
+        ending = (
+            f"a length drawn from those {server['lengths']} guidance had on the first {measured['questions']} "
+            f"questions of each task ({tasks}); at these lengths a teacher keeping every row busy can gain at "
+            f"most **{t['full_rows_vs_one_batch_ceiling']:.2f}x** over one batch at a time"
+        )
+    else:
+        ending = f"a log-normal number of tokens (median {server['median_tokens']}, σ {server['sigma']})"
     lines = [
         f"## Teacher pipelining (fake continuously batching server: {server['step_ms']} ms a step, up to "
         f"{server['rows']} rows)",
         "",
-        f"`Guide` jobs with guidance limits {limits} tokens in turn, each answer ending on its own after a "
-        f"log-normal number of tokens (median {server['median_tokens']}, σ {server['sigma']}) when that comes "
-        f"first; {t['concurrency']} closed-loop clients. `batched`: batches of {server['rows']}; `pipelined`: "
+        f"`Guide` jobs with guidance limits {limits} tokens in turn, each answer ending on its own after "
+        f"{ending} when that comes first; {t['concurrency']} closed-loop clients. `batched`: batches of {server['rows']}; `pipelined`: "
         f"{server['rows']} jobs in flight; `pipelined-2m`: {2 * server['rows']}.",
         "",
         *(

@@ -4,7 +4,8 @@ scenario: an OpenAI-compatible `/v1/completions` whose engine takes a fixed time
 Each step lasts `step_ms` whatever it holds and gives every running row one token; at most `rows` rows run
 at once, and a request waiting for a row joins at the next step after one frees. A request's length is
 the smaller of its `max_tokens` and a natural length drawn from a log-normal spread (median
-`median_tokens`, shape `sigma`), seeded by its prompt: an answer that stops before the guidance limit.
+`median_tokens`, shape `sigma`), or, with `--lengths`, from the lengths a real teacher wrote under that
+`max_tokens`; seeded by its prompt: an answer that stops before the guidance limit.
 `GET /stats` says how many steps ran and how many rows they carried, to tell how busy it was kept.
 
     python -m gkt_tools.bench.stepping_server --port 8000 --step-ms 25 --rows 32
@@ -21,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 MODEL = "bench-teacher"
@@ -42,6 +44,8 @@ class SteppingEngine:
     rows: int
     median_tokens: float
     sigma: float
+    lengths: dict[int, list[int]] = field(default_factory=dict)
+    """max_tokens → lengths to draw from (measured ones); other requests draw from the log-normal spread."""
     steps: int = 0
     row_steps: int = 0
     waiting_steps: int = 0
@@ -51,13 +55,16 @@ class SteppingEngine:
     _waiting: list[_Row] = field(default_factory=list)
     _work: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def natural_length(self, prompt: str) -> int:
+    def natural_length(self, prompt: str, *, max_tokens: int) -> int:
         seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+        if max_tokens in self.lengths:
+            return random.Random(seed).choice(self.lengths[max_tokens])
         draw = random.Random(seed).lognormvariate(math.log(self.median_tokens), self.sigma)
         return max(1, round(draw))
 
     async def generate(self, *, prompt: str, max_tokens: int) -> _Row:
-        row = _Row(length=min(max_tokens, self.natural_length(prompt)), max_tokens=max_tokens)
+        length = min(max_tokens, self.natural_length(prompt, max_tokens=max_tokens))
+        row = _Row(length=length, max_tokens=max_tokens)
         self.requests += 1
         self._waiting.append(row)
         self._work.set()
@@ -152,11 +159,21 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32, help="most requests one step carries")
     parser.add_argument("--median-tokens", type=float, default=20.0, help="median natural answer length")
     parser.add_argument("--sigma", type=float, default=0.6, help="log-normal shape of the natural length")
+    parser.add_argument(
+        "--lengths",
+        type=Path,
+        help='JSON {"<max_tokens>": [lengths…]}: draw a request\'s length from those of its max_tokens',
+    )
     args = parser.parse_args()
+    lengths = json.loads(args.lengths.read_text()) if args.lengths else {}
 
     async def run() -> None:
         engine = SteppingEngine(
-            step_s=args.step_ms / 1000, rows=args.rows, median_tokens=args.median_tokens, sigma=args.sigma
+            step_s=args.step_ms / 1000,
+            rows=args.rows,
+            median_tokens=args.median_tokens,
+            sigma=args.sigma,
+            lengths={int(limit): [int(n) for n in table] for limit, table in lengths.items()},
         )
         await serve(engine, host=args.host, port=args.port)
 

@@ -109,7 +109,7 @@ def _at_least_one(values: list[float]) -> bool:
 LATENCY_PANELS = (
     "Gateway: whole RPC",
     "Queue wait for a teacher",
-    "Teacher generation per batch",
+    "Teacher generation",
     "Student wait",
     "Student time to first token",
     "Student generation per job",

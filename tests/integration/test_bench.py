@@ -150,3 +150,30 @@ def test_teacher_pipeline_scenario_measures_every_teacher_at_one_server_and_repo
             runs[mode]["throughput_rps"] / runs["batched"]["throughput_rps"]
         )
     assert "## Teacher pipelining" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.real_models
+def test_teacher_pipeline_can_replay_the_guidance_lengths_the_bundled_teacher_writes(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--scenarios", "teacher-pipeline", "--guidance-lengths", "bundled", "--length-questions", "2",
+         "--server-rows", "4", "--server-step-ms", "5", "--pipeline-requests", "12", "--pipeline-rounds", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+
+    assert bench.run(args, settings=ToolSettings()) == 0
+
+    result = json.loads((tmp_path / "results.json").read_text())["teacher_pipeline"]
+    tasks = result["measured_lengths"]["tasks"]
+    assert {name: task["max_guidance_tokens"] for name, task in tasks.items()} == {
+        "aqua": 20,
+        "csqa": 30,
+        "gsm8k": 40,
+    }
+    for task in tasks.values():
+        assert len(task["lengths"]) == 2
+        assert all(1 <= n <= task["max_guidance_tokens"] for n in task["lengths"])
+    assert result["full_rows_vs_one_batch_ceiling"] >= 1.0
+    assert all(run["ok"] == 12 for run in result["runs"].values())
+    assert "the bundled teacher's" in (tmp_path / "results.md").read_text()
