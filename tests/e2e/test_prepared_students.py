@@ -160,8 +160,11 @@ def test_a_job_goes_to_the_student_that_prepared_its_question_and_finds_it_prefi
     job = _job("How many trees are in the grove after the workers plant more?")
     preparer = _prepared_by(stack, redis, celery, job)
     (other,) = [n for n in faults.student_names(stack) if n != preparer]
+    until(  # counted just after its key is written
+        lambda: _prepared_counts(stack, preparer).get("prepared", 0) >= 1,
+        what="the preparing student to count its prepare",
+    )
     before = {n: _prepared_counts(stack, n) for n in (preparer, other)}
-    assert before[preparer].get("prepared", 0) >= 1
 
     assert _publish(stack, celery, job) == [_prepared_queue(redis, job)]
     final = _final(redis, job, timeout_s=TIMEOUT_S)
