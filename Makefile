@@ -39,8 +39,11 @@ lint: setup  ## ruff (check + format --check) and mypy
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy gkt services gkt_tools tests scripts
 
+# One torch thread per process in the tests: a test runs a teacher, students and itself side by side, and
+# on a 2-core machine torch's default (a thread per core in each process) oversubscribes the cores, which
+# slows the bundled models' tests several-fold.
 test: lint k8s-validate  ## lint, manifests, and the whole test suite
-	$(VENV)/bin/pytest -q -p no:cacheprovider -rfE --durations=15
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider -rfE --durations=15
 
 test-fast: setup  ## unit tests only
 	$(VENV)/bin/pytest -q tests/unit

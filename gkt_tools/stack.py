@@ -6,6 +6,7 @@ Used by `gkt demo`, `gkt up` / `gkt down` and the end-to-end tests.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -174,7 +175,17 @@ class Stack:
         env["GKT_REDIS_URL"] = self.redis_url or ""
         env["GKT_GATEWAY_ADDR"] = self.gateway_addr or ""
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("GKT_TORCH_THREADS", str(self.torch_threads_each()))
         return env
+
+    def torch_threads_each(self) -> int:
+        """Torch threads for each model process when GKT_TORCH_THREADS is not set: the cores this process
+        may use, shared among the stack's teachers and students. Torch's default (a thread per core in
+        every process) oversubscribes a small machine running them side by side, which slows every
+        forward pass several-fold (the bundled student's determinism test beside other work on two cores:
+        40 s with one thread, 462 s with torch's two)."""
+        models = (self.teachers if self.teacher else 0) + self.students
+        return max(1, len(os.sched_getaffinity(0)) // max(1, models))
 
     def _student_env(self, env: dict[str, str], index: int, metrics_port: int) -> dict[str, str]:
         multiproc = self.state_dir / f"prometheus-student-{index}"

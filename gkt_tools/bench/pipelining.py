@@ -102,6 +102,10 @@ def run(args: argparse.Namespace, state: Path) -> dict[str, Any]:
     spread: dict[str, Any] = {"median_tokens": args.guidance_median, "sigma": args.guidance_sigma}
     measured = None
     if args.guidance_lengths == "bundled":
+        if args.torch_threads:
+            import torch
+
+            torch.set_num_threads(args.torch_threads)
         measured = guidance_lengths.measure(data_dir=args.data_dir, questions=args.length_questions)
         table = state / "guidance-lengths.json"
         table.parent.mkdir(parents=True, exist_ok=True)

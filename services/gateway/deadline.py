@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from services.gateway.handlers import wrapped
+
 DEADLINE_SLACK_S = 1.0
 """How long after its deadline a call is cut: the service's own deadline check normally ends it first."""
 
@@ -31,21 +33,7 @@ class DeadlineInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
-            return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrapped(handler, handler_call_details.method, unary=self._unary, stream=self._stream)
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def ended_by_deadline(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -19,6 +19,7 @@ import grpc
 
 from gkt import logs, metrics, tracing
 from gkt.errors import ResourceExhausted, Unavailable
+from services.gateway.handlers import wrapped
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -37,19 +38,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith("/gkt.v1."):
             return handler
         call = _Call(rpc=method.rsplit("/", 1)[-1], span=method.lstrip("/"), details=handler_call_details)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                call.unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                call.stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrapped(handler, method, unary=call.unary, stream=call.stream)
 
 
 class _Call:
@@ -157,21 +146,7 @@ class InFlightLimitInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith("/gkt.v1."):
-            return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return wrapped(handler, handler_call_details.method, unary=self._unary, stream=self._stream)
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:

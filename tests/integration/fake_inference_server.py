@@ -32,6 +32,7 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 
 from gkt_tools.settings import ToolSettings
+from services.teacher.settings import TeacherServerSettings
 from tests.integration.fake_streams import completion_chunks, tgi_events
 
 REF_DIR = ToolSettings().shared_ref_dir
@@ -656,3 +657,24 @@ def _prompt_of(request: Any) -> str:
 
 def _prompt(exchange: Exchange) -> str:
     return _prompt_of(exchange.request_json)
+
+
+ServerFactory = Callable[..., "FakeInferenceServer"]
+"""Starts a `FakeInferenceServer` (the `servers` fixture of tests/integration/conftest.py)."""
+
+
+def fast_teacher_settings(url: str, **overrides: Any) -> TeacherServerSettings:
+    """A teacher backend's server settings with small timeouts and backoff, so failure paths take
+    milliseconds."""
+    values: dict[str, Any] = {
+        "url": url,
+        "request_timeout_s": 2.0,
+        "max_retries": 3,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "breaker_failures": 50,
+        "breaker_reset_s": 0.3,
+        "api_key": None,
+        "api_key_file": None,
+    }
+    return TeacherServerSettings(**(values | overrides))

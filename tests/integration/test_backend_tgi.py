@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,38 +25,20 @@ from services.teacher.backends.base import BackendError, GenerationRequest, Gene
 from services.teacher.backends.tgi import TgiBackend
 from services.teacher.settings import TeacherServerSettings
 from tests.integration.fake_inference_server import (
-    FakeInferenceServer,
     Reply,
+    ServerFactory,
+    fast_teacher_settings,
     free_port,
-    published_api_servers,
 )
 
 pytestmark = pytest.mark.asyncio
 
 STOP = "\nQ:"
-ServerFactory = Callable[..., FakeInferenceServer]
-
-
-@pytest.fixture
-def servers() -> Iterator[ServerFactory]:
-    with published_api_servers() as start:
-        yield start
 
 
 def settings_for(url: str, **overrides: Any) -> TeacherServerSettings:
     """Small timeouts and backoff so failure paths take milliseconds."""
-    values: dict[str, Any] = {
-        "url": url,
-        "request_timeout_s": 2.0,
-        "max_retries": 3,
-        "backoff_base_s": 0.01,
-        "backoff_max_s": 0.05,
-        "breaker_failures": 50,
-        "breaker_reset_s": 0.3,
-        "api_key": None,
-        "api_key_file": None,
-    }
-    return TeacherServerSettings(**(values | overrides))
+    return fast_teacher_settings(url, **overrides)
 
 
 @asynccontextmanager

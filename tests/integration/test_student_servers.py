@@ -32,21 +32,14 @@ from services.student.completion import JobLimits, run_job
 from services.student.jobbook import JobBook
 from services.student.settings import StudentServerSettings
 from tests.events import job_events
-from tests.integration.fake_inference_server import FakeInferenceServer, Reply, published_api_servers
+from tests.integration.fake_inference_server import FakeInferenceServer, Reply, ServerFactory
 from tests.waiting import until
 
 KEYS = Keys("servers")
 GUIDANCE = Guidance(text="Let us count:", token_count=3, published_at=1.0)
 LIMITS = JobLimits(max_attempts=3, time_limit_s=60)
 CLIENTS: dict[str, type[OpenAIClient] | type[TgiClient]] = {"openai": OpenAIClient, "tgi": TgiClient}
-ServerFactory = Callable[..., FakeInferenceServer]
 BackendFactory = Callable[..., RemoteStudentBackend]
-
-
-@pytest.fixture
-def servers() -> Iterator[ServerFactory]:
-    with published_api_servers() as start:
-        yield start
 
 
 @pytest.fixture(params=sorted(CLIENTS))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,10 @@ from services.teacher.backends.local import LocalBackend
 from services.teacher.backends.openai import OpenAIBackend
 from services.teacher.settings import TeacherServerSettings, TeacherSettings
 from services.teacher.worker import Dispatch, TeacherWorker
-from tests.integration.fake_inference_server import FakeInferenceServer, Reply, published_api_servers
+from tests.integration.fake_inference_server import FakeInferenceServer, Reply, ServerFactory
 from tests.waiting import until_async
 
 KEYS = Keys("pipe")
-ServerFactory = Callable[..., FakeInferenceServer]
 
 
 @pytest.fixture
@@ -40,12 +39,6 @@ async def aredis(redis_url: str, redis: object) -> AsyncIterator[AsyncRedis]:
     await ensure_group(client, keys=KEYS)
     yield client
     await client.aclose()
-
-
-@pytest.fixture
-def servers() -> Iterator[ServerFactory]:
-    with published_api_servers() as start:
-        yield start
 
 
 def _guide(query: str, tokens: int = 3) -> Job:
