@@ -1,7 +1,9 @@
 """What decoding needs around the model: tokens in, text out, and the KV cache of shared prefixes.
 
 A `PrefixCache` keeps the KV cache of prompt prefixes every job shares (the few-shot exemplars), so
-a job pays only for the tokens after them; a `TextTracker` turns a row's tokens into safe text deltas.
+a job pays only for the tokens after them, and of prompts prepared before their end was known (a
+student's question, computed while the teacher writes its guidance); a `TextTracker` turns a row's
+tokens into safe text deltas.
 The decode loop itself is `gkt.engine`.
 """
 
@@ -22,11 +24,21 @@ from gkt.stops import first_stop, held_back
 
 
 @dataclass(frozen=True)
-class _Prefix:
+class Prefix:
     """The tokens of a shared prefix and, per layer, its keys and values for one row."""
 
     ids: tuple[int, ...]
     layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    prepared: bool = False
+    """A prepared prompt's (`PrefixCache.keep`) rather than a shared few-shot prefix."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A prepared prompt's keys and values after the few-shot prefix they were computed on."""
+
+    base: Prefix | None
+    tail: tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class PrefixCache:
@@ -36,16 +48,25 @@ class PrefixCache:
     model sees exactly the token sequence it would see without reuse. The last token of a prefix is
     left out of it: a tokenizer may merge it with the text that follows. The least recently used
     prefix is dropped beyond `max_entries`.
+
+    It also keeps up to `max_prepared` prepared prompts (the least recently used dropped first): the
+    first tokens of a prompt computed before the rest of it was known, found again by exactly those
+    token ids. Only what follows the few-shot prefix is stored, so an entry costs the question's tokens.
     """
 
-    def __init__(self, lm: LoadedModel, *, texts: Iterable[str], max_entries: int = 8) -> None:
+    def __init__(
+        self, lm: LoadedModel, *, texts: Iterable[str], max_entries: int = 8, max_prepared: int = 32
+    ) -> None:
         self.lm = lm
         self.max_entries = max_entries
+        self.max_prepared = max_prepared
         self.hits = 0
         self.misses = 0
+        self.prepared_hits = 0
+        self._prepared: OrderedDict[tuple[int, ...], _Prepared] = OrderedDict()
         self._ids = {text: self._tokenize(text) for text in dict.fromkeys(texts)}
         self._ids = {text: ids for text, ids in self._ids.items() if ids}
-        self._computed: OrderedDict[str, _Prefix] = OrderedDict()
+        self._computed: OrderedDict[str, Prefix] = OrderedDict()
 
     def warm(self, texts: Iterable[str] | None = None) -> None:
         """Compute the caches now (at worker start) rather than in the first job that needs them."""
@@ -53,11 +74,23 @@ class PrefixCache:
             if text in self._ids:
                 self._entry(text)
 
-    def match(self, rows: Sequence[Sequence[int]]) -> _Prefix | None:
-        """The longest known prefix that every row starts with (and goes beyond), or None."""
+    def match(self, rows: Sequence[Sequence[int]], *, split_at: int | None = None) -> Prefix | None:
+        """The longest known prefix that every row starts with (and goes beyond), or None.
+
+        With `split_at`: the rows' first `split_at` tokens when they were prepared, else the longest
+        few-shot prefix no longer than that (a prepared prompt is found by its exact split, so a row
+        computes its tokens the same way whether or not they were prepared)."""
+        if split_at is not None and rows and all(len(row) > split_at for row in rows):
+            wanted = tuple(rows[0][:split_at])
+            if all(tuple(row[:split_at]) == wanted for row in rows) and wanted in self._prepared:
+                self._prepared.move_to_end(wanted)
+                self.prepared_hits += 1
+                return self._joined(wanted, self._prepared[wanted])
         best: str | None = None
         for text, ids in self._ids.items():
             if best is not None and len(ids) <= len(self._ids[best]):
+                continue
+            if split_at is not None and len(ids) > split_at:
                 continue
             if all(len(row) > len(ids) and tuple(row[: len(ids)]) == ids for row in rows):
                 best = text
@@ -67,10 +100,39 @@ class PrefixCache:
         self.hits += 1
         return self._entry(best)
 
+    def keep(
+        self, *, ids: tuple[int, ...], base: Prefix | None, tail: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Keep a prepared prompt: its token ids, the few-shot prefix it was computed on (None: from its
+        first token), and per layer the keys and values of its tokens after that prefix (copied, so the
+        batch they were sliced from can be freed)."""
+        if self.max_prepared < 1:
+            return
+        copied = tuple((k.clone(), v.clone()) for k, v in tail)
+        self._prepared[ids] = _Prepared(base=base, tail=copied)
+        self._prepared.move_to_end(ids)
+        while len(self._prepared) > self.max_prepared:
+            self._prepared.popitem(last=False)
+
+    @property
+    def prepared(self) -> int:
+        """Prepared prompts kept now."""
+        return len(self._prepared)
+
+    @staticmethod
+    def _joined(ids: tuple[int, ...], entry: _Prepared) -> Prefix:
+        if entry.base is None:
+            return Prefix(ids=ids, layers=entry.tail, prepared=True)
+        layers = tuple(
+            (torch.cat([bk, tk], dim=2), torch.cat([bv, tv], dim=2))
+            for (bk, bv), (tk, tv) in zip(entry.base.layers, entry.tail, strict=True)
+        )
+        return Prefix(ids=ids, layers=layers, prepared=True)
+
     def _tokenize(self, text: str) -> tuple[int, ...]:
         return tuple(encode(self.lm, text)[:-1])
 
-    def _entry(self, text: str) -> _Prefix:
+    def _entry(self, text: str) -> Prefix:
         if text in self._computed:
             self._computed.move_to_end(text)
             return self._computed[text]
@@ -90,7 +152,7 @@ class PrefixCache:
                 logits_to_keep=1,
             )
         layers = tuple((layer.keys, layer.values) for layer in out.past_key_values.layers)
-        self._computed[text] = _Prefix(ids=ids, layers=layers)
+        self._computed[text] = Prefix(ids=ids, layers=layers)
         while len(self._computed) > self.max_entries:
             self._computed.popitem(last=False)
         return self._computed[text]
@@ -115,6 +177,16 @@ def few_shot_prefixes(*, modes: Iterable[GuidanceMode] | None = None) -> list[st
 def encode(lm: LoadedModel, prompt: str) -> list[int]:
     """The prompt's token ids as the model sees them (special tokens included)."""
     return list(lm.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def split_point(lm: LoadedModel, *, first_part: str, prompt_ids: Sequence[int]) -> int | None:
+    """Where a prompt whose text starts with `first_part` splits (`EngineRequest.split_at`): after the
+    first part's tokens but its last, which a tokenizer may merge with what follows; None when the
+    prompt's own tokens do not start with those."""
+    ids = encode(lm, first_part)[:-1]
+    if ids and len(prompt_ids) > len(ids) and list(prompt_ids[: len(ids)]) == ids:
+        return len(ids)
+    return None
 
 
 def check_room(

@@ -6,7 +6,7 @@ from celery import Celery
 
 from gkt.connections import celery_broker
 from gkt.jobs import Guidance, Job
-from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
+from gkt.keys import STUDENT_PREPARE_TASK, STUDENT_QUEUE, STUDENT_TASK
 
 
 def student_client(*, broker_url: str, key_prefix: str) -> Celery:
@@ -28,11 +28,17 @@ def student_client(*, broker_url: str, key_prefix: str) -> Celery:
     return app
 
 
-def dispatch_student(app: Celery, *, job: Job, guidance: Guidance) -> None:
-    """One Celery task per job; the task's id is the job id, so a redelivery is recognisable."""
+def dispatch_student(app: Celery, *, job: Job, guidance: Guidance, queue: str = STUDENT_QUEUE) -> None:
+    """One Celery task per job, to the shared queue or the own queue of the student that prepared it; the
+    task's id is the job id, so a redelivery is recognisable."""
     app.send_task(
         STUDENT_TASK,
         args=[job.model_dump_json(), guidance.model_dump_json()],
-        queue=STUDENT_QUEUE,
+        queue=queue,
         task_id=job.id,
     )
+
+
+def prepare_student(app: Celery, *, job: Job) -> None:
+    """Ask any student to prefill the job's question while the teacher writes its guidance."""
+    app.send_task(STUDENT_PREPARE_TASK, args=[job.model_dump_json()], queue=STUDENT_QUEUE)

@@ -12,6 +12,14 @@ from dataclasses import dataclass
 TEACHER_GROUP = "teachers"
 STUDENT_QUEUE = "student"
 STUDENT_TASK = "gkt.student.complete"
+STUDENT_PREPARE_TASK = "gkt.student.prepare"
+"""Prefill a job's question on a student while the teacher writes its guidance (shared queue)."""
+
+
+def own_queue(node: str) -> str:
+    """The Celery queue only the student worker `node` consumes (beside the shared one): the queue of the
+    jobs whose question it prepared."""
+    return f"{STUDENT_QUEUE}.{node}"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,14 @@ class Keys:
 
     def final(self, job_id: str) -> str:
         return f"{self.prefix}:final:{job_id}"
+
+    def prepared(self, job_id: str) -> str:
+        """The own queue of the student that prepared the job's question (short-lived)."""
+        return f"{self.prefix}:prepared:{job_id}"
+
+    def queue_alive(self, queue: str) -> str:
+        """Present while the student that consumes its own queue `queue` is alive (renewed with its leases)."""
+        return f"{self.prefix}:alive:{queue}"
 
     def attempts(self, job_id: str) -> str:
         return f"{self.prefix}:attempts:{job_id}"

@@ -7,7 +7,10 @@
 4. Any student's sweeper (`sweep`) takes, atomically so that exactly one does, the jobs to send again:
    running jobs whose lease expired (their student died), and dispatched jobs nobody claimed within
    the redelivery time while the task queue is empty (their task was lost: a Redis list pop is
-   destructive, so a worker killed while the pop's reply is on the wire takes the task with it).
+   destructive, so a worker killed while the pop's reply is on the wire takes the task with it). A job
+   sent to the own queue of the student that prepared it (its `prepared` key says so) is sent again
+   after the redelivery time whatever the shared queue holds: that student may be dead, and then its
+   queue is never emptied.
 A student that missed renewals long enough for its lease to be taken learns so at its next renewal
 and drops the job without publishing. A job sent twice is run once: the second claim fails.
 """
@@ -60,7 +63,8 @@ return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
 # KEYS: running, dispatched, dispatched-at, the task queue. ARGV: the lease key prefix and the final
-# key prefix (job id appended), the newest dispatch time to send again, the oldest worth keeping.
+# key prefix (job id appended), the newest dispatch time to send again, the oldest worth keeping, the
+# prepared key prefix.
 _SWEEP = """
 local taken = {}
 local entries = redis.call('HGETALL', KEYS[1])
@@ -77,7 +81,8 @@ for _, job_id in ipairs(stale) do
   local answered = redis.call('EXISTS', ARGV[2] .. job_id) == 1
   local running = redis.call('EXISTS', ARGV[1] .. job_id) == 1
   local expired = tonumber(redis.call('ZSCORE', KEYS[3], job_id)) < tonumber(ARGV[4])
-  if answered or running or expired or queue_empty then
+  local own_queue = redis.call('EXISTS', ARGV[5] .. job_id) == 1
+  if answered or running or expired or queue_empty or own_queue then
     local payload = redis.call('HGET', KEYS[2], job_id)
     redis.call('HDEL', KEYS[2], job_id)
     redis.call('ZREM', KEYS[3], job_id)
@@ -85,6 +90,18 @@ for _, job_id in ipairs(stale) do
   end
 end
 return taken
+"""
+
+
+# KEYS: the jobs' prepared keys. ARGV: the alive key prefix (queue appended). Each job's queue when the
+# student that prepared it is alive, else false.
+_ROUTES = """
+local queues = {}
+for i, key in ipairs(KEYS) do
+  local queue = redis.call('GET', key)
+  if queue and redis.call('EXISTS', ARGV[1] .. queue) == 1 then queues[i] = queue else queues[i] = false end
+end
+return queues
 """
 
 
@@ -151,14 +168,18 @@ def release(redis: Redis, *, keys: Keys, lease: Lease) -> None:
 
 async def record_dispatched(
     redis: AsyncRedis, *, keys: Keys, payloads: Sequence[tuple[str, Orphan]], at: float
-) -> None:
-    """Remember jobs about to be sent to the students (job id, task arguments) until one claims each."""
+) -> list[str | None]:
+    """Remember jobs about to be sent to the students (job id, task arguments) until one claims each; in
+    the same round trip, read which live student prepared each job: its own queue, or None."""
     if not payloads:
-        return
+        return []
     async with redis.pipeline(transaction=False) as pipe:
+        prepared = [keys.prepared(job_id) for job_id, _ in payloads]
+        pipe.eval(_ROUTES, len(prepared), *prepared, keys.queue_alive(""))
         pipe.hset(keys.student_dispatched, mapping={job_id: _body(p) for job_id, p in payloads})
         pipe.zadd(keys.student_dispatched_at, {job_id: at for job_id, _ in payloads})
-        await pipe.execute()
+        prepared, *_ = await pipe.execute()
+    return [q.decode() if isinstance(q, bytes) else q for q in prepared]
 
 
 def sweep(
@@ -174,6 +195,7 @@ def sweep(
         keys.final(""),
         now - redelivery_s,
         now - ttl_s,
+        keys.prepared(""),
     )
     orphans = []
     for body in taken:

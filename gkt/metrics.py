@@ -97,6 +97,12 @@ STUDENT_BACKEND_ERRORS = Counter(
     "Failed requests to the students' inference server (openai / tgi backends), by kind.",
     ["kind"],
 )
+STUDENT_PREPARED = Counter(
+    "gkt_student_prepared_total",
+    "Prepare tasks by outcome (prepared, late: the job had moved on, failed), and student jobs by whether "
+    "their question was found prepared (hit, miss).",
+    ["outcome"],
+)
 STUDENT_TAKEOVERS = Counter(
     "gkt_student_takeovers_total",
     "Jobs sent again because the student running them stopped renewing its lease.",

@@ -1,8 +1,9 @@
 """The generation engine: continuous batching of many requests on one model, each with its own sampling.
 
 A request joins the running batch at the next step (its prompt prefilled with the other arrivals',
-reusing the shared few-shot prefix) and leaves it at the step it finishes — end of sequence, a stop string, its own token
-limit, cancellation or its deadline — its cache rows freed at once. A finished row is never computed
+reusing the shared few-shot prefix, and its first part when a request prepared it earlier) and leaves
+it at the step it finishes — end of sequence, a stop string, its own token limit, cancellation or its
+deadline — its cache rows freed at once. A finished row is never computed
 again. The students, the local teacher backend and the offline evaluation all generate through it.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from gkt.decoding import PrefixCache, TextTracker, context_tokens
+from gkt.decoding import Prefix, PrefixCache, TextTracker, context_tokens
 from gkt.engine.batch import KvBatch, Layers
 from gkt.engine.sampling import RowSampler, Sampler
 from gkt.models import EchoModel, LoadedModel
@@ -37,6 +38,14 @@ class EngineRequest:
     prompt_ids: Sequence[int]
     sampler: Sampler = field(default_factory=Sampler)
     max_new_tokens: int
+    """At most this many tokens; 0 generates nothing: with `split_at`, the request only prepares its
+    prompt's first part (kept in the prefix cache for a later request that starts with it)."""
+    split_at: int | None = None
+    """Prompt tokens computed before the rest (a student's question, known before the teacher's guidance):
+    at admission they are prefilled in a pass of their own, or taken from the prefix cache when a
+    request prepared them, and the rest of the prompt on top of them. The split is made whether or not
+    they were prepared, so the request's tokens are the same either way. Used when
+    0 < split_at < len(prompt_ids)."""
     stop: tuple[str, ...] = ()
     strip_leading: bool = False
     """Drop leading whitespace of the output (a student answering with no guidance starts after "A:")."""
@@ -58,6 +67,8 @@ class EngineResult:
     """Every token generated, the end-of-sequence token included."""
     first_token_s: float = field(default=0.0, compare=False)
     """Seconds from joining the queue to the first token (not part of what was generated)."""
+    prepared: bool = field(default=False, compare=False)
+    """Its prompt's first `split_at` tokens were found prepared in the prefix cache."""
 
 
 class GenerationFailed(RuntimeError):
@@ -139,12 +150,26 @@ class _Row:
         question = request.prompt.rsplit("Q: ", 1)[-1].split("\n", 1)[0]
         self.echo_source = list((question or "echo").encode())
         """The echo model's output: the bytes of the prompt's last question, cycling."""
-        self.prefix: Any = None
+        self.prefix: Prefix | None = None
         """The cached prefix its prompt starts with, if any (set at admission)."""
+        self.prepared = False
+        """Its first part came prepared from the prefix cache."""
+        split = request.split_at
+        self.split_at = split if split is not None and 0 < split < len(request.prompt_ids) else None
+
+    def prefix_length(self) -> int:
+        return len(self.prefix.ids) if self.prefix is not None else 0
 
     def suffix_length(self) -> int:
         """Prompt tokens to compute at admission: those after the cached prefix."""
-        return self.position - (len(self.prefix.ids) if self.prefix is not None else 0)
+        return self.position - self.prefix_length()
+
+    def first_part_length(self) -> int:
+        """Prompt tokens of the first pass of a split prompt: those after the cached prefix, up to the split."""
+        return (self.split_at or 0) - self.prefix_length()
+
+    def needs_first_pass(self) -> bool:
+        return self.split_at is not None and self.prefix_length() < self.split_at
 
 
 class Engine:
@@ -243,8 +268,10 @@ class Engine:
 
     # 1) admission -------------------------------------------------------------------------------
     def _admit(self) -> None:
-        """Take waiting requests into the free batch rows; their prompts are prefilled together, one
-        forward pass per shared prefix, so arrivals pause the running rows once, not once each."""
+        """Take waiting requests into the free batch rows: a) find each prompt's cached prefix, b) prefill
+        the first part of split prompts that were not prepared (and keep it), c) prefill the rest of every
+        prompt. Arrivals are prefilled together, one forward pass per shared prefix, so they pause the
+        running rows once, not once each. A request that only prepares ends after b)."""
         arrivals: list[_Row] = []
         while len(self._rows) + len(arrivals) < self.max_batch:
             with self._lock:
@@ -257,7 +284,25 @@ class Engine:
             else:
                 arrivals.append(row)
         self._admitting = arrivals
-        for group in self._prefill_groups(arrivals):
+        for row in arrivals:
+            self._match(row)
+        # A question prepared and asked in the same step (the prepare came late) is computed once.
+        first_parts: dict[tuple[int, ...], _Row] = {}
+        for row in arrivals:
+            if row.needs_first_pass():
+                first_parts.setdefault(tuple(row.history[: row.split_at]), row)
+        for group in self._runs(list(first_parts.values()), length=_Row.first_part_length):
+            self._prepare(group)
+        for row in arrivals:
+            if row.needs_first_pass():
+                row.prefix = first_parts[tuple(row.history[: row.split_at])].prefix
+        generating = []
+        for row in arrivals:
+            if row.seq.request.max_new_tokens < 1:
+                self._finish(row)
+            else:
+                generating.append(row)
+        for group in self._runs(generating, length=_Row.suffix_length):
             for row, (first, layers) in zip(group, self._prefill(group), strict=True):
                 self._take(row, first)
                 if row.finish is None:
@@ -268,21 +313,28 @@ class Engine:
                     self._finish(row)
         self._admitting = []
 
-    def _prefill_groups(self, rows: list[_Row]) -> Iterator[list[_Row]]:
-        """Rows that share a cached prefix, in runs of similar length (padding at most a quarter of the
+    def _match(self, row: _Row) -> None:
+        """Set the row's cached prefix: its prepared first part, else the longest shared prefix (no longer
+        than its split)."""
+        if self.prefix_cache is None:
+            return
+        row.prefix = self.prefix_cache.match([row.history], split_at=row.split_at)
+        row.prepared = row.prefix is not None and row.prefix.prepared
+
+    @staticmethod
+    def _runs(rows: list[_Row], *, length: Callable[[_Row], int]) -> Iterator[list[_Row]]:
+        """Rows that share a cached prefix, in runs of similar `length` (padding at most a quarter of the
         run's tokens, or a few tokens a row: short prompts cost their pass's fixed overhead more than
         their padding)."""
         by_prefix: dict[tuple[int, ...], list[_Row]] = {}
         for row in rows:
-            prefix = self.prefix_cache.match([row.history]) if self.prefix_cache is not None else None
-            row.prefix = prefix
-            by_prefix.setdefault(prefix.ids if prefix is not None else (), []).append(row)
+            by_prefix.setdefault(row.prefix.ids if row.prefix is not None else (), []).append(row)
         for group in by_prefix.values():
-            group.sort(key=_Row.suffix_length)
+            group.sort(key=length)
             run: list[_Row] = []
             for row in group:
-                longest = row.suffix_length()
-                real = sum(r.suffix_length() for r in run) + longest
+                longest = length(row)
+                real = sum(length(r) for r in run) + longest
                 if run and longest * (len(run) + 1) > 1.25 * real + 16 * (len(run) + 1):
                     yield run
                     run = []
@@ -290,22 +342,54 @@ class Engine:
             if run:
                 yield run
 
-    def _prefill(self, rows: list[_Row]) -> list[tuple[int, Layers | None]]:
-        """Compute the rows' prompts (after their shared cached prefix) in one forward pass: each row's
-        first token and its cache. Shorter prompts are padded on the right, where causal attention
-        keeps the padding out of every real token's computation, so each row's keys, values and first
-        logits are those it would have alone."""
+    def _prepare(self, rows: list[_Row]) -> None:
+        """The first pass of split prompts: compute each row's tokens up to its split, keep them in the
+        prefix cache (what follows the shared prefix), and make them the prefix the rest continues."""
         if self._echo:
-            return [(self._echo_token(row, 0), None) for row in rows]
-        model: Any = self.lm.model
-        device = self.lm.device
+            return
         prefix = rows[0].prefix
         start = len(prefix.ids) if prefix is not None else 0
-        width = max(row.suffix_length() for row in rows)
-        pad = int(self.lm.tokenizer.pad_token_id or 0)
+        _, cache = self._forward_prompts(prefix, [row.history[start : row.split_at] for row in rows])
+        for i, row in enumerate(rows):
+            split = row.split_at or 0
+            layers = tuple((k[i : i + 1, :, :split], v[i : i + 1, :, :split]) for k, v in cache)
+            ids = tuple(row.history[:split])
+            if self.prefix_cache is not None:
+                self.prefix_cache.keep(
+                    ids=ids, base=prefix, tail=[(k[:, :, start:], v[:, :, start:]) for k, v in layers]
+                )
+            row.prefix = Prefix(ids=ids, layers=layers)
+
+    def _prefill(self, rows: list[_Row]) -> list[tuple[int, Layers | None]]:
+        """Compute the rows' prompts (after their shared cached prefix) in one forward pass: each row's
+        first token and its cache."""
+        if self._echo:
+            return [(self._echo_token(row, 0), None) for row in rows]
+        prefix = rows[0].prefix
+        start = len(prefix.ids) if prefix is not None else 0
         suffixes = [row.history[start:] for row in rows]
+        logits, cache = self._forward_prompts(prefix, suffixes)
+        prefilled: list[tuple[int, Layers | None]] = []
+        for i, row in enumerate(rows):
+            length = start + len(suffixes[i])
+            layers: Layers = [(k[i : i + 1, :, :length], v[i : i + 1, :, :length]) for k, v in cache]
+            prefilled.append((row.sampler.choose(row.history, logits[i : i + 1]), layers))
+        return prefilled
+
+    def _forward_prompts(
+        self, prefix: Prefix | None, suffixes: list[list[int]]
+    ) -> tuple[torch.Tensor, Layers]:
+        """One forward pass over the token lists `suffixes` after the shared `prefix`: each one's last
+        logits, and the cache of every layer (row i's real tokens first, then padding). Shorter lists are
+        padded on the right, where causal attention keeps the padding out of every real token's
+        computation, so each row's keys, values and logits are those it would have alone."""
+        model: Any = self.lm.model
+        device = self.lm.device
+        start = len(prefix.ids) if prefix is not None else 0
+        width = max(len(s) for s in suffixes)
+        pad = int(self.lm.tokenizer.pad_token_id or 0)
         input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in suffixes], device=device)
-        n = len(rows)
+        n = len(suffixes)
         past = DynamicCache()
         if prefix is not None:
             past = DynamicCache(
@@ -319,14 +403,8 @@ class Engine:
             use_cache=True,
             logits_to_keep=torch.tensor([[len(s) - 1] for s in suffixes], device=device),
         )
-        logits = out.logits[:, -1, :].float()
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        prefilled: list[tuple[int, Layers | None]] = []
-        for i, row in enumerate(rows):
-            length = start + len(suffixes[i])
-            layers: Layers = [(k[i : i + 1, :, :length], v[i : i + 1, :, :length]) for k, v in cache]
-            prefilled.append((row.sampler.choose(row.history, logits[i : i + 1]), layers))
-        return prefilled
+        return out.logits[:, -1, :].float(), cache
 
     # 2) the forward pass ------------------------------------------------------------------------
     def _forward(self) -> torch.Tensor:
@@ -401,6 +479,7 @@ class Engine:
                 finish_reason=row.finish or "length",
                 tokens=tuple(row.history[len(row.seq.request.prompt_ids) :]),
                 first_token_s=row.first_token_s,
+                prepared=row.prepared,
             )
         )
 

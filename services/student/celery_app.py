@@ -16,7 +16,7 @@ from celery.signals import worker_init, worker_shutdown
 
 from gkt import tracing
 from gkt.connections import celery_broker
-from gkt.keys import STUDENT_QUEUE, STUDENT_TASK
+from gkt.keys import STUDENT_QUEUE, STUDENT_TASK, own_queue
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
 from services.student import broker, runtime
@@ -71,7 +71,7 @@ def send_again(job_json: str, guidance_json: str) -> None:
 
 
 @worker_init.connect
-def _on_worker_init(**_: Any) -> None:
+def _on_worker_init(sender: Any, **_: Any) -> None:
     configure_logging(level=settings.log_level, service="student")
     log.info("settings %s", settings.describe())
     serve_metrics(
@@ -80,9 +80,16 @@ def _on_worker_init(**_: Any) -> None:
         multiprocess_dir=settings.prometheus_multiproc_dir,
     )
     tracing.configure(tracing.TracingSettings(), service="student")
+    # A local student also consumes its own queue, where the teacher sends the jobs whose question it
+    # prepared (an inference server caches prompts itself: a remote student prepares nothing).
+    mine = own_queue(sender.hostname) if remote is None else ""
+    if mine:
+        sender.app.amqp.queues.select_add(mine)
     # The model loads (or the server is checked) before the worker consumes: a task never waits for it.
     try:
-        runtime.install(runtime.StudentRuntime.start(settings, remote=remote, send_task=send_again))
+        runtime.install(
+            runtime.StudentRuntime.start(settings, remote=remote, send_task=send_again, own_queue=mine)
+        )
     except Exception as exc:
         # Celery would log a failed signal handler and consume anyway, failing every task: exit instead
         # (the parent, `python -m services.student`, starts a new worker after a backoff).

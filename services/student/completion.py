@@ -167,6 +167,7 @@ def complete(
     if publisher.heard_cancel(job.id) or publisher.cancelled(job.id):
         raise Cancelled("the client cancelled the job before a student started it")
     prompt = student_prompt(task=job.task, query=job.query, guidance=guidance.text)
+    first_part = student_prompt(task=job.task, query=job.query, guidance="") if guidance.text else ""
     params = job.sampling
     time_limit = started_at + limits.time_limit_s
     deadline = min(job.deadline, time_limit) if job.deadline is not None else time_limit
@@ -178,6 +179,7 @@ def complete(
             strip_leading=not guidance.text,
             deadline=deadline,
             cancelled=lambda: publisher.heard_cancel(job.id) or book.lost(job.id),
+            first_part=first_part,
         )
     )
     result = _stream(
@@ -195,6 +197,8 @@ def complete(
             raise DeadlineExceeded("the deadline passed during the student's generation")
         raise DeadlineExceeded(f"the student's time limit ({limits.time_limit_s:.0f} s) passed")
     seconds = time.perf_counter() - started
+    if first_part and backend.prepares:
+        metrics.STUDENT_PREPARED.labels("hit" if outcome.prepared else "miss").inc()
     metrics.STUDENT_TTFT.observe(outcome.first_token_s)
     metrics.STUDENT_JOB_DURATION.observe(seconds)
     metrics.STUDENT_TOKENS.inc(outcome.token_count)

@@ -78,6 +78,13 @@ class StudentSettings(CommonSettings):
     student_prefix_cache: bool = Field(
         default=True, description="Prefill each task's few-shot prefix once and reuse its KV cache."
     )
+    student_prepared_prompts: int = Field(
+        default=32,
+        ge=0,
+        le=4096,
+        description="Questions a local student keeps prefilled, prepared while the teacher writes their "
+        "guidance (least recently used dropped first; about 2 x GKT_STUDENT_MAX_BATCH); 0 = none kept.",
+    )
     student_stream_interval_ms: int = Field(
         default=20,
         ge=0,

@@ -10,7 +10,7 @@ import torch
 
 from gkt import tracing
 from gkt.connections import connect_async
-from gkt.dispatch import dispatch_student, student_client
+from gkt.dispatch import dispatch_student, prepare_student, student_client
 from gkt.logs import configure_logging
 from gkt.metrics import serve_metrics
 from services.teacher.backends import build_backend
@@ -32,7 +32,10 @@ async def serve(settings: TeacherSettings, *, remote: TeacherServerSettings | No
         settings=settings,
         redis=redis,
         backend=backend,
-        dispatch=lambda job, guidance: dispatch_student(celery, job=job, guidance=guidance),
+        dispatch=lambda job, guidance, queue: dispatch_student(
+            celery, job=job, guidance=guidance, queue=queue
+        ),
+        prepare=(lambda job: prepare_student(celery, job=job)) if settings.teacher_prepare_students else None,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,6 +55,8 @@ class Steps(Protocol):
 
     def request(self, job: Job) -> GenerationRequest: ...
 
+    def prepare_students(self, jobs: Sequence[Job]) -> None: ...
+
     async def mark_read(self) -> None: ...
 
     async def next_deliveries(self, *, count: int, held: Collection[str] = ()) -> list[Delivery]: ...
@@ -156,6 +158,7 @@ class Pipeline:
             self._ready.append((done, began))
             self._ready_now.set()
             return
+        self.worker.prepare_students([delivery.job])
         task = asyncio.create_task(self._generate(delivery, batch_size=batch_size, began=began))
         self.generating[delivery.entry_id] = task
 

@@ -1,5 +1,6 @@
 """Step 3 of the teacher: publish each generated job's guidance (and the answer of `Guide` and `full`
-jobs) in one round trip, record its student task as dispatched, then send it."""
+jobs) in one round trip, record its student task as dispatched, then send it: to the own queue of the
+student that prepared its question, else to the shared queue."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from redis.asyncio import Redis
 from gkt import leases, metrics, tracing
 from gkt.answers import extract_answer
 from gkt.jobs import Completion, FinalEvent, Guidance, GuidanceEvent, GuidanceMode, Job, JobKind
-from gkt.keys import Keys
+from gkt.keys import STUDENT_QUEUE, Keys
 from gkt.queue import AnyEvent, publish_events
 from services.teacher.backends.base import BackendError
 from services.teacher.batching import Delivery
 from services.teacher.pipeline import Generated
 
-Dispatch = Callable[[Job, Guidance], None]
-"""Sends a job's student task (Celery), blocking."""
+Dispatch = Callable[[Job, Guidance, str], None]
+"""Sends a job's student task (Celery) to the queue named, blocking."""
 Fail = Callable[..., Awaitable[None]]
 """Answers a job with an error event: (job, code, message, field=...)."""
 
@@ -57,7 +58,7 @@ async def publish_guidance(
             students.append((job, guidance))
     await publish_events(redis, keys=keys, events=outbox, ttl_s=ttl_s)
     # Recorded before they are sent: a task lost on its way is sent again by the students' sweepers.
-    await leases.record_dispatched(
+    queues = await leases.record_dispatched(
         redis,
         keys=keys,
         payloads=[
@@ -70,7 +71,12 @@ async def publish_guidance(
         at=time.time(),
     )
     # Celery sends block on a round trip each: off the event loop, and side by side.
-    await asyncio.gather(*(asyncio.to_thread(dispatch, job, guidance) for job, guidance in students))
+    await asyncio.gather(
+        *(
+            asyncio.to_thread(dispatch, job, guidance, queue or STUDENT_QUEUE)
+            for (job, guidance), queue in zip(students, queues, strict=True)
+        )
+    )
     metrics.TEACHER_JOBS.labels("dispatched").inc(len(students))
 
 

@@ -47,6 +47,11 @@ class TeacherSettings(CommonSettings):
         description="Keep up to teacher_max_in_flight jobs generating, admitting each new job as an earlier one "
         "finishes and publishing each job's guidance the moment it is ready; false = one batch at a time.",
     )
+    teacher_prepare_students: bool = Field(
+        default=True,
+        description="When a job that needs a student starts generating, ask a student to prefill its question "
+        "meanwhile (a Celery task), and send the job to that student when its guidance is ready.",
+    )
     teacher_max_in_flight: int = Field(
         default=0,
         ge=0,

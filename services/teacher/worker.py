@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.asyncio import Redis
@@ -25,6 +26,7 @@ from gkt.jobs import (
     ErrorEvent,
     GuidanceMode,
     Job,
+    JobKind,
 )
 from gkt.keys import TEACHER_GROUP, Keys
 from gkt.liveness import teacher_pace, write_heartbeat
@@ -49,17 +51,31 @@ _REDIS_RETRY_S = 1.0
 _READ_MARK_TTL_S = 86_400
 _TAKEOVER_CHECK_S = 2.0
 
+Prepare = Callable[[Job], None]
+"""Sends a job's prepare task to the students (Celery), blocking."""
+
 
 class TeacherWorker:
     """Drains the query stream, a batch at a time or pipelined; never acks a job before publishing it."""
 
     def __init__(
-        self, *, settings: TeacherSettings, redis: Redis, backend: TeacherBackend, dispatch: Dispatch
+        self,
+        *,
+        settings: TeacherSettings,
+        redis: Redis,
+        backend: TeacherBackend,
+        dispatch: Dispatch,
+        prepare: Prepare | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.backend = backend
         self.dispatch = dispatch
+        self.prepare = prepare
+        # Prepare sends have threads of their own: however many wait (a Redis outage), they never hold up
+        # the student tasks' sends.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gkt-prepare")
+        self._preparing: set[asyncio.Future[None]] = set()
         self.keys = Keys(settings.key_prefix)
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
@@ -131,6 +147,7 @@ class TeacherWorker:
 
         # 2) generate: one backend call for every job that needs the teacher
         needs_teacher = [d for d in live if d.job.guidance.mode != GuidanceMode.NONE]
+        self.prepare_students([d.job for d in needs_teacher])
         started, started_at = time.perf_counter(), time.time()
         results = await self.backend.generate_batch([self.request(d.job) for d in needs_teacher])
         teacher_seconds = time.perf_counter() - started
@@ -206,6 +223,24 @@ class TeacherWorker:
         metrics.TEACHER_JOBS.labels("cancelled").inc(len(cancelled))
         log.info("cancelled jobs dropped before generation", extra={"jobs": len(cancelled)})
         return [d for d in deliveries if d.job.id not in cancelled]
+
+    def prepare_students(self, jobs: Sequence[Job]) -> None:
+        """Ask a student to prefill the question of each job that will need one while the teacher writes
+        its guidance: fire and forget, off the event loop. A send that fails is logged; the job goes on."""
+        if self.prepare is None:
+            return
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            if job.kind != JobKind.GENERATE or job.guidance.mode in (GuidanceMode.NONE, GuidanceMode.FULL):
+                continue
+            sent = loop.run_in_executor(self._prepare_pool, self.prepare, job)
+            self._preparing.add(sent)
+            sent.add_done_callback(self._prepare_sent)
+
+    def _prepare_sent(self, sent: asyncio.Future[None]) -> None:
+        self._preparing.discard(sent)
+        if not sent.cancelled() and sent.exception() is not None:
+            log.warning("prepare task not sent", extra={"error": str(sent.exception())})
 
     def request(self, job: Job) -> GenerationRequest:
         return GenerationRequest(

@@ -53,7 +53,7 @@ class RecordingEcho(EchoBackend):
         return await super().generate(request)
 
 
-def _no_student(job: Job, guidance: Guidance) -> None:
+def _no_student(job: Job, guidance: Guidance, queue: str) -> None:
     raise AssertionError(f"job {job.id} asked for a student: these tests use Guide and mode FULL only")
 
 

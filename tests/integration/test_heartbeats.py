@@ -82,7 +82,7 @@ async def test_a_teacher_heartbeat_is_rewritten_during_a_long_batch(redis_url: s
     backend = _StuckBackend()
     # renewed every third of its lifetime: every 0.33 s here
     settings = TeacherSettings(key_prefix=KEYS.prefix, teacher_name="t1", teacher_heartbeat_ttl_s=1.0)
-    worker = TeacherWorker(settings=settings, redis=aredis, backend=backend, dispatch=lambda job, g: None)
+    worker = TeacherWorker(settings=settings, redis=aredis, backend=backend, dispatch=lambda job, g, q: None)
     key = KEYS.heartbeat("teacher", "t1")
     running = asyncio.create_task(worker.run())
     try:

@@ -262,3 +262,35 @@ def test_an_unexpected_failure_answers_internal_at_once(
     assert isinstance(event, ErrorEvent) and event.code == "INTERNAL"
     assert "RuntimeError" in event.message and "boom" not in event.message
     assert leases.running(redis, keys=KEYS) == 0
+
+
+async def test_a_task_sent_to_its_preparing_students_own_queue_is_sent_again_whatever_the_shared_queue_holds(
+    redis: Redis, redis_url: str
+) -> None:
+    """The own queue of a dead student is never emptied: its jobs cannot wait for the shared queue to be."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    job, waiting = _job(), _job()
+    payloads = [
+        (j.id, leases.Orphan(job_json=j.model_dump_json(), guidance_json=GUIDANCE.model_dump_json()))
+        for j in (job, waiting)
+    ]
+    own = "student.student-0@host"
+    redis.set(KEYS.prepared(job.id), own)  # its question was prepared by a student now dead ...
+    redis.set(KEYS.prepared(waiting.id), "student.student-1@host")
+    redis.set(KEYS.queue_alive("student.student-1@host"), 1)  # ... the other's by one alive
+    aredis = AsyncRedis.from_url(redis_url)
+    routes = await leases.record_dispatched(aredis, keys=KEYS, payloads=payloads, at=1000.0)
+    await aredis.aclose()
+    assert routes == [None, "student.student-1@host"]  # a dead student's queue is not chosen
+    redis.rpush("stest-queue", "a task still waiting")
+    try:
+        assert _sweep(redis, now=1010.0) == []  # not yet overdue
+        # overdue: both are sent again although the shared queue holds a task (the second may have been
+        # sent to the live student's queue, which is not the shared queue the sweeper can watch)
+        assert sorted(o.job_json for o in _sweep(redis, now=1030.0)) == sorted(
+            p.job_json for _, p in payloads
+        )
+        assert _sweep(redis, now=1030.0) == []
+    finally:
+        redis.delete("stest-queue", KEYS.queue_alive("student.student-1@host"))

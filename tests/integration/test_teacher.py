@@ -117,7 +117,7 @@ async def test_worker_publishes_guidance_dispatches_students_and_acks(
         settings=TeacherSettings(key_prefix=KEYS.prefix, teacher_temperature=0.0),
         redis=aredis,
         backend=backend,
-        dispatch=lambda job, guidance: dispatched.append((job, guidance)),
+        dispatch=lambda job, guidance, queue: dispatched.append((job, guidance)),
     )
     jobs = [
         _job("cutoff job"),
@@ -214,7 +214,7 @@ async def test_cancelled_jobs_are_answered_cancelled_ungenerated_and_free_their_
         settings=TeacherSettings(key_prefix=KEYS.prefix),
         redis=aredis,
         backend=Recording(),
-        dispatch=lambda job, guidance: None,
+        dispatch=lambda job, guidance, queue: None,
     )
     kept, cancelled = (
         _job("kept question", kind=JobKind.GUIDE),

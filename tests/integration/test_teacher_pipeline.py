@@ -56,7 +56,7 @@ async def _openai(server: FakeInferenceServer) -> OpenAIBackend:
 async def _running(
     aredis: AsyncRedis,
     backend: TeacherBackend,
-    dispatch: Dispatch = lambda job, guidance: None,
+    dispatch: Dispatch = lambda job, guidance, queue: None,
     **settings: Any,
 ) -> AsyncIterator[TeacherWorker]:
     worker = TeacherWorker(
@@ -191,7 +191,7 @@ async def test_a_refused_job_fails_alone_and_the_others_are_guided(
 async def test_a_job_whose_student_cannot_be_sent_stays_unacknowledged_for_a_later_claim(
     aredis: AsyncRedis, servers: ServerFactory
 ) -> None:
-    def dispatch(job: Job, guidance: Guidance) -> None:
+    def dispatch(job: Job, guidance: Guidance, queue: str) -> None:
         if "broker" in job.query:
             raise ConnectionError("the broker is away")
 

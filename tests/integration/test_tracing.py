@@ -73,7 +73,7 @@ async def test_one_jobs_spans_share_one_trace_under_the_gateways_span(
         settings=TeacherSettings(redis_url=redis_url, key_prefix=KEYS.prefix, teacher_temperature=0),
         redis=aredis,
         backend=backend,
-        dispatch=lambda job, guidance: dispatched.append((job, guidance)),
+        dispatch=lambda job, guidance, queue: dispatched.append((job, guidance)),
     )
     request = pb.GenerateRequest(
         query="How many trees?",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gkt.decoding import PrefixCache, encode, few_shot_prefixes
+from gkt.decoding import PrefixCache, encode, few_shot_prefixes, split_point
 from gkt.engine import Engine, EngineRequest, EngineResult, GenerationFailed, Sampler
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import LoadedModel, load_model
@@ -223,3 +223,105 @@ def test_a_failed_step_fails_every_row_it_carried_and_the_engine_goes_on(lm: Loa
     assert engine.running == 0
     (after,) = engine.generate([_request(lm, 1, max_new_tokens=3)])
     assert after == _alone(lm, _request(lm, 1, max_new_tokens=3))
+
+
+GUIDANCE = ("The plate goes", "Let us count: first", "Trees are planted", "Apples: 5 - 2")
+
+
+def _split_requests(lm: LoadedModel, n: int, *, prepare: bool = False) -> list[EngineRequest]:
+    """Student prompts split where the guidance starts; `prepare`: the requests that prepare them."""
+    requests = []
+    for i in range(n):
+        task = Task.CSQA if i % 2 == 0 else Task.GSM8K
+        first_part = student_prompt(task=task, query=QUERIES[i % len(QUERIES)], guidance="")
+        prompt = first_part if prepare else student_prompt(task=task, query=QUERIES[i], guidance=GUIDANCE[i])
+        prompt_ids = encode(lm, prompt)
+        split = split_point(lm, first_part=first_part, prompt_ids=prompt_ids)
+        assert split is not None
+        requests.append(
+            EngineRequest(
+                prompt_ids=prompt_ids,
+                sampler=SAMPLERS[i % len(SAMPLERS)],
+                max_new_tokens=0 if prepare else 8,
+                split_at=split,
+                prompt=prompt,
+            )
+        )
+    return requests
+
+
+def test_a_prepared_prompt_generates_exactly_what_an_unprepared_one_does(lm: LoadedModel) -> None:
+    """Greedy and sampled rows, arriving together: prepared first, or not at all, same tokens."""
+    requests = _split_requests(lm, 4)
+    cold_cache = PrefixCache(lm, texts=few_shot_prefixes())
+    cold = Engine(lm, max_batch=4, prefix_cache=cold_cache).generate(requests)
+    assert not any(r.prepared for r in cold)
+    warm_cache = PrefixCache(lm, texts=few_shot_prefixes())
+    engine = Engine(lm, max_batch=4, prefix_cache=warm_cache)
+    engine.generate(_split_requests(lm, 4, prepare=True))
+    assert warm_cache.prepared == 4
+    warm = engine.generate(requests)
+    assert all(r.prepared for r in warm)
+    assert warm_cache.prepared_hits == 4
+    assert [r.tokens for r in warm] == [r.tokens for r in cold]
+    assert [r.text for r in warm] == [r.text for r in cold]
+    assert all(r.token_count > 0 for r in warm)
+    # ... and each is what it generates alone, split the same way
+    assert warm == [_alone(lm, r) for r in requests]
+
+
+def test_a_prepare_only_request_returns_empty_and_the_next_request_hits_its_entry(lm: LoadedModel) -> None:
+    cache = PrefixCache(lm, texts=few_shot_prefixes())
+    engine = Engine(lm, max_batch=4, prefix_cache=cache)
+    engine.start()
+    try:
+        (prepare,) = _split_requests(lm, 1, prepare=True)
+        items = list(engine.submit(prepare).events(timeout_s=60))
+        assert items == [EngineResult(text="", token_count=0, finish_reason="length")]
+        assert engine.running == 0
+        assert cache.prepared == 1 and cache.prepared_hits == 0
+        (request,) = _split_requests(lm, 1)
+        result = list(engine.submit(request).events(timeout_s=60))[-1]
+    finally:
+        engine.stop()
+    assert isinstance(result, EngineResult) and result.prepared
+    assert cache.prepared_hits == 1
+    assert result == _alone(lm, request)
+
+
+def test_prepared_prompts_are_bounded_the_least_recently_used_dropped_first(lm: LoadedModel) -> None:
+    cache = PrefixCache(lm, texts=few_shot_prefixes(), max_prepared=2)
+    engine = Engine(lm, max_batch=4, prefix_cache=cache)
+    for prepare in _split_requests(lm, 4, prepare=True):  # one after another: 0 and 1 are evicted
+        engine.generate([prepare])
+    assert cache.prepared == 2
+    requests = _split_requests(lm, 4)
+    results = [engine.generate([requests[i]])[0] for i in (3, 2, 0, 1)]
+    assert [r.prepared for r in results] == [True, True, False, False]
+    assert cache.prepared == 2  # 0 and 1 were kept by their own first pass, in place of 3 and 2
+
+
+def test_a_question_prepared_and_asked_in_the_same_step_is_computed_once(lm: LoadedModel) -> None:
+    (prepare,) = _split_requests(lm, 1, prepare=True)
+    (request,) = _split_requests(lm, 1)
+    cache = PrefixCache(lm, texts=few_shot_prefixes())
+    cache.warm()
+    engine = Engine(lm, max_batch=4, prefix_cache=cache)
+    passes: list[int] = []
+    model: Any = lm.model
+
+    def counting(*args: object, forward: Any = model.forward, **kwargs: object) -> object:
+        passes.append(1)
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    try:
+        prepared, asked = engine.submit(prepare), engine.submit(request)
+        engine.step()  # admits both: one first pass, one second pass, one decoding pass
+        assert len(passes) == 3
+        while asked.result is None:
+            engine.step()
+    finally:
+        del model.forward
+    assert prepared.result is not None and prepared.result.token_count == 0
+    assert asked.result == _alone(lm, request)

@@ -29,6 +29,9 @@ class StudentRequest:
     """Wall-clock time (epoch seconds) at which generation stops with finish reason `deadline`."""
     cancelled: Callable[[], bool]
     """Checked often (it must be cheap): True stops generation with finish reason `cancelled`."""
+    first_part: str = ""
+    """The prompt's text before the guidance, which a backend that prepares may have computed already
+    (`StudentBackend.prepare`); empty: no guidance, nothing to split."""
 
 
 class Stream(Protocol):
@@ -46,6 +49,13 @@ class StudentBackend(Protocol):
     """A model that continues many prompts at once: `local`, `openai` or `tgi`."""
 
     name: str
+    prepares: bool
+    """Whether `prepare` does anything (the local engine) or nothing (an inference server)."""
+
+    def prepare(self, first_part: str, *, timeout_s: float) -> bool:
+        """Compute a prompt's first part now, for a request that starts with it later; blocks until done
+        (at most `timeout_s`). False when there was nothing to prepare."""
+        ...
 
     def submit(self, request: StudentRequest) -> Stream:
         """Start generating; raises a `GktError` (e.g. `InvalidArgument`) for a request it refuses."""

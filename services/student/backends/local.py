@@ -4,12 +4,13 @@ engine."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from gkt import metrics
-from gkt.decoding import PrefixCache, check_room, encode, few_shot_prefixes
-from gkt.engine import Engine, EngineRequest, Generation, Sampler
+from gkt.decoding import PrefixCache, check_room, encode, few_shot_prefixes, split_point
+from gkt.engine import Engine, EngineRequest, EngineResult, Generation, Sampler
 from gkt.jobs import GuidanceMode
 from gkt.models import load_model
 from services.student.backends.base import StudentRequest
@@ -22,6 +23,7 @@ class LocalStudentBackend:
     """Encodes each job, checks it fits the model's context, and hands it to the engine."""
 
     name = "local"
+    prepares = True
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -39,7 +41,7 @@ class LocalStudentBackend:
         )
         # Student prompts are task prompts: their shared prefixes are those of the `cutoff` mode.
         texts = few_shot_prefixes(modes=[GuidanceMode.CUTOFF]) if settings.student_prefix_cache else []
-        prefixes = PrefixCache(lm, texts=texts)
+        prefixes = PrefixCache(lm, texts=texts, max_prepared=settings.student_prepared_prompts)
         engine = Engine(
             lm,
             max_batch=settings.student_max_batch,
@@ -60,6 +62,27 @@ class LocalStudentBackend:
                 f"{self.engine.lm.name}'s context is {context} tokens"
             )
 
+    def prepare(self, first_part: str, *, timeout_s: float) -> bool:
+        """Prefill the first part (the question) on the engine and keep it in the prefix cache."""
+        lm = self.engine.lm
+        prompt_ids = encode(lm, first_part)
+        if lm.context_window is not None and len(prompt_ids) >= lm.context_window:
+            return False  # the job itself will be refused
+        split = split_point(lm, first_part=first_part, prompt_ids=prompt_ids)
+        if split is None:
+            return False
+        generation = self.engine.submit(
+            EngineRequest(
+                prompt_ids=prompt_ids,
+                max_new_tokens=0,
+                split_at=split,
+                deadline=time.time() + timeout_s,
+                prompt=first_part,
+            )
+        )
+        result = list(generation.events(timeout_s=timeout_s))[-1]
+        return isinstance(result, EngineResult) and result.finish_reason == "length"
+
     def submit(self, request: StudentRequest) -> Generation:
         lm = self.engine.lm
         params = request.sampling
@@ -70,9 +93,16 @@ class LocalStudentBackend:
             max_new_tokens=params.max_new_tokens,
             length_field="sampling.max_new_tokens",
         )
+        # Split where the guidance starts, prepared or not: the job's tokens are the same either way.
+        split = (
+            split_point(lm, first_part=request.first_part, prompt_ids=prompt_ids)
+            if request.first_part
+            else None
+        )
         return self.engine.submit(
             EngineRequest(
                 prompt_ids=prompt_ids,
+                split_at=split,
                 sampler=Sampler(
                     temperature=params.temperature,
                     top_p=params.top_p,

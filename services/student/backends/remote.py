@@ -122,6 +122,8 @@ class RemoteGeneration:
 class RemoteStudentBackend:
     """Streams every submitted job from one server, on an event loop thread of its own."""
 
+    prepares = False
+
     def __init__(self, client: ServerClient) -> None:
         self.client = client
         self.name = client.name
@@ -139,6 +141,10 @@ class RemoteStudentBackend:
         except BaseException:
             self.stop()
             raise
+
+    def prepare(self, first_part: str, *, timeout_s: float) -> bool:
+        """An inference server keeps its own cache (vLLM's and TGI's prefix caching): nothing to prepare."""
+        return False
 
     def submit(self, request: StudentRequest) -> RemoteGeneration:
         generation = RemoteGeneration(request)
