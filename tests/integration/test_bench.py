@@ -14,6 +14,7 @@ import pytest
 
 from gkt.decoding import encode
 from gkt.engine import Engine, EngineRequest
+from gkt.evaluation.datasets import SUMS_FILE
 from gkt.jobs import GuidanceMode, Task
 from gkt.models import ECHO_MODEL, load_model
 from gkt.prompts import STOP_SEQUENCE, student_prompt, teacher_prompt
@@ -22,6 +23,8 @@ from gkt_tools.bench.stats import Sample, percentile, summarize
 from gkt_tools.settings import ToolSettings
 from services.teacher.backends.base import GenerationRequest
 from services.teacher.backends.echo import EchoBackend
+from tests.unit.test_evaluation import CSQA_LINES, GSM8K_LINES, write_data_dir
+from tests.unit.test_oracle import AQUA_RECORD
 
 
 def test_percentiles_interpolate_between_ranks() -> None:
@@ -156,8 +159,18 @@ def test_teacher_pipeline_scenario_measures_every_teacher_at_one_server_and_repo
 def test_teacher_pipeline_can_replay_the_guidance_lengths_the_bundled_teacher_writes(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
+    data = tmp_path / "data"
+    sums = ""
+    for task, lines in (
+        (Task.AQUA, [AQUA_RECORD, AQUA_RECORD]),
+        (Task.CSQA, CSQA_LINES),
+        (Task.GSM8K, GSM8K_LINES),
+    ):
+        sums += (write_data_dir(data, task, lines) / SUMS_FILE).read_text()
+    (data / SUMS_FILE).write_text(sums)
     args = parser.parse_args(
-        ["--scenarios", "teacher-pipeline", "--guidance-lengths", "bundled", "--length-questions", "2",
+        ["--data-dir", str(data),
+         "--scenarios", "teacher-pipeline", "--guidance-lengths", "bundled", "--length-questions", "2",
          "--server-rows", "4", "--server-step-ms", "5", "--pipeline-requests", "12", "--pipeline-rounds", "1",
          "--out", str(tmp_path)]
     )  # fmt: skip
