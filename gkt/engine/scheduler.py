@@ -71,6 +71,41 @@ class EngineResult:
     """Its prompt's first `split_at` tokens were found prepared in the prefix cache."""
 
 
+class Outbox:
+    """What a generation hands its reader, in order: text deltas, then its result or a failure
+    (thread-safe: one thread puts, another collects)."""
+
+    def __init__(self) -> None:
+        self._items: queue.SimpleQueue[str | EngineResult | BaseException] = queue.SimpleQueue()
+        self._failure: BaseException | None = None
+        """A failure that arrived behind text not yet collected: raised by the next `collect`."""
+
+    def put(self, item: str | EngineResult | BaseException) -> None:
+        self._items.put(item)
+
+    def get(self, *, timeout_s: float | None) -> str | EngineResult | BaseException:
+        return self._items.get(timeout=timeout_s)
+
+    def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
+        """What arrived so far, waiting up to `timeout_s` for the first item ([] if none came); raises
+        what failed the generation once the text made before the failure has been collected."""
+        if self._failure is not None:
+            raise self._failure
+        items: list[str | EngineResult] = []
+        try:
+            item = self._items.get(timeout=timeout_s)
+            while True:
+                if isinstance(item, BaseException):
+                    if items:  # the text made before the failure is handed out first
+                        self._failure = item
+                        return items
+                    raise item
+                items.append(item)
+                item = self._items.get_nowait()
+        except queue.Empty:
+            return items
+
+
 class GenerationFailed(RuntimeError):
     """A forward pass failed; every row it carried fails with it."""
 
@@ -82,10 +117,8 @@ class Generation:
         self.request = request
         self.submitted = time.perf_counter()
         self._stop = threading.Event()
-        self._events: queue.SimpleQueue[str | EngineResult | BaseException] = queue.SimpleQueue()
+        self._outbox = Outbox()
         self.result: EngineResult | None = None
-        self._failure: BaseException | None = None
-        """A failure that arrived behind text not yet collected: raised by the next `collect`."""
 
     def cancel(self) -> None:
         """Stop at the next step (finish reason `cancelled`)."""
@@ -97,7 +130,7 @@ class Generation:
     def events(self, *, timeout_s: float | None = None) -> Iterator[str | EngineResult]:
         """Deltas as they are made, then the result; raises what failed the generation."""
         while True:
-            item = self._events.get(timeout=timeout_s)
+            item = self._outbox.get(timeout_s=timeout_s)
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -105,28 +138,13 @@ class Generation:
                 return
 
     def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
-        """What arrived so far, waiting up to `timeout_s` for the first item ([] if none came); raises
-        what failed the generation once the text made before the failure has been collected."""
-        if self._failure is not None:
-            raise self._failure
-        items: list[str | EngineResult] = []
-        try:
-            item = self._events.get(timeout=timeout_s)
-            while True:
-                if isinstance(item, BaseException):
-                    if items:  # the text made before the failure is handed out first
-                        self._failure = item
-                        return items
-                    raise item
-                items.append(item)
-                item = self._events.get_nowait()
-        except queue.Empty:
-            return items
+        """What arrived so far (see `Outbox.collect`)."""
+        return self._outbox.collect(timeout_s=timeout_s)
 
     def _emit(self, item: str | EngineResult | BaseException) -> None:
         if isinstance(item, EngineResult):
             self.result = item
-        self._events.put(item)
+        self._outbox.put(item)
 
 
 class _Row:

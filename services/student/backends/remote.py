@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import re
 import threading
 import time
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gkt import metrics
-from gkt.engine import EngineResult
+from gkt.engine.scheduler import EngineResult, Outbox
 from gkt.errors import StatusCode
 from gkt.remote.errors import AttemptError, BackendError
 from gkt.remote.resilience import ResilientCaller
@@ -86,10 +85,8 @@ class RemoteGeneration:
     def __init__(self, request: StudentRequest) -> None:
         self.request = request
         self.submitted = time.perf_counter()
-        self._items: queue.SimpleQueue[str | EngineResult | BackendError] = queue.SimpleQueue()
+        self._outbox = Outbox()
         self._stop = threading.Event()
-        self._failure: BackendError | None = None
-        """A failure that arrived behind text not yet collected: raised by the next `collect`."""
 
     def cancel(self) -> None:
         self._stop.set()
@@ -98,25 +95,10 @@ class RemoteGeneration:
         return self._stop.is_set() or self.request.cancelled()
 
     def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
-        if self._failure is not None:
-            raise self._failure
-        items: list[str | EngineResult] = []
-        wait: float | None = timeout_s
-        while True:
-            try:
-                item = self._items.get(timeout=wait) if wait is not None else self._items.get_nowait()
-            except queue.Empty:
-                return items
-            if isinstance(item, BackendError):
-                if items:  # the text made before the failure is handed out first
-                    self._failure = item
-                    return items
-                raise item
-            items.append(item)
-            wait = None
+        return self._outbox.collect(timeout_s=timeout_s)
 
     def emit(self, item: str | EngineResult | BackendError) -> None:
-        self._items.put(item)
+        self._outbox.put(item)
 
 
 class RemoteStudentBackend:
