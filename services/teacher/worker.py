@@ -96,6 +96,8 @@ class TeacherWorker:
             await self._serve()
         finally:
             beating.cancel()
+            # Prepares are advisory: those not yet sent are dropped rather than holding the exit up.
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
                 # A stopped teacher's pace would be ignored once stale; gone at once, gateways stop counting
                 # it. Its heartbeat goes too: it leaves the status at once, and jobs it still holds are taken
