@@ -86,18 +86,30 @@ def terminate(stack: Stack, name: str) -> subprocess.Popen[bytes]:
 def all_workers_alive(stack: Stack, redis: Redis, *, keys: Keys) -> bool:
     """Every process of the stack runs, and each worker (the teacher, each student's worker process) has
     written its heartbeat: a restarted one has loaded its model."""
-    if any(process.poll() is not None for process in stack.processes.values()):
-        return False
+    return not workers_not_alive(stack, redis, keys=keys)
+
+
+def workers_not_alive(stack: Stack, redis: Redis, *, keys: Keys) -> list[str]:
+    """What keeps `all_workers_alive` false, one line per process: exited (with its status), no worker
+    process under a student's parent, or no heartbeat."""
     host = socket.gethostname()
-    beats = [
-        keys.heartbeat("teacher", f"{host}-{stack.processes[name].pid}") for name in teacher_names(stack)
+    problems = [
+        f"{name} exited with status {process.returncode}"
+        for name, process in stack.processes.items()
+        if process.poll() is not None
     ]
+    beats = {
+        name: keys.heartbeat("teacher", f"{host}-{stack.processes[name].pid}")
+        for name in teacher_names(stack)
+    }
     for name in student_names(stack):
         pid = worker_pid(stack, name)
         if pid is None:
-            return False
-        beats.append(keys.heartbeat("student", f"{host}-{pid}"))
-    return all(redis.exists(beat) for beat in beats)
+            problems.append(f"{name} has no worker process")
+        else:
+            beats[name] = keys.heartbeat("student", f"{host}-{pid}")
+    problems += [f"{name} has no heartbeat ({key})" for name, key in beats.items() if not redis.exists(key)]
+    return problems
 
 
 def wait_until(check: Callable[[], object], *, timeout_s: float, what: str, every_s: float = 0.02) -> None:

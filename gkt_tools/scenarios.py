@@ -27,7 +27,7 @@ from gkt_tools.stack import Stack
 TRIGGER_TIMEOUT_S = 300.0
 """How long a scenario waits for its moment (a job running on a student, a batch held by the teacher)."""
 RECOVERY_TIMEOUT_S = 180.0
-HEALTHY_TIMEOUT_S = 600.0
+HEALTHY_TIMEOUT_S = 300.0
 BURST = 500
 BURST_TOKENS = 8
 BURST_DEADLINE_S = 900.0
@@ -223,14 +223,27 @@ def request(index: int, *, max_new_tokens: int) -> pb.GenerateRequest:
 def wait_healthy(target: Target) -> None:
     """Until every worker of the stack is up (a restarted one has loaded its model) and a call is answered."""
     target.step("waiting for the stack")
-    faults.wait_until(
-        lambda: faults.all_workers_alive(target.stack, target.redis, keys=target.keys),
-        timeout_s=HEALTHY_TIMEOUT_S,
-        what="every worker of the stack to be up",
-        every_s=0.5,
-    )
+    try:
+        faults.wait_until(
+            lambda: faults.all_workers_alive(target.stack, target.redis, keys=target.keys),
+            timeout_s=HEALTHY_TIMEOUT_S,
+            what="every worker of the stack to be up",
+            every_s=0.5,
+        )
+    except TimeoutError as exc:
+        problems = faults.workers_not_alive(target.stack, target.redis, keys=target.keys)
+        raise TimeoutError(f"{exc}: {'; '.join(problems)}\n{_log_tails(target.stack, problems)}") from None
     if _answer_again(target) is None:
         raise TimeoutError(f"the stack answered no call within {RECOVERY_TIMEOUT_S:.0f} s")
+
+
+def _log_tails(stack: Stack, problems: list[str], *, lines: int = 20) -> str:
+    """The last `lines` of the log of each process named at the start of a problem line."""
+    names = sorted({problem.split()[0] for problem in problems} & set(stack.processes))
+    return "\n".join(
+        f"--- {name} log, last {lines} lines ---\n" + "\n".join(stack.log(name).splitlines()[-lines:])
+        for name in names
+    )
 
 
 def _under_fault(

@@ -30,6 +30,7 @@ Batch = list[tuple[str, AnyEvent]]
 _ENTRIES_PER_READ = 256
 _RETRY_AFTER_FAILURE_S = 0.5
 _UNBLOCK_POLL_S = 0.002
+_CLOSE_WAIT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -65,6 +66,7 @@ class EventReader:
         self._client_id: int | None = None
         self._waking: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def followed(self) -> int:
@@ -88,19 +90,23 @@ class EventReader:
                 self._inboxes.pop(inbox.stream, None)
 
     async def close(self) -> None:
+        # the loop also ends on `_closing`: a cancel that lands inside the Redis client can come out as
+        # one of its errors, which the loop outlives
+        self._closing = True
+        self._changed.set()
         for task in (self._task, self._waking):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task}, timeout=_CLOSE_WAIT_S)
         await self.reader.aclose()
 
     async def _run(self) -> None:
         failed = False
-        while True:
+        while not self._closing:
             if not self._inboxes:
                 self._changed.clear()
                 await self._changed.wait()
+                continue  # closing, or a stream to follow
             # 1) what to read: each stream after the oldest entry one of its followers has not seen
             self._round += 1
             streams: dict[Any, Any] = {

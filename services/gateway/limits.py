@@ -122,16 +122,22 @@ class Limiter:
         if lease is None:
             yield
             return
-        renewing = asyncio.create_task(self._keep(key_id, lease, ttl_s=ttl_s))
+        ended = asyncio.Event()
+        renewing = asyncio.create_task(self._keep(key_id, lease, ttl_s=ttl_s, ended=ended))
         try:
             yield
         finally:
+            ended.set()
             renewing.cancel()
             await asyncio.shield(self.release(key_id, lease))
 
-    async def _keep(self, key_id: str, lease: str, *, ttl_s: float) -> None:
-        while True:
-            await asyncio.sleep(ttl_s / 3)
+    async def _keep(self, key_id: str, lease: str, *, ttl_s: float, ended: asyncio.Event) -> None:
+        # ends on `ended`, not on the cancel alone: a cancel that lands inside the Redis client can come
+        # out as one of its errors, which this loop outlives
+        while not ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), timeout=ttl_s / 3)
+                return
             try:
                 await self.renew(key_id, lease, ttl_s=ttl_s)
             except Exception:  # Redis gone for now: the next renewal re-adds the lease

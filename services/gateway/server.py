@@ -23,6 +23,9 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
+_SAMPLER_STOP_S = 5.0
+"""How long a stopping gateway waits for the queue sampler's Redis round trip in flight."""
+
 SERVICE_NAME = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
 
 
@@ -123,9 +126,10 @@ class Gateway:
         await self.server.stop(max(0.0, deadline - loop.time()))
         if self.health_server is not None:
             await self.health_server.stop(0)
+        await self.service.close()  # ends the queue sampler at its next step
         if self._sampler:
+            await asyncio.wait({self._sampler}, timeout=_SAMPLER_STOP_S)
             self._sampler.cancel()
-        await self.service.close()
         await self.redis.aclose()
 
     async def _set_serving(self, serving: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -67,8 +68,10 @@ class GatewayService:
             commands=redis,
             keys=self.keys,
         )
+        self._closed = asyncio.Event()
 
     async def close(self) -> None:
+        self._closed.set()
         await self.events.close()
 
     async def run(self, job: Job, *, tenant: Tenant) -> AsyncGenerator[tuple[Job, AnyEvent], None]:
@@ -253,13 +256,18 @@ class GatewayService:
             log.warning("could not mark job cancelled", extra={"job_id": job.id})
 
     async def sample_queues(self, *, interval_s: float = 1.0) -> None:
-        """Keep the queue gauges current for dashboards and autoscalers."""
-        while True:
+        """Keep the queue gauges current for dashboards and autoscalers, until `close`.
+
+        It ends on `close` rather than on a cancel alone: a cancel that lands inside the Redis client can
+        come out as one of its errors, which this loop outlives.
+        """
+        while not self._closed.is_set():
             try:
                 await self.sample_queues_once()
             except Exception:
                 log.warning("queue sampling failed", exc_info=True)
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), timeout=interval_s)
 
     async def sample_queues_once(self) -> None:
         """Set the queue gauges from one look at Redis: both queues' depths and the oldest query's age."""

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kombu.exceptions import OperationalError as BrokerUnavailable
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gkt import logs, metrics
@@ -121,17 +121,20 @@ class TeacherWorker:
                     batch = await self.next_deliveries(count=self.settings.teacher_max_batch_size)
                     if batch:
                         await self.process(batch)
-                except (RedisConnectionError, RedisTimeoutError, BrokerUnavailable) as exc:
-                    # Unacknowledged jobs stay pending in the group: this teacher (or another) claims them later.
-                    log.warning("redis unavailable; retrying", extra={"error": str(exc)})
+                except (RedisError, BrokerUnavailable) as exc:
+                    if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                        # Redis restarted without persistence: the stream and its group are gone. Jobs the
+                        # gateway enqueues from now on recreate the stream; the group must be made again.
+                        log.warning("consumer group missing (redis restarted?); recreating it")
+                        with contextlib.suppress(RedisError):
+                            await ensure_group(self.redis, keys=self.keys)
+                        continue
+                    # Redis away, loading its file, or read-only during a failover. Unacknowledged jobs stay
+                    # pending in the group: this teacher (or another) claims them later.
+                    log.warning(
+                        "redis unavailable; retrying", extra={"error": f"{type(exc).__name__}: {exc}"}
+                    )
                     await asyncio.sleep(_REDIS_RETRY_S)
-                except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    # Redis restarted without persistence: the stream and its group are gone. Jobs the
-                    # gateway enqueues from now on recreate the stream; the group must be made again.
-                    log.warning("consumer group missing (redis restarted?); recreating it")
-                    await ensure_group(self.redis, keys=self.keys)
         finally:
             if pipeline is not None:
                 await pipeline.drain()
@@ -357,7 +360,8 @@ class TeacherWorker:
         while True:
             try:
                 await write_heartbeat(self.redis, key=self._heartbeat_key, ttl_s=ttl_s)
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except Exception as exc:  # Redis away, loading, read-only after a failover: the next beat tries
+                # again; a timer that died here would let the teacher serve on while counted dead
                 log.warning("heartbeat not written", extra={"error": str(exc)})
             await asyncio.sleep(self.settings.teacher_heartbeat_ttl_s / 3)
 

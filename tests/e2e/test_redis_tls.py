@@ -50,5 +50,6 @@ def test_a_request_is_answered_through_a_tls_redis_with_a_password(
                 )
         finally:
             stack.stop()
-    assert reply.job_id and reply.usage.completion_tokens > 0
+    # the student finished it (a random tiny student may stop at its first token, so no token count)
+    assert reply.job_id and reply.finish_reason in ("eos", "length") and reply.timings.student_ms > 0
     assert reply.timings.teacher_batch_size == 1  # the teacher answered, not a degraded student-only path
