@@ -19,11 +19,6 @@ class RemoteServerSettings(BaseSettings):
         default=HttpUrl("http://127.0.0.1:8080"),
         description="Server base URL (TGI: its root; OpenAI-compatible: its root or the `/v1` URL).",
     )
-    model: str = Field(
-        default="",
-        max_length=256,
-        description="Model name sent to OpenAI-compatible servers; empty = the one model /v1/models lists.",
-    )
     api_key: SecretStr | None = Field(
         default=None, min_length=1, description="Bearer token for the server; never logged."
     )

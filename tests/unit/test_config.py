@@ -10,13 +10,16 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 from redis.connection import parse_url
 
+from gkt.config import variable_name
 from gkt.connections import broker_tls_options
 from gkt.dispatch import student_client
 from gkt_tools.processes import child_environment
 from services.gateway.settings import GatewaySettings
-from services.teacher.settings import TeacherSettings
+from services.student.settings import StudentServerSettings, StudentSettings
+from services.teacher.settings import TeacherServerSettings, TeacherSettings
 
 
 def test_settings_come_from_gkt_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,6 +33,22 @@ def test_out_of_range_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("GKT_TEACHER_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValidationError, match="teacher_max_batch_size"):
         TeacherSettings()
+
+
+@pytest.mark.parametrize(
+    "classes", [(TeacherSettings, TeacherServerSettings), (StudentSettings, StudentServerSettings)]
+)
+def test_each_variable_fills_one_setting_of_its_service(classes: tuple[type[BaseSettings], ...]) -> None:
+    variables = [variable_name(cls, name) for cls in classes for name in cls.model_fields]
+    assert sorted(v for v in set(variables) if variables.count(v) > 1) == []
+
+
+def test_the_model_variables_fill_only_the_workers_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GKT_TEACHER_MODEL", "teacher-70b")
+    monkeypatch.setenv("GKT_STUDENT_MODEL", "student-7b")
+    assert (TeacherSettings().teacher_model, StudentSettings().student_model) == ("teacher-70b", "student-7b")
+    assert "teacher-70b" not in TeacherServerSettings().model_dump_json()
+    assert "student-7b" not in StudentServerSettings().model_dump_json()
 
 
 def test_describe_masks_the_redis_password(monkeypatch: pytest.MonkeyPatch) -> None:
