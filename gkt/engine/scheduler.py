@@ -5,17 +5,20 @@ reusing the shared few-shot prefix, and its first part when a request prepared i
 it at the step it finishes — end of sequence, a stop string, its own token limit, cancellation or its
 deadline — its cache rows freed at once. A finished row is never computed
 again. The students, the local teacher backend and the offline evaluation all generate through it.
+
+It stays one module (about 400 lines) because it is one step loop over shared batch state: admission,
+prefill, the forward pass, sampling and retirement all read and write the same rows and key-value batch,
+so split apart they would pass that state back and forth. What a caller holds (the request, its
+`Generation` handle, the outbox, the result) lives in `gkt.engine.generation`.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,128 +26,11 @@ from transformers import DynamicCache
 
 from gkt.decoding import Prefix, PrefixCache, TextTracker, context_tokens
 from gkt.engine.batch import KvBatch, Layers
-from gkt.engine.sampling import RowSampler, Sampler
+from gkt.engine.generation import EngineRequest, EngineResult, Generation, GenerationFailed
+from gkt.engine.sampling import RowSampler
 from gkt.models import EchoModel, LoadedModel
 
 log = logging.getLogger(__name__)
-
-FINISH_REASONS = ("eos", "stop", "length", "cancelled", "deadline")
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineRequest:
-    """One generation: an encoded prompt and how to continue it."""
-
-    prompt_ids: Sequence[int]
-    sampler: Sampler = field(default_factory=Sampler)
-    max_new_tokens: int
-    """At most this many tokens; 0 generates nothing: with `split_at`, the request only prepares its
-    prompt's first part (kept in the prefix cache for a later request that starts with it)."""
-    split_at: int | None = None
-    """Prompt tokens computed before the rest (a student's question, known before the teacher's guidance):
-    at admission they are prefilled in a pass of their own, or taken from the prefix cache when a
-    request prepared them, and the rest of the prompt on top of them. The split is made whether or not
-    they were prepared, so the request's tokens are the same either way. Used when
-    0 < split_at < len(prompt_ids)."""
-    stop: tuple[str, ...] = ()
-    strip_leading: bool = False
-    """Drop leading whitespace of the output (a student answering with no guidance starts after "A:")."""
-    deadline: float | None = None
-    """Wall-clock time (epoch seconds) after which the row stops with finish reason `deadline`."""
-    cancelled: Callable[[], bool] | None = None
-    """Checked before every step (it must be cheap): True stops the row with reason `cancelled`."""
-    prompt: str = ""
-    """The prompt's text; only the echo model reads it."""
-
-
-@dataclass(frozen=True)
-class EngineResult:
-    text: str
-    token_count: int
-    """Tokens that made the kept text (a stop string's tokens excluded)."""
-    finish_reason: str
-    tokens: tuple[int, ...] = ()
-    """Every token generated, the end-of-sequence token included."""
-    first_token_s: float = field(default=0.0, compare=False)
-    """Seconds from joining the queue to the first token (not part of what was generated)."""
-    prepared: bool = field(default=False, compare=False)
-    """Its prompt's first `split_at` tokens were found prepared in the prefix cache."""
-
-
-class Outbox:
-    """What a generation hands its reader, in order: text deltas, then its result or a failure
-    (thread-safe: one thread puts, another collects)."""
-
-    def __init__(self) -> None:
-        self._items: queue.SimpleQueue[str | EngineResult | BaseException] = queue.SimpleQueue()
-        self._failure: BaseException | None = None
-        """A failure that arrived behind text not yet collected: raised by the next `collect`."""
-
-    def put(self, item: str | EngineResult | BaseException) -> None:
-        self._items.put(item)
-
-    def get(self, *, timeout_s: float | None) -> str | EngineResult | BaseException:
-        return self._items.get(timeout=timeout_s)
-
-    def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
-        """What arrived so far, waiting up to `timeout_s` for the first item ([] if none came); raises
-        what failed the generation once the text made before the failure has been collected."""
-        if self._failure is not None:
-            raise self._failure
-        items: list[str | EngineResult] = []
-        try:
-            item = self._items.get(timeout=timeout_s)
-            while True:
-                if isinstance(item, BaseException):
-                    if items:  # the text made before the failure is handed out first
-                        self._failure = item
-                        return items
-                    raise item
-                items.append(item)
-                item = self._items.get_nowait()
-        except queue.Empty:
-            return items
-
-
-class GenerationFailed(RuntimeError):
-    """A forward pass failed; every row it carried fails with it."""
-
-
-class Generation:
-    """A submitted request: its text deltas arrive on `deltas()`, then its result (thread-safe)."""
-
-    def __init__(self, request: EngineRequest) -> None:
-        self.request = request
-        self.submitted = time.perf_counter()
-        self._stop = threading.Event()
-        self._outbox = Outbox()
-        self.result: EngineResult | None = None
-
-    def cancel(self) -> None:
-        """Stop at the next step (finish reason `cancelled`)."""
-        self._stop.set()
-
-    def stopping(self) -> bool:
-        return self._stop.is_set() or bool(self.request.cancelled and self.request.cancelled())
-
-    def events(self, *, timeout_s: float | None = None) -> Iterator[str | EngineResult]:
-        """Deltas as they are made, then the result; raises what failed the generation."""
-        while True:
-            item = self._outbox.get(timeout_s=timeout_s)
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if isinstance(item, EngineResult):
-                return
-
-    def collect(self, *, timeout_s: float) -> list[str | EngineResult]:
-        """What arrived so far (see `Outbox.collect`)."""
-        return self._outbox.collect(timeout_s=timeout_s)
-
-    def _emit(self, item: str | EngineResult | BaseException) -> None:
-        if isinstance(item, EngineResult):
-            self.result = item
-        self._outbox.put(item)
 
 
 class _Row:
@@ -279,7 +165,7 @@ class Engine:
             failure = GenerationFailed(f"generation failed: {type(exc).__name__}: {exc}")
             for row in self._admitting:
                 if all(row is not running for running in self._rows):
-                    row.seq._emit(failure)
+                    row.seq.emit(failure)
             self._fail_all(failure)
         if self._on_step is not None and decoded:
             self._on_step(decoded)
@@ -458,7 +344,7 @@ class Engine:
             return
         delta = row.tracker.push(token)
         if delta:
-            row.seq._emit(delta)
+            row.seq.emit(delta)
         if row.tracker.stopped:
             row.finish = "stop"
         elif len(row.tracker.tokens) >= row.seq.request.max_new_tokens:
@@ -489,8 +375,8 @@ class Engine:
     def _finish(self, row: _Row) -> None:
         rest = row.tracker.flush()
         if rest:
-            row.seq._emit(rest)
-        row.seq._emit(
+            row.seq.emit(rest)
+        row.seq.emit(
             EngineResult(
                 text=row.tracker.text,
                 token_count=row.tracker.token_count,
@@ -503,7 +389,7 @@ class Engine:
 
     def _fail_all(self, exc: BaseException) -> None:
         for row in self._rows:
-            row.seq._emit(exc)
+            row.seq.emit(exc)
         self._rows = []
         self._batch.clear()
 

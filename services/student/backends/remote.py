@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from gkt import metrics
-from gkt.engine.scheduler import EngineResult, Outbox
+from gkt.engine.generation import EngineResult, Outbox
 from gkt.errors import StatusCode
 from gkt.remote.errors import AttemptError, BackendError
 from gkt.remote.resilience import ResilientCaller
