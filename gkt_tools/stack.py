@@ -1,6 +1,8 @@
 """A whole GKT Serve stack as local processes: private Redis, teacher, student workers, gateway.
 
-Used by `gkt demo`, `gkt up` / `gkt down` and the end-to-end tests.
+Used by `gkt demo`, `gkt up` / `gkt down` and the end-to-end tests. It stays one module (about 320 lines)
+because it is one lifecycle: the detached-stack helpers read the record (`stack.json`) that `Stack.start`
+writes, and the start order, readiness checks and stop all act on the same processes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The gateway's work behind the RPCs: admit a job, enqueue it, follow its events to the end."""
+"""The gateway's work behind the RPCs: admit a job, enqueue it, follow its events to the end.
+
+It stays one module (about 310 lines) because it is one object's work on one Redis layout: admission, the
+enqueue, following a job's events, cancelling it and sampling the queues all read the same keys, scripts
+and admission settings that `GatewayService` holds; the helpers below it are small and used only here.
+"""
 
 from __future__ import annotations
 
