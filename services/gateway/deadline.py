@@ -10,6 +10,8 @@ from typing import Any
 
 import grpc
 
+from gkt.errors import StatusCode
+from services.gateway.errors import GRPC_STATUS
 from services.gateway.handlers import wrapped
 
 DEADLINE_SLACK_S = 1.0
@@ -84,7 +86,7 @@ class _Timer:
 
         def expire() -> None:
             self.expired = True
-            context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.set_code(GRPC_STATUS[StatusCode.DEADLINE_EXCEEDED])
             task.cancel()
 
         self._handle = asyncio.get_running_loop().call_later(timeout_s, expire)
@@ -100,6 +102,6 @@ class _Timer:
         if task is not None:
             task.uncancel()
         await context.abort(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
+            GRPC_STATUS[StatusCode.DEADLINE_EXCEEDED],
             f"the call's deadline ({self.timeout_s - DEADLINE_SLACK_S:g} s) passed before it ended",
         )
