@@ -15,6 +15,8 @@ from gkt_tools.settings import ToolSettings
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+    from gkt.config import CommonSettings
+
 _STATE_HELP = "  GKT_STATE_DIR          where `gkt up` keeps its state and logs (default: .gkt)"
 _REDIS_HELP = (
     "  GKT_REDIS_URL          Redis of the stack; GKT_REDIS_PASSWORD_FILE, GKT_KEY_PREFIX as the services"
@@ -178,7 +180,9 @@ def _run(args: argparse.Namespace, settings: ToolSettings) -> int:
     elif args.command == "hash-key":
         return _hash_key(args.key)
     elif args.command == "probe":
-        return _probe_teacher()
+        from gkt.config import CommonSettings
+
+        return _probe_teacher(CommonSettings())
     return 0
 
 
@@ -243,14 +247,12 @@ def _hash_key(key_on_command_line: str | None) -> int:
     return 0
 
 
-def _probe_teacher() -> int:
+def _probe_teacher(settings: CommonSettings) -> int:
     """0 when a teacher on this host wrote its heartbeat in the last minute."""
-    from gkt.config import CommonSettings
     from gkt.connections import connect
     from gkt.keys import Keys
     from gkt.liveness import HEARTBEAT_TTL_S, parse_heartbeat
 
-    settings = CommonSettings()
     keys = Keys(settings.key_prefix)
     redis = connect(settings.redis_url, socket_timeout=3)
     pattern = keys.heartbeat("teacher", f"{socket.gethostname()}-*")

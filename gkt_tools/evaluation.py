@@ -164,7 +164,11 @@ def run(args: argparse.Namespace, *, settings: ToolSettings) -> int:
         print(markdown_table(summary))
         return 0
     try:
-        runner = _runner(args, plan, api_key=settings.api_key_value)
+        runner: Runner = (
+            _live_runner(args, plan, api_key=settings.api_key_value)
+            if plan.runner == "live"
+            else _offline_runner(args, plan, cache_dir=CommonSettings().model_cache_dir)
+        )
     except ConnectionOptionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -238,28 +242,28 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
     )
 
 
-def _runner(args: argparse.Namespace, plan: EvalPlan, *, api_key: str | None) -> Runner:
-    if plan.runner == "live":
-        from gkt.evaluation.live import LiveRunner
+def _live_runner(args: argparse.Namespace, plan: EvalPlan, *, api_key: str | None) -> Runner:
+    from gkt.evaluation.live import LiveRunner
 
-        live = LiveRunner(
-            plan=plan,
-            connection=connection_from_args(args, api_key=api_key),
-            concurrency=args.concurrency,
-            timeout_s=args.timeout,
+    live = LiveRunner(
+        plan=plan,
+        connection=connection_from_args(args, api_key=api_key),
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+    )
+    if not live.reachable():
+        live.close()
+        raise ConnectionOptionError(
+            f"cannot reach the gateway at {args.addr}: is the stack up? `make up`, or `--addr`"
         )
-        if not live.reachable():
-            live.close()
-            raise ConnectionOptionError(
-                f"cannot reach the gateway at {args.addr}: is the stack up? `make up`, or `--addr`"
-            )
-        return live
+    return live
+
+
+def _offline_runner(args: argparse.Namespace, plan: EvalPlan, *, cache_dir: Path) -> Runner:
     import torch
 
     from gkt.evaluation.offline import OfflineRunner
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return OfflineRunner(
-        plan=plan, cache_dir=CommonSettings().model_cache_dir, device=args.device, dtype=args.dtype
-    )
+    return OfflineRunner(plan=plan, cache_dir=cache_dir, device=args.device, dtype=args.dtype)
