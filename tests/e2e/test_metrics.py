@@ -6,9 +6,7 @@ per-stage times each reply carries.
 
 from __future__ import annotations
 
-import time
 import urllib.request
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,8 +19,11 @@ from gkt.v1 import guidance_pb2 as pb
 from gkt.v1 import guidance_pb2_grpc
 from gkt_tools.stack import Stack
 from services.student.settings import StudentSettings
+from tests.waiting import until
 
 TIMEOUT = 60
+SCRAPE_EVERY_S = 0.1
+"""How often a wait scrapes /metrics again: series recorded after a reply was sent catch up within moments."""
 KEYS = Keys("e2e")  # the tiny stack's prefix
 Samples = list[tuple[str, dict[str, str], float]]
 
@@ -58,16 +59,6 @@ def _request(query: str, *, seed: int) -> pb.GenerateRequest:
     )
 
 
-def _eventually(check: Callable[[], bool], *, timeout_s: float = 15, what: str = "the series") -> None:
-    """Series recorded after a reply was sent (a stream's end, the sampler) catch up within moments;
-    fails when they do not."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _idle(stack: Stack) -> bool:
     """No call in flight, and no job anywhere on its way: none waiting for or held by a teacher (the query
     stream), none sent to the students and not yet claimed, none claimed and not yet released (the job
@@ -86,7 +77,7 @@ def _idle(stack: Stack) -> bool:
 @pytest.fixture
 def idle_stack(tiny_stack: Stack) -> Stack:
     """The stack once earlier tests' jobs (one whose client left early, say) have gone through."""
-    _eventually(lambda: _idle(tiny_stack), timeout_s=60, what="the stack to be idle")
+    until(lambda: _idle(tiny_stack), what="the stack to be idle", timeout_s=60, every_s=SCRAPE_EVERY_S)
     return tiny_stack
 
 
@@ -171,7 +162,12 @@ def test_failed_and_streamed_calls_are_counted_by_status_code(
     def delta(name: str, **labels: str) -> float:
         return Scrape(idle_stack, "gateway").value(name, **labels) - before.value(name, **labels)
 
-    _eventually(lambda: delta("gkt_gateway_requests_total", rpc="GenerateStream", code="OK") == 1)
+    until(
+        lambda: delta("gkt_gateway_requests_total", rpc="GenerateStream", code="OK") == 1,
+        what="the stream's OK to be counted",
+        timeout_s=15,
+        every_s=SCRAPE_EVERY_S,
+    )
     assert delta("gkt_gateway_requests_total", rpc="Generate", code="INVALID_ARGUMENT") == 1
     assert delta("gkt_gateway_requests_total", rpc="GenerateStream", code="OK") == 1
     assert delta("gkt_gateway_request_duration_seconds_count", rpc="GenerateStream") == 1
@@ -182,13 +178,17 @@ def test_queue_gauges_and_worker_count_are_exported(idle_stack: Stack) -> None:
     names = {name for name, _, _ in Scrape(idle_stack, "gateway").samples}
     assert {"gkt_gateway_queue_depth", "gkt_gateway_oldest_job_age_seconds"} <= names
     # idle: nothing waits for a teacher, once the gateway's sampler (each second) has seen so
-    _eventually(
+    until(
         lambda: Scrape(idle_stack, "gateway").value("gkt_gateway_queue_depth") == 0,
         what="the sampled queue depth of an idle stack to read 0",
+        timeout_s=15,
+        every_s=SCRAPE_EVERY_S,
     )
     # two student processes, each with GKT_STUDENT_MAX_BATCH batch slots
     slots = StudentSettings.model_fields["student_max_batch"].default
-    _eventually(
+    until(
         lambda: Scrape(idle_stack, "student").value("gkt_student_workers") == 2 * slots,
         what=f"two students' {2 * slots} batch slots",
+        timeout_s=15,
+        every_s=SCRAPE_EVERY_S,
     )
