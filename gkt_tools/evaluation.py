@@ -113,6 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
         help=f"offline: teacher batch size (default: {paper.TEACHER_BATCH_SIZE}, the paper's smallest)",
     )
     parser.add_argument(
+        "--student-batch-size",
+        type=whole_number(1, 512),
+        default=1,
+        help="offline: students of a teacher batch decoded together, at most --batch-size (default: 1, the "
+        "paper's); the same answers (each row samples from its own seed), in less time: each student's "
+        "time is its share of its batch's",
+    )
+    parser.add_argument(
         "--concurrency", type=whole_number(1, 1024), default=8, help="live: requests in flight at once"
     )
     parser.add_argument(
@@ -221,6 +229,9 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
     if args.runner == "live" and args.exemplars != ExemplarSet.CORRECTED.value:
         raise ValueError("live runs use the server's prompts, which use the corrected exemplars")
     live = args.runner == "live"
+    if not live and args.student_batch_size > args.batch_size:
+        raise ValueError("--student-batch-size must not exceed --batch-size: a teacher batch's students are "
+                         "decoded together")  # fmt: skip
     teacher_temperature = 0.0 if args.greedy else paper.TEACHER_TEMPERATURE
     return EvalPlan(
         task=task,
@@ -234,12 +245,21 @@ def build_plan(args: argparse.Namespace) -> EvalPlan:
         exemplar_set=ExemplarSet(args.exemplars),
         runner=args.runner,
         baselines=baselines,
-        extra={"concurrency": args.concurrency} if live else {"batch_size": args.batch_size},
+        extra={"concurrency": args.concurrency} if live else _offline_extra(args),
         # A live teacher samples as its server is configured; the request cannot say.
         teacher_temperature=None if live else teacher_temperature,
         teacher_top_p=None if live else paper.TEACHER_TOP_P,
         student_temperature=0.0 if args.greedy else paper.STUDENT_TEMPERATURE,
     )
+
+
+def _offline_extra(args: argparse.Namespace) -> dict[str, int]:
+    """The offline runner's batch sizes, recorded for the reader (the student's only when not the paper's 1,
+    so the plans of earlier runs, which did not record it, still match)."""
+    extra = {"batch_size": args.batch_size}
+    if args.student_batch_size > 1:
+        extra["student_batch_size"] = args.student_batch_size
+    return extra
 
 
 def _live_runner(args: argparse.Namespace, plan: EvalPlan, *, api_key: str | None) -> Runner:
@@ -266,4 +286,10 @@ def _offline_runner(args: argparse.Namespace, plan: EvalPlan, *, cache_dir: Path
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return OfflineRunner(plan=plan, cache_dir=cache_dir, device=args.device, dtype=args.dtype)
+    return OfflineRunner(
+        plan=plan,
+        cache_dir=cache_dir,
+        device=args.device,
+        dtype=args.dtype,
+        student_batch_size=args.student_batch_size,
+    )

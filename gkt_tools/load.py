@@ -87,6 +87,16 @@ class Load:
             index = len(self._calls)
             self._calls.append(asyncio.run_coroutine_threadsafe(self._call(index), self._loop))
 
+    def retry(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Send each call that failed with a status again, with its own request id, as a client would
+        retry it, one at a time; their outcomes, in order."""
+        retried = []
+        for index, outcome in enumerate(outcomes):
+            if outcome.status not in (ANSWERED, LOST):
+                call = asyncio.run_coroutine_threadsafe(self._call(index), self._loop)
+                retried.append(call.result(timeout=self.deadline_s + 60))
+        return retried
+
     def request_ids(self) -> list[str]:
         return [self._request_id(i) for i in range(len(self._calls))]
 
@@ -154,8 +164,11 @@ async def stream_call(
         return error.code().name, ""
 
 
-def tally(outcomes: list[Outcome], *, redis: Redis, keys: Keys) -> Tally:
-    """Count outcomes; a job (found by its call's request id) with more than one final event is duplicated."""
+def tally(
+    outcomes: list[Outcome], *, redis: Redis, keys: Keys, retried: list[Outcome] | None = None
+) -> Tally:
+    """Count outcomes; a job (found by its call's request id) with more than one final event is duplicated.
+    `retried`: later attempts of some of the same calls, whose jobs are checked for duplicates too."""
     result = Tally(sent=len(outcomes))
     for outcome in outcomes:
         if outcome.status == ANSWERED:
@@ -165,7 +178,7 @@ def tally(outcomes: list[Outcome], *, redis: Redis, keys: Keys) -> Tally:
         else:
             result.failed[outcome.status] += 1
     jobs = jobs_of_requests(redis, keys=keys, request_ids={o.request_id for o in outcomes})
-    jobs.update(o.job_id for o in outcomes if o.job_id)
+    jobs.update(o.job_id for o in [*outcomes, *(retried or [])] if o.job_id)
     result.duplicated = sum(1 for job_id in jobs if len(finals(redis, keys=keys, job_id=job_id)) > 1)
     return result
 

@@ -20,7 +20,7 @@ from redis import Redis
 from gkt.keys import Keys
 from gkt.v1 import guidance_pb2 as pb
 from gkt_tools import faults
-from gkt_tools.load import Load, MakeRequest, Tally, first_answer, tally
+from gkt_tools.load import ANSWERED, Load, MakeRequest, Tally, first_answer, tally
 from gkt_tools.sentinel import SentinelGroup
 from gkt_tools.stack import Stack
 
@@ -57,6 +57,14 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Retries:
+    """Calls that failed with a status, sent again with their request ids: how many, how many answered."""
+
+    sent: int
+    answered: int
+
+
+@dataclass(frozen=True)
 class Row:
     scenario: str
     tally: Tally
@@ -65,6 +73,8 @@ class Row:
     recovered: bool = True
     worker_restarts: int = 0
     """Student worker processes their parents started again (each loads its model anew)."""
+    retries: Retries = field(default_factory=lambda: Retries(sent=0, answered=0))
+    """The calls that failed with a status, sent again with their request ids once the stack answered."""
 
 
 def pool_process(target: Target) -> Row:
@@ -274,12 +284,15 @@ def _under_fault(
         target.step("recovering")
         answered_at = _answer_again(target)
         outcomes = load.wait(timeout_s=target.deadline_s + 60)
-    counted = tally(outcomes, redis=target.redis, keys=target.keys)
+        target.step("retrying")
+        retried = load.retry(outcomes) if answered_at is not None else []
+    counted = tally(outcomes, redis=target.redis, keys=target.keys, retried=retried)
     restarts = worker_restarts(target.stack) - restarts_before
+    retries = Retries(sent=len(retried), answered=sum(1 for o in retried if o.status == ANSWERED))
     if answered_at is None:
-        return Row(name, counted, None, recovered=False, worker_restarts=restarts)
+        return Row(name, counted, None, recovered=False, worker_restarts=restarts, retries=retries)
     recovery_s = max(answered_at, *(o.ended_at for o in outcomes)) - fault_at
-    return Row(name, counted, recovery_s, worker_restarts=restarts)
+    return Row(name, counted, recovery_s, worker_restarts=restarts, retries=retries)
 
 
 def worker_restarts(stack: Stack) -> int:

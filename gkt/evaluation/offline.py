@@ -1,4 +1,7 @@
-"""The offline runner: the paper's setting in one process — a batched teacher, then students at batch 1.
+"""The offline runner: the paper's setting in one process — a batched teacher, then students at batch 1
+(or, with `student_batch_size` above 1, the students of a chunk decoded together: the same answers, since
+each row samples from its own seed whatever its batch-mates, in less time; each student's time is then
+its share of its batch's).
 
 It drives the serving code itself rather than a copy of it: prompts from `gkt.prompts`, models from
 `gkt.models`, and every generation through `gkt.engine` (the engine the students and the local teacher
@@ -29,24 +32,35 @@ class OfflineRunner:
     """Loads both models on first use; `run_chunk` answers a batch of examples for one row."""
 
     def __init__(
-        self, *, plan: EvalPlan, cache_dir: Path, device: str = "cpu", dtype: str = "float32"
+        self,
+        *,
+        plan: EvalPlan,
+        cache_dir: Path,
+        device: str = "cpu",
+        dtype: str = "float32",
+        student_batch_size: int = 1,
     ) -> None:
         self.plan = plan
+        self.student_batch_size = student_batch_size
         self._cache_dir, self._device, self._dtype = cache_dir, device, dtype
         self._teacher: Engine | None = None
         self._student: Engine | None = None
         self._teacher_tokenizer: Any = None
 
     def run_chunk(self, condition: Condition, examples: Sequence[Example]) -> list[ExampleRecord]:
-        """One teacher batch for the chunk (unless the row has no teacher), then one student per example."""
+        """One teacher batch for the chunk (unless the row has no teacher), then its students."""
         teacher_results, teacher_seconds = self._guidance(condition, examples)
         teacher_share = teacher_seconds / len(examples)
+        guidances = [teacher.text.strip() for teacher in teacher_results]
+        completions = (
+            self._complete(examples, guidances)
+            if condition.uses_student
+            else [("", 0, 0.0) for _ in examples]
+        )
         records = []
-        for example, teacher in zip(examples, teacher_results, strict=True):
-            guidance = teacher.text.strip()
-            student_text, student_tokens, student_seconds = "", 0, 0.0
-            if condition.uses_student:
-                student_text, student_tokens, student_seconds = self._complete(example, guidance)
+        for example, teacher, guidance, (student_text, student_tokens, student_seconds) in zip(
+            examples, teacher_results, guidances, completions, strict=True
+        ):
             records.append(
                 score_example(
                     task=self.plan.task,
@@ -104,30 +118,42 @@ class OfflineRunner:
         )
         return EngineResult(text=text, token_count=tokens, finish_reason="length")
 
-    def _complete(self, example: Example, guidance: str) -> tuple[str, int, float]:
-        """The student's continuation at batch size 1, as a Celery student would run it."""
+    def _complete(
+        self, examples: Sequence[Example], guidances: Sequence[str]
+    ) -> list[tuple[str, int, float]]:
+        """Each student's continuation: (text, tokens, seconds). At batch size 1 one at a time, as a Celery
+        student serving one job would run it; above, `student_batch_size` at once."""
         student = self._engine("student")
-        request = _request(
-            student.lm,
-            prompt=student_prompt(
-                task=self.plan.task,
-                query=example.query,
-                guidance=guidance,
-                exemplar_set=self.plan.exemplar_set,
-            ),
-            max_new_tokens=self.plan.student_tokens,
-            sampler=Sampler(
-                temperature=self.plan.student_temperature,
-                top_p=self.plan.student_top_p,
-                seed=self.plan.example_seed(example.index),
-            ),
-        )
-        started = time.perf_counter()
-        (result,) = student.generate([request])
-        seconds = time.perf_counter() - started
-        # With no guidance the prompt ends at "A:", and the answer starts after the space the model writes.
-        text = result.text if guidance else result.text.lstrip()
-        return text, result.token_count, seconds
+        requests = [
+            _request(
+                student.lm,
+                prompt=student_prompt(
+                    task=self.plan.task,
+                    query=example.query,
+                    guidance=guidance,
+                    exemplar_set=self.plan.exemplar_set,
+                ),
+                max_new_tokens=self.plan.student_tokens,
+                sampler=Sampler(
+                    temperature=self.plan.student_temperature,
+                    top_p=self.plan.student_top_p,
+                    seed=self.plan.example_seed(example.index),
+                ),
+            )
+            for example, guidance in zip(examples, guidances, strict=True)
+        ]
+        completions = []
+        for start in range(0, len(requests), self.student_batch_size):
+            batch = requests[start : start + self.student_batch_size]
+            started = time.perf_counter()
+            results = student.generate(batch)
+            share = (time.perf_counter() - started) / len(batch)
+            for result, guidance in zip(results, guidances[start : start + len(batch)], strict=True):
+                # With no guidance the prompt ends at "A:", and the answer starts after the space the model
+                # writes.
+                text = result.text if guidance else result.text.lstrip()
+                completions.append((text, result.token_count, share))
+        return completions
 
     def _engine(self, role: str) -> Engine:
         if role == "teacher":

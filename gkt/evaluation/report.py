@@ -188,9 +188,10 @@ def _plots(rows: Sequence[Row], directory: Path, *, title: str) -> list[Path]:
 
 def _title(summary: Mapping[str, Any]) -> str:
     plan = summary["plan"]
+    students = f", students at batch {plan['student_batch_size']}" if plan.get("student_batch_size") else ""
     return (
         f"{plan['task'].upper()} ({summary['examples']} examples: {summary['example_indices']}), "
-        f"{plan['runner']} run, seed {plan['seed']}, {plan['exemplar_set']} exemplars"
+        f"{plan['runner']} run, seed {plan['seed']}, {plan['exemplar_set']} exemplars{students}"
     )
 
 

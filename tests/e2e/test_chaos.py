@@ -1,5 +1,6 @@
 """`gkt chaos` end to end on the tiny models: the command starts its own stack, breaks it as two scenarios
-say, and writes the table; a student worker killed is started again once, a Redis restart costs none."""
+say, and writes the table; a student worker killed is started again once, a Redis restart costs none, and
+a call failed by the fault is answered when retried with its request id."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _rows(table: str) -> dict[str, list[str]]:
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and not line.startswith(TABLE_HEADER) and len(cells) == 8:
+        if line.startswith("| ") and not line.startswith(TABLE_HEADER) and len(cells) == 9:
             rows[cells[0]] = cells[1:]
     return rows
 
@@ -47,12 +48,14 @@ def test_gkt_chaos_runs_two_scenarios_and_writes_their_table(
     assert "goal met" in table
     rows = _rows(table)
     assert set(rows) == {"pool process killed", "Redis restarted during jobs"}
-    for sent, answered, failed, lost, duplicated, recovery, _restarts in rows.values():
+    for sent, answered, failed, lost, duplicated, recovery, retried, _restarts in rows.values():
         assert (sent, lost, duplicated) == ("8", "0", "0")
         unavailable = 0 if failed == "0" else int(failed.removeprefix("UNAVAILABLE "))  # no other status
         assert int(answered) + unavailable == 8
         assert float(recovery) <= 30
+        # each failed call, sent again with its request id once the stack answers, gets its answer
+        assert retried == (f"{unavailable} of {unavailable}" if unavailable else "–")
     assert rows["pool process killed"][1] == "8"  # every job of the killed process answered by a takeover
-    assert rows["pool process killed"][6] == "1"
-    assert rows["Redis restarted during jobs"][6] == "0"  # the workers outlived the broker connection
+    assert rows["pool process killed"][7] == "1"
+    assert rows["Redis restarted during jobs"][7] == "0"  # the workers outlived the broker connection
     assert "chaos:" in done.stderr  # the progress bar

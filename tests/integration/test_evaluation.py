@@ -81,6 +81,26 @@ def test_offline_run_reports_table_two_from_its_records(run_args: list[str], tmp
     assert "| GKT cutoff |" in (out / "table.md").read_text()
 
 
+def test_students_decoded_together_give_the_answers_they_give_one_at_a_time(
+    run_args: list[str], tmp_path: Path
+) -> None:
+    assert _eval(*run_args, "--limit", "4") == 0
+    batched_out = tmp_path / "batched"
+    batched_args = [*run_args[:-1], str(batched_out), "--student-batch-size", "2"]
+    assert _eval(*batched_args, "--limit", "4") == 0
+
+    answers = ("condition", "index", "guidance", "student_text", "student_tokens", "answer", "correct")
+    alone = [{k: r[k] for k in answers} for r in _records(tmp_path / "out")]
+    assert [{k: r[k] for k in answers} for r in _records(batched_out)] == alone
+    # sampled, not greedy, and with continuations of several lengths: batch-mates really differ
+    assert len({r["student_text"] for r in alone if r["condition"] == "student"}) > 1
+    # a batch's students share its time; the plan and the report's heading say how they ran
+    student_rows = [r for r in _records(batched_out) if r["condition"] == "student"]
+    assert student_rows[0]["student_seconds"] == student_rows[1]["student_seconds"] > 0
+    assert json.loads((batched_out / "summary.json").read_text())["plan"]["student_batch_size"] == 2
+    assert "students at batch 2" in (batched_out / "table.md").read_text()
+
+
 def test_rerun_skips_finished_examples_and_extends_the_limit(run_args: list[str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _eval(*run_args, "--limit", "2") == 0
