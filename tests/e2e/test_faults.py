@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from tests.events import job_events
 from tests.waiting import until
 
 TIMEOUT = 120
+HEARTBEAT_TTL_S = 3
 KEYS = Keys("faults")
 # Long enough that a killed job is mid-generation when the test sees it start; greedy, so the same
 # request always generates the same tokens.
@@ -42,13 +44,16 @@ LONG = pb.SamplingParams(temperature=0, max_new_tokens=300)
 
 
 @contextlib.contextmanager
-def _stack(tiny_models: tuple[Path, Path], tmp_path: Path, **env: str) -> Iterator[Stack]:
+def _stack(
+    tiny_models: tuple[Path, Path], tmp_path: Path, *, teachers: int = 1, **env: str
+) -> Iterator[Stack]:
     teacher, student = tiny_models
     stack = Stack(
         state_dir=tmp_path / "stack",
         env={**TINY_STACK_ENV, "GKT_TEACHER_MODEL": str(teacher), "GKT_STUDENT_MODEL": str(student),
              "GKT_KEY_PREFIX": KEYS.prefix, "GKT_TEACHER_CLAIM_IDLE_MS": "1000", **env},
         gateway_addr=f"127.0.0.1:{free_port()}",
+        teachers=teachers,
     )  # fmt: skip
     stack.start(timeout_s=180)
     try:
@@ -70,15 +75,24 @@ TAKEOVER_MESSAGES = ("took over a dead teacher's jobs", "took over jobs left una
 
 def _jobs_taken_over(log: str) -> int:
     """The jobs a teacher's log says it took over from another, by either way of taking over."""
-    taken = 0
+    return sum(jobs for _at, jobs in _takeovers(log))
+
+
+def _takeovers(log: str) -> list[tuple[float, int]]:
+    """Each takeover a teacher's log records: when (epoch seconds) and how many jobs."""
+    taken = []
     for line in log.splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
         if isinstance(entry, dict) and entry.get("msg") in TAKEOVER_MESSAGES:
-            taken += int(entry["jobs"])
+            taken.append((float(entry["ts"]), int(entry["jobs"])))
     return taken
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _request(query: str, sampling: pb.SamplingParams = LONG) -> pb.GenerateRequest:
@@ -157,14 +171,16 @@ def test_jobs_of_a_teacher_killed_mid_batch_are_reclaimed_and_answered_once(
 def test_a_teacher_killed_holding_a_batch_is_taken_over_when_its_heartbeat_expires_and_leaves_the_group(
     tiny_models: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # The claim idle time is far beyond the calls' deadline: only the heartbeat can explain a takeover.
+    # Two teachers; the claim idle time is far beyond the calls' deadline: only the heartbeat can explain a
+    # takeover, and the surviving teacher, already loaded, shows how soon after the heartbeat expired.
     with (
         _stack(
             tiny_models,
             tmp_path,
+            teachers=2,
             GKT_TEACHER_MAX_WAIT_MS="5000",
             GKT_TEACHER_CLAIM_IDLE_MS="600000",
-            GKT_TEACHER_HEARTBEAT_TTL_S="3",
+            GKT_TEACHER_HEARTBEAT_TTL_S=str(HEARTBEAT_TTL_S),
         ) as stack,
         _client(stack) as (stub, redis),
     ):
@@ -174,20 +190,31 @@ def test_a_teacher_killed_holding_a_batch_is_taken_over_when_its_heartbeat_expir
         ]
         until(
             lambda: redis.xpending(KEYS.queries, TEACHER_GROUP)["pending"] == 4,
-            what="the teacher to read 4 jobs",
+            what="the teachers to read 4 jobs",
             timeout_s=60,
             every_s=0.005,
         )
-        (holder,) = [c["name"] for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP) if c["pending"]]
-        stack.kill("teacher")
-        stack.restart("teacher")
+        victim = faults.teacher_holding_a_batch(stack, redis, keys=KEYS)
+        assert victim is not None
+        holder = f"{socket.gethostname()}-{stack.processes[victim].pid}"
+        held = {
+            _text(c["name"]): int(c["pending"]) for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)
+        }
+        killed_at = time.time()
+        stack.kill(victim)
 
         replies = [f.result() for f in futures]
 
         _assert_each_answered_once(redis, replies, submitted=4)
-        assert "took over a dead teacher's jobs" in stack.log("teacher")
+        (survivor,) = [name for name in faults.teacher_names(stack) if name != victim]
+        taken = _takeovers(stack.log(survivor))
+        assert sum(jobs for _at, jobs in taken) == held[holder]  # every job the dead teacher held
+        # claimed within 10 s of the heartbeat expiring (at most its lifetime after the kill)
+        assert taken[0][0] - killed_at <= HEARTBEAT_TTL_S + 10, taken
         until(
-            lambda: holder not in [c["name"] for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)],
+            lambda: (
+                holder not in [_text(c["name"]) for c in redis.xinfo_consumers(KEYS.queries, TEACHER_GROUP)]
+            ),
             timeout_s=30,
             what="the dead teacher to leave the group",
         )
