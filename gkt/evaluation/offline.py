@@ -97,11 +97,9 @@ class OfflineRunner:
                     exemplar_set=self.plan.exemplar_set,
                 ),
                 max_new_tokens=condition.max_guidance_tokens,
-                sampler=Sampler(
-                    temperature=_given(self.plan.teacher_temperature),
-                    top_p=_given(self.plan.teacher_top_p),
-                    seed=self.plan.example_seed(example.index),
-                ),
+                temperature=_given(self.plan.teacher_temperature),
+                top_p=_given(self.plan.teacher_top_p),
+                seed=self.plan.example_seed(example.index),
             )
             for example in examples
         ]
@@ -134,11 +132,9 @@ class OfflineRunner:
                     exemplar_set=self.plan.exemplar_set,
                 ),
                 max_new_tokens=self.plan.student_tokens,
-                sampler=Sampler(
-                    temperature=self.plan.student_temperature,
-                    top_p=self.plan.student_top_p,
-                    seed=self.plan.example_seed(example.index),
-                ),
+                temperature=self.plan.student_temperature,
+                top_p=self.plan.student_top_p,
+                seed=self.plan.example_seed(example.index),
             )
             for example, guidance in zip(examples, guidances, strict=True)
         ]
@@ -171,10 +167,13 @@ def _engine(lm: LoadedModel) -> Engine:
     return Engine(lm, max_batch=256, prefix_cache=PrefixCache(lm, texts=few_shot_prefixes()))
 
 
-def _request(lm: LoadedModel, *, prompt: str, max_new_tokens: int, sampler: Sampler) -> EngineRequest:
+def _request(
+    lm: LoadedModel, *, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int
+) -> EngineRequest:
+    """One row: the prompt, sampled with its own seed, stopping at the next question."""
     return EngineRequest(
         prompt_ids=encode(lm, prompt),
-        sampler=sampler,
+        sampler=Sampler(temperature=temperature, top_p=top_p, seed=seed),
         max_new_tokens=max_new_tokens,
         stop=(STOP_SEQUENCE,),
         prompt=prompt,
