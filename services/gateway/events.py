@@ -181,7 +181,7 @@ class EventReader:
         # The read of `round_` may also still be on its way to Redis, where CLIENT UNBLOCK finds nothing to
         # unblock yet: try again until it is unblocked or a newer read has begun.
         await asyncio.sleep(_UNBLOCK_POLL_S)
-        while self._round == round_ and self._client_id != 0:
+        while self._round == round_ and self._client_id != 0 and not self._closing:
             if self._client_id:
                 try:
                     if await self.commands.client_unblock(self._client_id):
