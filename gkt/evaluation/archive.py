@@ -46,6 +46,7 @@ def read_runs(root: Path) -> list[KeptRun]:
 
 def read_run(directory: Path) -> KeptRun:
     identity = json.loads((directory / PLAN_FILE).read_text(encoding="utf-8"))
+    records = read_records(directory)
     plan = EvalPlan(
         **{
             **identity,
@@ -54,8 +55,15 @@ def read_run(directory: Path) -> KeptRun:
         },
         modes=(),
         max_guidance_tokens=(),
+        extra=_batched_students(records),
     )
-    return KeptRun(name=directory.name, plan=plan, records=read_records(directory))
+    return KeptRun(name=directory.name, plan=plan, records=records)
+
+
+def _batched_students(records: Mapping[tuple[str, int], ExampleRecord]) -> dict[str, int]:
+    """The run's student batch size, for the table's heading, where its students were decoded together."""
+    sizes = {record.student_batch_size for record in records.values() if record.student_batch_size > 1}
+    return {"student_batch_size": max(sizes)} if sizes else {}
 
 
 def table_groups(run: KeptRun) -> list[tuple[list[Condition], list[int]]]:

@@ -75,6 +75,7 @@ class OfflineRunner:
                     student_seconds=student_seconds,
                     seconds=teacher_share + student_seconds,
                     teacher_batch_size=len(examples) if condition.uses_teacher else 0,
+                    student_batch_size=self.student_batch_size if condition.uses_student else 0,
                 )
             )
         return records

@@ -46,6 +46,9 @@ class ExampleRecord:
     seconds: float
     """This example's share of the row's wall time: what the row's total time is summed from."""
     teacher_batch_size: int = 0
+    student_batch_size: int = 0
+    """Offline runs: how many students were decoded together (`--student-batch-size`); 0 where not
+    recorded (live runs, and offline runs before it was, all of which ran their students one at a time)."""
     latency_seconds: float = 0.0
     """Live runs: the request's own time as the gateway measured it."""
 

@@ -23,6 +23,7 @@ def score_example(
     student_seconds: float,
     seconds: float,
     teacher_batch_size: int = 0,
+    student_batch_size: int = 0,
     latency_seconds: float = 0.0,
 ) -> ExampleRecord:
     """The record of one example: only generated text is scored, never the prompt's exemplars."""
@@ -46,5 +47,6 @@ def score_example(
         student_seconds=student_seconds,
         seconds=seconds,
         teacher_batch_size=teacher_batch_size,
+        student_batch_size=student_batch_size,
         latency_seconds=latency_seconds,
     )

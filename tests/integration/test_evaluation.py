@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
 from gkt.answers import extract_answer, is_correct
+from gkt.evaluation.archive import render
 from gkt.jobs import Task
 from gkt_tools.cli import main
 from tests.unit.test_evaluation import GSM8K_LINES, write_data_dir
@@ -99,6 +101,19 @@ def test_students_decoded_together_give_the_answers_they_give_one_at_a_time(
     assert student_rows[0]["student_seconds"] == student_rows[1]["student_seconds"] > 0
     assert json.loads((batched_out / "summary.json").read_text())["plan"]["student_batch_size"] == 2
     assert "students at batch 2" in (batched_out / "table.md").read_text()
+    # each record says how its student ran, so a kept run's report says it too
+    assert {r["condition"]: r["student_batch_size"] for r in _records(batched_out)} == {
+        "student": 2,
+        "teacher": 0,
+        "cutoff-3": 2,
+        "cutoff-6": 2,
+    }
+    assert {r["student_batch_size"] for r in _records(tmp_path / "out") if r["condition"] != "teacher"} == {1}
+    (batched_out / "records.jsonl.gz").write_bytes(
+        gzip.compress((batched_out / "records.jsonl").read_bytes())
+    )
+    (batched_out / "records.jsonl").unlink()
+    assert "students at batch 2" in render(tmp_path)
 
 
 def test_rerun_skips_finished_examples_and_extends_the_limit(run_args: list[str], tmp_path: Path) -> None:
