@@ -117,8 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
         type=whole_number(1, 512),
         default=1,
         help="offline: students of a teacher batch decoded together, at most --batch-size (default: 1, the "
-        "paper's); the same answers (each row samples from its own seed), in less time: each student's "
-        "time is its share of its batch's",
+        "paper's), in less time; each row samples from its own seed, so its text is the same as alone as "
+        "far as floating point allows; each student's time is its share of its batch's",
     )
     parser.add_argument(
         "--concurrency", type=whole_number(1, 1024), default=8, help="live: requests in flight at once"

@@ -1,7 +1,8 @@
 """The offline runner: the paper's setting in one process — a batched teacher, then students at batch 1
-(or, with `student_batch_size` above 1, the students of a chunk decoded together: the same answers, since
-each row samples from its own seed whatever its batch-mates, in less time; each student's time is then
-its share of its batch's).
+(or, with `student_batch_size` above 1, the students of a chunk decoded together, in less time: each row
+samples from its own seed whatever its batch-mates, so its text is the same as alone as far as floating
+point allows (docs/students.md, "Seeded determinism"); each student's time is then its share of its
+batch's).
 
 It drives the serving code itself rather than a copy of it: prompts from `gkt.prompts`, models from
 `gkt.models`, and every generation through `gkt.engine` (the engine the students and the local teacher
