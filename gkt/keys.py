@@ -36,7 +36,7 @@ class Keys:
     def student_queue(self) -> str:
         """The Redis list of Celery's student queue: kombu puts `{prefix}:` before every key it makes
         (`gkt.connections.celery_broker`), so the queue named STUDENT_QUEUE is this list."""
-        return f"{self.prefix}:{STUDENT_QUEUE}"
+        return self.queue_list(STUDENT_QUEUE)
 
     @property
     def dead_letters(self) -> str:
@@ -51,6 +51,10 @@ class Keys:
     def prepared(self, job_id: str) -> str:
         """The own queue of the student that prepared the job's question (short-lived)."""
         return f"{self.prefix}:prepared:{job_id}"
+
+    def queue_list(self, queue: str) -> str:
+        """The Redis list of the Celery queue `queue` (kombu puts `{prefix}:` before every key it makes)."""
+        return f"{self.prefix}:{queue}"
 
     def queue_alive(self, queue: str) -> str:
         """Present while the student that consumes its own queue `queue` is alive (renewed with its leases)."""

@@ -10,7 +10,8 @@
    destructive, so a worker killed while the pop's reply is on the wire takes the task with it). A job
    sent to the own queue of the student that prepared it (its `prepared` key says so) is sent again
    after the redelivery time whatever the shared queue holds: that student may be dead, and then its
-   queue is never emptied.
+   queue is never emptied; when it is not alive (its `alive` key expired), the sweeper deletes that
+   queue in the same step, so a student that never comes back leaves no tasks behind in Redis.
 A student that missed renewals long enough for its lease to be taken learns so at its next renewal
 and drops the job without publishing. A job sent twice is run once: the second claim fails.
 """
@@ -64,7 +65,7 @@ return redis.call('HDEL', KEYS[1], ARGV[1])
 
 # KEYS: running, dispatched, dispatched-at, the task queue. ARGV: the lease key prefix and the final
 # key prefix (job id appended), the newest dispatch time to send again, the oldest worth keeping, the
-# prepared key prefix.
+# prepared key prefix (job id appended), the alive key prefix and the queue list prefix (queue appended).
 _SWEEP = """
 local taken = {}
 local entries = redis.call('HGETALL', KEYS[1])
@@ -81,7 +82,10 @@ for _, job_id in ipairs(stale) do
   local answered = redis.call('EXISTS', ARGV[2] .. job_id) == 1
   local running = redis.call('EXISTS', ARGV[1] .. job_id) == 1
   local expired = tonumber(redis.call('ZSCORE', KEYS[3], job_id)) < tonumber(ARGV[4])
-  local own_queue = redis.call('EXISTS', ARGV[5] .. job_id) == 1
+  local own_queue = redis.call('GET', ARGV[5] .. job_id)
+  if own_queue and redis.call('EXISTS', ARGV[6] .. own_queue) == 0 then
+    redis.call('DEL', ARGV[7] .. own_queue)
+  end
   if answered or running or expired or queue_empty or own_queue then
     local payload = redis.call('HGET', KEYS[2], job_id)
     redis.call('HDEL', KEYS[2], job_id)
@@ -196,6 +200,8 @@ def sweep(
         now - redelivery_s,
         now - ttl_s,
         keys.prepared(""),
+        keys.queue_alive(""),
+        keys.queue_list(""),
     )
     orphans = []
     for body in taken:

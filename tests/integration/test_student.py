@@ -284,13 +284,20 @@ async def test_a_task_sent_to_its_preparing_students_own_queue_is_sent_again_wha
     await aredis.aclose()
     assert routes == [None, "student.student-1@host"]  # a dead student's queue is not chosen
     redis.rpush("stest-queue", "a task still waiting")
+    dead_queue, live_queue = KEYS.queue_list(own), KEYS.queue_list("student.student-1@host")
+    redis.rpush(dead_queue, "the dead student's task")
+    redis.rpush(live_queue, "the live student's task")
     try:
         assert _sweep(redis, now=1010.0) == []  # not yet overdue
+        assert redis.llen(dead_queue) == 1  # nothing is deleted before its jobs are sent again
         # overdue: both are sent again although the shared queue holds a task (the second may have been
         # sent to the live student's queue, which is not the shared queue the sweeper can watch)
         assert sorted(o.job_json for o in _sweep(redis, now=1030.0)) == sorted(
             p.job_json for _, p in payloads
         )
         assert _sweep(redis, now=1030.0) == []
+        # the dead student's queue is gone with its jobs sent again; the live one's is its own to drain
+        assert redis.exists(dead_queue) == 0
+        assert redis.lrange(live_queue, 0, -1) == [b"the live student's task"]
     finally:
-        redis.delete("stest-queue", KEYS.queue_alive("student.student-1@host"))
+        redis.delete("stest-queue", dead_queue, live_queue, KEYS.queue_alive("student.student-1@host"))
