@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -115,3 +116,20 @@ def test_the_command_prints_the_report_and_refuses_an_empty_directory(
         run(parser.parse_args(["report", "--records", str(tmp_path / "empty")]), settings=ToolSettings()) == 2
     )
     assert "no kept runs" in capsys.readouterr().err
+
+
+def test_every_table_in_the_results_page_is_what_the_report_prints_from_the_kept_records() -> None:
+    """docs/results.md states nothing `gkt eval report` does not print: each of its tables (headings and
+    rows) appears verbatim in the report recomputed from docs/results/records, and each kept run it links
+    to is there."""
+    repo = Path(__file__).resolve().parents[2]
+    page = (repo / "docs" / "results.md").read_text()
+    report = render(repo / "docs" / "results" / "records").splitlines()
+    printed, headings = set(report), {line.lstrip("#").strip() for line in report if line.startswith("#")}
+    tables = [line for line in page.splitlines() if line.startswith("|")]
+    assert len(tables) > 100
+    assert [line for line in tables if line not in printed] == []
+    table_headings = [line.lstrip("#").strip() for line in page.splitlines() if line.startswith("#### ")]
+    assert table_headings and [h for h in table_headings if h not in headings] == []
+    linked = set(re.findall(r"\(results/records/([\w-]+)/\)", page))
+    assert linked and linked <= {run.name for run in read_runs(repo / "docs" / "results" / "records")}
