@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_addr: str) -> None
         default="offline",
         help="offline: library calls in this process (batched teacher, students at batch 1); "
         "live: every question through a running gateway over gRPC; "
-        "report: print every table and statistic of the kept records (--records), running nothing",
+        "report: print every table and statistic of the kept records (--records), and how the rows two runs "
+        "share compare text by text, running nothing",
     )
     parser.add_argument(
         "--records",

@@ -83,8 +83,9 @@ def table_groups(run: KeptRun) -> list[tuple[list[Condition], list[int]]]:
 
 
 def render(root: Path) -> str:
-    """The whole report of every kept run, as Markdown."""
-    return "\n".join(render_run(run) for run in read_runs(root))
+    """The whole report of every kept run, as Markdown, then the rows kept in more than one run."""
+    runs = read_runs(root)
+    return "\n".join([*(render_run(run) for run in runs), *_repeated_rows(runs)])
 
 
 def render_run(run: KeptRun) -> str:
@@ -106,6 +107,45 @@ def render_run(run: KeptRun) -> str:
             "",
         ]
     return "\n".join(parts)
+
+
+def _repeated_rows(runs: Sequence[KeptRun]) -> list[str]:
+    """Each row that two runs of the same settings (models, seed, sampling) both ran, over the questions
+    both finished: how many of its texts (guidance and continuation) are the same, and how many answers
+    differ — what decoding students together, or another version of a run, changed."""
+    lines = []
+    for i, first in enumerate(runs):
+        for second in runs[i + 1 :]:
+            if _settings_key(first) != _settings_key(second):
+                continue
+            shared = sorted(first.records.keys() & second.records.keys())
+            for condition in sorted({c for c, _ in shared}):
+                pairs = [(first.records[key], second.records[key]) for key in shared if key[0] == condition]
+                same = sum((a.guidance, a.student_text) == (b.guidance, b.student_text) for a, b in pairs)
+                differ = sum(a.answer != b.answer for a, b in pairs)
+                lines.append(
+                    f"| {condition} | {_label(first)} / {_label(second)} | {len(pairs)} | {same} | {differ} |"
+                )
+    if not lines:
+        return []
+    return [
+        "## Rows kept in more than one run",
+        "",
+        "| Row | Runs | Questions in both | Same text | Answers that differ |",
+        "|---|---|---:|---:|---:|",
+        *lines,
+        "",
+    ]
+
+
+def _settings_key(run: KeptRun) -> dict[str, object]:
+    """What must match for two runs' rows to be the same rows: everything but how they were run."""
+    return {k: v for k, v in run.plan.identity().items() if k != "runner"}
+
+
+def _label(run: KeptRun) -> str:
+    batch = run.plan.extra.get("student_batch_size", 1)
+    return f"{run.name} ({run.plan.runner}, students at batch {batch})"
 
 
 def _row_order(condition: Condition) -> tuple[int, int]:

@@ -132,4 +132,27 @@ def test_every_table_in_the_results_page_is_what_the_report_prints_from_the_kept
     table_headings = [line.lstrip("#").strip() for line in page.splitlines() if line.startswith("#### ")]
     assert table_headings and [h for h in table_headings if h not in headings] == []
     linked = set(re.findall(r"\(results/records/([\w-]+)/\)", page))
-    assert linked and linked <= {run.name for run in read_runs(repo / "docs" / "results" / "records")}
+    assert linked and linked <= {line.removeprefix("## ") for line in report if line.startswith("## ")}
+
+
+def test_rows_kept_in_two_runs_of_the_same_settings_are_compared_text_by_text(tmp_path: Path) -> None:
+    _kept_run(tmp_path, "first")
+    second = _kept_run(tmp_path, "second")
+    records = [
+        json.loads(line)
+        for line in gzip.decompress((second / ARCHIVED_RECORDS_FILE).read_bytes()).splitlines()
+    ]
+    for record in records:
+        if record["condition"] == "student" and record["index"] in (1, 2):
+            record["student_text"] = "parted ways"  # two texts differ, one of them with another answer
+            record["answer"] = "B" if record["index"] == 1 else record["answer"]
+    with gzip.open(second / ARCHIVED_RECORDS_FILE, "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(json.dumps(r) for r in records) + "\n")
+    other_seed = _kept_run(tmp_path, "third")
+    (other_seed / PLAN_FILE).write_text(json.dumps({**_PLAN.identity(), "seed": 1}))
+
+    text = render(tmp_path)
+    both = "first (offline, students at batch 1) / second (offline, students at batch 1)"
+    assert f"| student | {both} | 6 | 4 | 1 |" in text
+    assert f"| cutoff-10 | {both} | 2 | 2 | 0 |" in text
+    assert "third (offline" not in text  # another seed: other rows, never compared
